@@ -1,0 +1,1 @@
+"""Speed and quality benchmarks against the reference pipeline."""

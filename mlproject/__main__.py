@@ -1,0 +1,190 @@
+"""Command line of the training job: options -> JobConfig -> pipeline; errors -> one line and an exit code.
+
+Run `python -m mlproject --help`. MLproject's entry points call the commands here, one line each.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mlproject import config as C
+from mlproject.config import ConfigError, JobConfig
+from mlproject.errors import DataError, HardwareError
+
+EXIT_USAGE, EXIT_FAILED = 2, 1
+log = logging.getLogger("mlproject")
+
+
+class TrueFalse(click.ParamType):
+    """true or false, in any case: the MLproject spelling. Anything else is a typo, not a default."""
+
+    name = "true|false"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> bool:
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word not in ("true", "false"):
+            self.fail(f"{value!r} is not true or false", param, ctx)
+        return word == "true"
+
+
+# One click option per JobConfig field; the option's name is the field's name with dashes.
+_OPTIONS: list[tuple[str, Any, str]] = [
+    ("auto_lr", TrueFalse(), "Run the LR range test and train with its suggestion (true/false)."),
+    ("lr", click.FLOAT, "Learning rate when auto_lr is false; the fallback when the range test finds none."),
+    ("epochs", click.INT, "Training epochs."),
+    ("batch_size", click.INT, "Training batch size (the range test uses it too)."),
+    ("optimizer", click.Choice(C.OPTIMIZERS), "Optimizer (sgd uses momentum 0.9)."),
+    ("schedule", click.Choice(C.SCHEDULES), "LR schedule: constant, or onecycle peaking at the chosen LR."),
+    ("model", click.Choice(C.MODELS), "Network."),
+    ("seed", click.INT, "Seed for weights, hold-out split and batch order."),
+    ("dataset", click.Choice(C.DATASETS), "Dataset (MNIST-format IDX files)."),
+    ("data_dir", click.STRING, "Folder with the four *-ubyte[.gz] files; empty: search (see README)."),
+    ("train_subset", click.INT, "Use only this many training samples; 0 uses all."),
+    ("val_size", click.INT, "Validation samples held out (seeded) from the training set."),
+    ("lr_min", click.FLOAT, "Smallest LR of the range test."),
+    ("lr_max", click.FLOAT, "Largest LR of the range test."),
+    ("lr_steps", click.INT, "Optimizer steps of the range test, one LR each."),
+    ("lr_method", click.Choice(C.LR_METHODS), "Rule that turns the range-test curve into an LR."),
+    ("accelerator", click.Choice(C.ACCELERATORS), "Where to train: auto picks the GPU when there is one."),
+    ("devices", click.INT, "Number of devices."),
+    ("precision", click.Choice(C.PRECISIONS), "Numeric precision; auto: bf16-mixed on a bf16 GPU, else 32-true."),
+    ("data_mode", click.Choice(C.DATA_MODES), "device: data lives on the device; loader: a DataLoader."),
+]
+
+
+def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    defaults = JobConfig()
+    for name, kind, help_text in reversed(_OPTIONS):
+        flag = "--" + name.replace("_", "-")
+        func = click.option(flag, name, type=kind, default=getattr(defaults, name), show_default=True, help=help_text)(
+            func
+        )
+    func = click.option(
+        "--experiment-name",
+        default="lr-finder",
+        envvar="MLFLOW_EXPERIMENT_NAME",
+        show_default=True,
+        help="Experiment for runs started outside `mlflow run` (which names its own).",
+    )(func)
+    return func
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
+def cli(verbose: bool) -> None:
+    """Find a learning rate with an LR range test, train with it, and track everything in MLflow."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    for noisy in ("pytorch_lightning", "lightning", "lightning_fabric", "mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+@cli.command("train")
+@job_options
+def train_command(experiment_name: str, **options: Any) -> None:
+    """Range test (when --auto-lr true), then fit and test: the `main` entry point."""
+    _run_job("train", experiment_name, options)
+
+
+@cli.command("lr-find")
+@job_options
+def lr_find_command(experiment_name: str, **options: Any) -> None:
+    """The range test alone: logs the curve and the suggestion, trains nothing."""
+    _run_job("lr-find", experiment_name, options)
+
+
+def _run_job(entry: str, experiment_name: str, options: dict[str, Any]) -> None:
+    cfg = JobConfig(**options)
+    from mlproject import data, pipeline  # heavy imports (torch, Lightning) only once the options are valid
+    from mlproject.tracking import Tracker
+
+    source = data.search_order(cfg.dataset, cfg.data_dir, _dataset_env(cfg.dataset), str(_cache_dir()))
+    uri, run_id = os.environ.get("MLFLOW_TRACKING_URI", ""), os.environ.get("MLFLOW_RUN_ID", "")
+    tracker = Tracker.open(uri, run_id, experiment_name)
+    try:
+        tracker.log_params(cfg.as_params())
+        tracker.log_json("config.json", {"entry_point": entry, **cfg.as_params()})
+        tracker.set_tags(_git_tags())
+        if entry == "lr-find":
+            choice = pipeline.lr_find(cfg, source, tracker)
+            click.echo(f"run {tracker.run_id}: lr_suggested={choice.lr:.4g} ({choice.source})")
+        else:
+            result = pipeline.run(cfg, source, tracker)
+            figures = " ".join(f"{k}={v:.4f}" for k, v in result.final.items())
+            click.echo(f"run {tracker.run_id}: lr_used={result.choice.lr:.4g} ({result.choice.source}) {figures}")
+    except KeyboardInterrupt:
+        tracker.end("KILLED", error="interrupted")
+        raise
+    except BaseException as exc:
+        tracker.end("FAILED", error=f"{type(exc).__name__}: {exc}")
+        raise
+    tracker.end("FINISHED")
+
+
+def _dataset_env(dataset: str) -> str:
+    return os.environ.get("FASHION_MNIST_DIR" if dataset == "fashion-mnist" else "MNIST_DIR", "")
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlproject"
+
+
+def _git_tags() -> dict[str, str]:
+    """The commit when the code runs from a git checkout (`mlflow run` tags its own as mlflow.source.git.commit)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git_commit": out.stdout.strip()} if out.returncode == 0 else {}
+
+
+def _param_name(exc: click.exceptions.BadParameter) -> str:
+    return exc.param.name if exc.param is not None and exc.param.name else "parameter"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: returns the exit code; every failure is one line on stderr."""
+    try:
+        cli.main(args=argv, prog_name="python -m mlproject", standalone_mode=False)
+        return 0
+    except click.exceptions.BadParameter as exc:
+        return _fail(f"invalid value for {_param_name(exc)}: {exc.message}", EXIT_USAGE)
+    except click.exceptions.UsageError as exc:
+        return _fail(exc.format_message(), EXIT_USAGE)
+    except click.exceptions.Abort:
+        return _fail("interrupted", 130)
+    except (ConfigError, DataError, HardwareError) as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+def _fail(message: str, code: int) -> int:
+    click.echo(f"error: {message}", err=True)
+    run_id = os.environ.get("MLFLOW_RUN_ID", "")
+    if run_id:  # `mlflow run` created the run before we could check anything: record why it failed
+        from mlproject.tracking import fail_run, run_is_active
+
+        if run_is_active(os.environ.get("MLFLOW_TRACKING_URI", ""), run_id):
+            fail_run(os.environ.get("MLFLOW_TRACKING_URI", ""), run_id, message)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

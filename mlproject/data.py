@@ -1,0 +1,236 @@
+"""Find, verify and load the MNIST-format datasets; serve batches from device-resident tensors or a DataLoader."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlproject.errors import DataError
+
+log = logging.getLogger(__name__)
+
+FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+# Per-dataset pixel mean/std of the training split (scaled to [0, 1]).
+NORMALIZATION = {"fashion-mnist": (0.2860, 0.3530), "mnist": (0.1307, 0.3081)}
+SYSTEM_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
+TORCHVISION_NAMES = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
+NUM_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # uint8, (N, 28, 28)
+    labels: torch.Tensor  # int64, (N,)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to(self, device: torch.device) -> Split:
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    source: Path
+    train: Split
+    val: Split
+    test: Split
+    mean: float
+    std: float
+
+
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """Read one IDX file (gzip or raw), checking magic number, shape header and payload size."""
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"cannot read {path}: {exc}; delete it or point data_dir at an intact copy") from exc
+    if len(raw) < 8:
+        raise DataError(f"{path} is truncated ({len(raw)} bytes); delete it or point data_dir at an intact copy")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        raise DataError(f"{path}: magic number {found}, expected {magic}; this is not an IDX file of that kind")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + math.prod(dims)
+    if len(raw) != expected:
+        raise DataError(f"{path}: {len(raw)} bytes, the header promises {expected}; the file is truncated or corrupt")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _locate(directory: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def find_dir(candidates: Sequence[Path]) -> Path | None:
+    """The first candidate (or its torchvision raw/ subfolder) holding all four files."""
+    for base in candidates:
+        for directory in (base, *(base / name / "raw" for name in TORCHVISION_NAMES.values())):
+            if all(_locate(directory, stem) for stem in FILES.values()):
+                return directory
+    return None
+
+
+def search_order(dataset: str, data_dir: str, env_dir: str, cache_dir: str) -> Source:
+    """data_dir alone when given; else the env variable, Debian's package, the cache, then a download."""
+    if data_dir:
+        return Source((Path(data_dir),))
+    dirs = [Path(env_dir)] if env_dir else []
+    dirs.append(Path(SYSTEM_DIRS[dataset]))
+    if cache_dir:
+        dirs.append(Path(cache_dir) / dataset)
+    return Source(tuple(dirs), download_to=cache_dir)
+
+
+def download(dataset: str, cache_dir: str) -> Path:
+    """torchvision's download into the cache; a clear DataError when offline."""
+    from torchvision import datasets  # imported here: only the download path needs it
+
+    root = Path(cache_dir) / dataset
+    cls = getattr(datasets, TORCHVISION_NAMES[dataset])
+    try:
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+    except (OSError, RuntimeError) as exc:
+        raise DataError(f"download of {dataset} into {root} failed: {exc}") from exc
+    return root / TORCHVISION_NAMES[dataset] / "raw"
+
+
+def read_split(directory: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    images_path = _locate(directory, FILES[f"{prefix}_images"])
+    labels_path = _locate(directory, FILES[f"{prefix}_labels"])
+    if images_path is None or labels_path is None:
+        raise DataError(f"{directory} lacks the {prefix} images or labels ({FILES[f'{prefix}_images']}[.gz])")
+    images = read_idx(images_path, IMAGE_MAGIC)
+    labels = read_idx(labels_path, LABEL_MAGIC)
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise DataError(f"{images_path}: images of shape {images.shape[1:]}, expected 28x28")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"{directory}: {len(images)} {prefix} images but {len(labels)} labels")
+    if len(labels) and int(labels.max()) >= NUM_CLASSES:
+        raise DataError(f"{labels_path}: label {int(labels.max())} out of range 0..{NUM_CLASSES - 1}")
+    return images, labels
+
+
+def split_train(
+    images: np.ndarray, labels: np.ndarray, val_size: int, train_subset: int, seed: int
+) -> tuple[Split, Split]:
+    """A seeded hold-out of val_size samples, then the first train_subset of the rest (0 = all)."""
+    available = len(labels) - val_size
+    if available < 1:
+        raise DataError(f"val_size={val_size} leaves no training data ({len(labels)} samples in all)")
+    if train_subset > available:
+        raise DataError(f"train_subset={train_subset} exceeds the {available} training samples left after val_size")
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = order[:val_size], order[val_size:]
+    if train_subset:
+        train_idx = train_idx[:train_subset]
+    x, y = torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+    return Split(x[train_idx], y[train_idx]), Split(x[val_idx], y[val_idx])
+
+
+def locate(dataset: str, candidates: Sequence[Path], download_to: str = "") -> Path:
+    """The folder to read; downloads into `download_to` as the last resort (empty: never download)."""
+    directory = find_dir(candidates)
+    if directory is not None:
+        return directory
+    tried = ", ".join(str(p) for p in candidates)
+    hint = f"install Debian's dataset-{dataset} package, or pass data_dir=<folder with the four *-ubyte[.gz] files>"
+    if not download_to:
+        raise DataError(f"{dataset} not found (tried {tried}); {hint}")
+    try:
+        return download(dataset, download_to)
+    except DataError as exc:
+        raise DataError(f"{dataset} not found (tried {tried}) and {exc}; {hint}") from exc
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where to look, in order, and where a download may go (empty: never download)."""
+
+    candidates: tuple[Path, ...]
+    download_to: str = ""
+
+
+def load(dataset: str, source: Source, val_size: int, train_subset: int, seed: int) -> Dataset:
+    directory = locate(dataset, source.candidates, source.download_to)
+    log.info("reading %s from %s", dataset, directory)
+    train_images, train_labels = read_split(directory, "train")
+    test_images, test_labels = read_split(directory, "test")
+    train, val = split_train(train_images, train_labels, val_size, train_subset, seed)
+    test = Split(torch.from_numpy(test_images.copy()), torch.from_numpy(test_labels.astype(np.int64)))
+    mean, std = NORMALIZATION[dataset]
+    return Dataset(dataset, directory, train, val, test, mean, std)
+
+
+class DeviceBatches:
+    """Batches cut from one uint8 tensor on the device: normalised, shuffled and sliced there, no per-sample Python.
+
+    Shuffling uses its own generator seeded by (seed, epoch), so the batch order never depends on global RNG state.
+    """
+
+    def __init__(self, split: Split, batch_size: int, mean: float, std: float, shuffle: bool, seed: int) -> None:
+        self.images, self.labels = split.images, split.labels  # already on the device: see Split.to
+        self.batch_size, self.mean, self.std = batch_size, mean, std
+        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=gen).to(self.images.device)
+            self.epoch += 1
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size] if self.shuffle else slice(start, start + self.batch_size)
+            yield normalize(self.images[idx], self.mean, self.std), self.labels[idx]
+
+
+def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float (N, 1, 28, 28), zero mean and unit variance over the training split."""
+    return images.unsqueeze(1).float().div_(255.0).sub_(mean).div_(std)
+
+
+class _NormalizedSplit(torch.utils.data.Dataset):
+    def __init__(self, split: Split, mean: float, std: float) -> None:
+        self.split, self.mean, self.std = split, mean, std
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return normalize(self.split.images[i : i + 1], self.mean, self.std)[0], self.split.labels[i]
+
+
+def loader_batches(
+    split: Split, batch_size: int, mean: float, std: float, shuffle: bool, seed: int, workers: int = 0
+) -> torch.utils.data.DataLoader:
+    """The DataLoader path, for data that should not live on the device (or several devices sharding it)."""
+    return torch.utils.data.DataLoader(
+        _NormalizedSplit(split, mean, std),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )

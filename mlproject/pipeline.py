@@ -1,0 +1,171 @@
+"""One job: seed -> data -> range test -> fit -> test -> log. Reads like the README's "what a run contains"."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import platform
+from dataclasses import dataclass
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from mlproject import data, lr_range, plots, sweep, training
+from mlproject.config import JobConfig
+from mlproject.model import NETS, Classifier, OptimSpec
+from mlproject.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LRChoice:
+    lr: float  # the LR the fit uses (the one-cycle peak when schedule=onecycle)
+    source: str  # finder, fixed or fallback
+    lr_low: float = 0.0  # the one-cycle start; 0 = the schedule's default
+    suggestion: lr_range.Suggestion | None = None
+    curve: sweep.LRCurve | None = None
+
+
+@dataclass(frozen=True)
+class JobResult:
+    choice: LRChoice
+    final: dict[str, float]
+
+
+def load_data(cfg: JobConfig, source: data.Source) -> data.Dataset:
+    return data.load(cfg.dataset, source, cfg.val_size, cfg.train_subset, cfg.seed)
+
+
+def build_classifier(cfg: JobConfig, rt: training.Runtime, optim: OptimSpec) -> Classifier:
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    return Classifier(NETS[cfg.model](), optim, channels_last=rt.channels_last)
+
+
+def find_lr(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime, tracker: Tracker) -> LRChoice:
+    """Sweep, suggest, log the curve; a failed sweep falls back to cfg.lr with the reason recorded."""
+    probe = build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr_min))
+    train = training.batches(ds.train, ds, rt, cfg.batch_size, shuffle=True, seed=cfg.seed + 1)
+    curve = sweep.range_test(probe, train, rt, cfg.lr_min, cfg.lr_max, cfg.lr_steps)
+    found = lr_range.suggest(curve.lrs, curve.losses, cfg.lr_method, fallback_lr=cfg.lr)
+    source = "fallback" if found.method == "fallback" else "finder"
+    log.info("range test: %d steps in %.2fs; %s lr=%.4g (%s)", curve.steps_run, curve.seconds, source, found.lr,
+             found.reason)  # fmt: skip
+    log_range_test(tracker, curve, found)
+    assert found.lr is not None  # suggest() always answers
+    peak = found.lr_high if cfg.schedule == "onecycle" else found.lr
+    low = found.lr_low if cfg.schedule == "onecycle" and source == "finder" else 0.0
+    return LRChoice(peak, source, low, found, curve)
+
+
+def log_range_test(tracker: Tracker, curve: sweep.LRCurve, found: lr_range.Suggestion) -> None:
+    usable = lr_range.usable_curve(curve.lrs, curve.losses)
+    smoothed = usable.smoothed.tolist()
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["step", "lr", "loss", "smoothed_loss"])
+    for i, (lr, loss) in enumerate(zip(curve.lrs, curve.losses, strict=True)):
+        writer.writerow([i, f"{lr:.6g}", f"{loss:.6g}", f"{smoothed[i]:.6g}" if i < len(smoothed) else "nan"])
+    summary = {
+        "suggestion": found.lr,
+        "method": found.method,
+        "confidence": round(found.confidence, 3),
+        "reason": found.reason,
+        "fallback_reason": found.reason if found.method == "fallback" else None,
+        "candidates": found.candidates,
+        "lr_low": found.lr_low,
+        "lr_high": found.lr_high,
+        "lr_min": curve.lr_min,
+        "lr_max": curve.lr_max,
+        "steps_requested": curve.steps_requested,
+        "steps_run": curve.steps_run,
+        "stopped_on_divergence": curve.stopped_early or bool(usable.reason),
+        "divergence": usable.reason or None,
+        "seconds": round(curve.seconds, 3),
+    }
+    png = plots.loss_vs_lr(curve.lrs, curve.losses, smoothed, float(found.lr or 0), found.method, found.candidates)
+    tracker.log_files({"curve.csv": rows.getvalue(), "loss_vs_lr.png": png}, "lr_find")
+    tracker.log_json("summary.json", summary, "lr_find")
+    tracker.log_params({"lr_suggested": repr(found.lr), "lr_method": found.method})
+    tracker.log_metrics({"lr_suggested": float(found.lr or 0), "lr_find_seconds": curve.seconds})
+
+
+def system_tags(rt: training.Runtime) -> dict[str, str]:
+    import mlflow  # only for its version string; tracking.py does all the logging
+
+    device = torch.cuda.get_device_name(0) if rt.accelerator == "gpu" else _cpu_model()
+    return {
+        "torch_version": torch.__version__,
+        "lightning_version": pl.__version__,
+        "mlflow_version": mlflow.__version__,
+        "device": device,
+        "precision": rt.precision,
+        "data_mode": rt.data_mode,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def lr_find(cfg: JobConfig, source: data.Source, tracker: Tracker) -> LRChoice:
+    """The `lr_find` entry point: the range test alone."""
+    ds = load_data(cfg, source)
+    rt = training.detect_runtime(cfg, ds.train.images.numel())
+    tracker.set_tags(system_tags(rt))
+    return find_lr(cfg, ds, rt, tracker)
+
+
+def run(cfg: JobConfig, source: data.Source, tracker: Tracker) -> JobResult:
+    """The `main` entry point: range test (when auto_lr), fit, test; everything logged to `tracker`."""
+    ds = load_data(cfg, source)
+    rt = training.detect_runtime(cfg, ds.train.images.numel())
+    tracker.set_tags(system_tags(rt))
+    log_dataset(tracker, ds)
+    choice = find_lr(cfg, ds, rt, tracker) if cfg.auto_lr else LRChoice(cfg.lr, "fixed")
+    tracker.log_params({"lr_used": repr(choice.lr), "lr_source": choice.source})
+
+    train = training.batches(ds.train, ds, rt, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    total_steps = cfg.epochs * len(train)  # type: ignore[arg-type]
+    module = build_classifier(cfg, rt, OptimSpec(cfg.optimizer, choice.lr, cfg.schedule, total_steps, choice.lr_low))
+    eval_batch = max(cfg.batch_size, 1024)  # evaluation has no gradient: larger batches are simply faster
+    val = training.batches(ds.val, ds, rt, eval_batch, shuffle=False, seed=0)
+    test = training.batches(ds.test, ds, rt, eval_batch, shuffle=False, seed=0)
+    result = training.fit_and_test(
+        module, train, val, test, rt, cfg.epochs, sink=lambda epoch, m: tracker.log_metrics(m, step=epoch)
+    )
+
+    last = result.history[-1]
+    final = {
+        "final_val_acc": last["val_acc"],
+        "final_val_loss": last["val_loss"],
+        "test_acc": result.test["test_acc"],
+        "test_loss": result.test["test_loss"],
+    }
+    tracker.log_metrics({k: final[k] for k in ("test_acc", "test_loss")}, step=cfg.epochs)
+    tracker.log_params({k: f"{v:.4f}" for k, v in final.items()})
+    log_model(tracker, module, ds)
+    return JobResult(choice, final)
+
+
+def log_dataset(tracker: Tracker, ds: data.Dataset) -> None:
+    for context, split in (("training", ds.train), ("validation", ds.val), ("test", ds.test)):
+        name = f"{ds.name}-{context}"
+        tracker.log_dataset(name, split.images.numpy(), split.labels.numpy(), str(ds.source), context)
+
+
+def log_model(tracker: Tracker, module: Classifier, ds: data.Dataset) -> None:
+    net = module.net.to("cpu", memory_format=torch.contiguous_format).eval()
+    example = data.normalize(ds.test.images[:2], ds.mean, ds.std).numpy()
+    with torch.no_grad():
+        output = net(torch.from_numpy(example)).numpy().astype(np.float32)
+    tracker.log_model(net, example, output, [f"torch=={torch.__version__.split('+')[0]}"])

@@ -1,0 +1,105 @@
+"""The LR range test, run by Lightning's Tuner.lr_find on a copy of the model; yields the raw curve (an LRCurve)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins import CheckpointIO
+from pytorch_lightning.tuner import Tuner
+
+from mlproject.model import Classifier, make_optimizer
+from mlproject.training import Runtime, build_trainer
+
+
+@dataclass(frozen=True)
+class LRCurve:
+    lrs: list[float]
+    losses: list[float]  # raw per-step training losses, NaN/inf kept as they came
+    lightning_losses: list[float]  # Lightning's running-average smoothing, for comparison only
+    lr_min: float
+    lr_max: float
+    steps_requested: int
+    seconds: float
+
+    @property
+    def steps_run(self) -> int:
+        return len(self.lrs)
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.steps_run < self.steps_requested
+
+
+class MemoryCheckpointIO(CheckpointIO):
+    """lr_find snapshots and restores the model around the sweep; keep that snapshot in memory, not on disk."""
+
+    def __init__(self) -> None:
+        self.store: dict[str, dict[str, Any]] = {}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        self.store[str(path)] = copy.deepcopy(checkpoint)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return self.store[str(path)]
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.store.pop(str(path), None)
+
+
+class _Recorder(pl.LightningModule):
+    """Trains a private copy of the classifier and records the raw loss of every sweep step."""
+
+    def __init__(self, classifier: Classifier) -> None:
+        super().__init__()
+        self.inner = copy.deepcopy(classifier)
+        self.raw: list[torch.Tensor] = []
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, _ = self.inner.loss(batch)
+        self.raw.append(loss.detach())
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return make_optimizer(self.parameters(), self.inner.optim.optimizer, lr=1.0)  # lr_find sets the LR
+
+
+def range_test(
+    classifier: Classifier,
+    train: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    rt: Runtime,
+    lr_min: float,
+    lr_max: float,
+    steps: int,
+) -> LRCurve:
+    """Sweep the LR exponentially from lr_min to lr_max, one optimizer step each; `classifier` is not touched.
+
+    The global RNG is forked, so running the sweep does not change what the fit afterwards does.
+    """
+    start = time.perf_counter()
+    recorder = _Recorder(classifier)
+    epochs = math.ceil(steps / max(1, len(train))) + 1  # type: ignore[arg-type]
+    devices = [torch.cuda.current_device()] if rt.accelerator == "gpu" else []
+    with torch.random.fork_rng(devices=devices):
+        trainer = build_trainer(rt, epochs, [], plugins=[MemoryCheckpointIO()], limit_val_batches=0)
+        finder = Tuner(trainer).lr_find(
+            recorder, train_dataloaders=train, min_lr=lr_min, max_lr=lr_max, num_training=steps, update_attr=False
+        )
+    assert finder is not None  # None only under fast_dev_run, which is never set here
+    lrs = [float(v) for v in finder.results["lr"]]
+    raw = torch.stack(recorder.raw).float().tolist() if recorder.raw else []
+    return LRCurve(
+        lrs=lrs,
+        losses=raw[: len(lrs)],
+        lightning_losses=[float(v) for v in finder.results["loss"]],
+        lr_min=lr_min,
+        lr_max=lr_max,
+        steps_requested=steps,
+        seconds=time.perf_counter() - start,
+    )

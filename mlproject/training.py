@@ -1,0 +1,121 @@
+"""Build the Trainer and the batches for the resolved hardware, fit, test; report epoch metrics to a sink."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+
+from mlproject import data
+from mlproject.config import JobConfig
+from mlproject.errors import HardwareError
+
+log = logging.getLogger(__name__)
+
+EpochSink = Callable[[int, dict[str, float]], None]
+EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "learning_rate")
+# The device path holds a split as uint8 on the device; past this size a DataLoader streams it instead.
+DEVICE_DATA_LIMIT_BYTES = 4 * 2**30
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The hardware decisions, made once from the config and what this machine has."""
+
+    accelerator: str  # cpu or gpu
+    devices: int
+    precision: str
+    data_mode: str  # device or loader
+    channels_last: bool
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda" if self.accelerator == "gpu" else "cpu")
+
+
+def resolve_runtime(cfg: JobConfig, cuda_available: bool, bf16_supported: bool, data_bytes: int) -> Runtime:
+    """Pure: what to run on. 'auto' picks the GPU when there is one, bf16-mixed where the GPU supports it."""
+    if cfg.accelerator == "gpu" and not cuda_available:
+        raise HardwareError("accelerator=gpu but no CUDA device is visible; use accelerator=cpu or auto")
+    accelerator = "gpu" if cfg.accelerator == "gpu" or (cfg.accelerator == "auto" and cuda_available) else "cpu"
+    if accelerator == "cpu" and cfg.devices > 1:
+        raise HardwareError(f"devices={cfg.devices} needs GPUs; on the CPU use devices=1")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if accelerator == "gpu" and bf16_supported else "32-true"
+    data_mode = cfg.data_mode
+    if data_mode == "auto":
+        data_mode = "device" if cfg.devices == 1 and data_bytes <= DEVICE_DATA_LIMIT_BYTES else "loader"
+    # channels_last halves LeNet's step time on x86 CPUs (oneDNN); measured in benchmarks/speed.py.
+    channels_last = accelerator == "cpu" and cfg.model != "mlp"
+    return Runtime(accelerator, cfg.devices, precision, data_mode, channels_last)
+
+
+def detect_runtime(cfg: JobConfig, data_bytes: int) -> Runtime:
+    cuda = torch.cuda.is_available()
+    return resolve_runtime(cfg, cuda, cuda and torch.cuda.is_bf16_supported(), data_bytes)
+
+
+def batches(
+    split: data.Split, ds: data.Dataset, rt: Runtime, batch_size: int, shuffle: bool, seed: int
+) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    if rt.data_mode == "device":
+        return data.DeviceBatches(split.to(rt.device), batch_size, ds.mean, ds.std, shuffle, seed)
+    return data.loader_batches(split, batch_size, ds.mean, ds.std, shuffle, seed)
+
+
+def build_trainer(rt: Runtime, max_epochs: int, callbacks: list[pl.Callback], **overrides: object) -> pl.Trainer:
+    """A Trainer with Lightning's own logger and checkpoints off: tracking.py owns the run and its keys."""
+    kwargs: dict[str, object] = dict(
+        accelerator=rt.accelerator,
+        devices=rt.devices,
+        precision=rt.precision,
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs)  # type: ignore[arg-type]
+
+
+class EpochReporter(pl.Callback):
+    """Hands each epoch's aggregates to a sink: one host sync per epoch, not per step."""
+
+    def __init__(self, sink: EpochSink) -> None:
+        self.sink = sink
+        self.history: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        found = trainer.callback_metrics
+        metrics = {k: float(found[k]) for k in EPOCH_METRICS if k in found}
+        self.history.append(metrics)
+        self.sink(trainer.current_epoch, metrics)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    history: list[dict[str, float]]
+    test: dict[str, float]
+
+
+def fit_and_test(
+    module: pl.LightningModule,
+    train: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    val: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    test: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    rt: Runtime,
+    epochs: int,
+    sink: EpochSink,
+) -> FitResult:
+    reporter = EpochReporter(sink)
+    trainer = build_trainer(rt, epochs, [reporter])
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
+    results = trainer.test(module, dataloaders=test, verbose=False)
+    return FitResult(reporter.history, {k: float(v) for k, v in results[0].items()})

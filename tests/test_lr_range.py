@@ -1,0 +1,137 @@
+"""Suggestion rules on hand-made curves with known answers; no trainer involved."""
+
+import math
+
+import numpy as np
+import pytest
+
+from mlproject import lr_range
+from mlproject.lr_range import suggest
+
+LRS = np.logspace(-6, 0, 100)
+X = np.log10(LRS)
+
+
+def sigmoid_curve(center: float = -3.0, width: float = 0.25, blowup_at: float = -1.0) -> np.ndarray:
+    """Loss 2.3 falling to 0.5 around 10**center (steepest exactly there), exploding past 10**blowup_at."""
+    fall = 2.3 - 1.8 / (1 + np.exp(-(X - center) / width))
+    return fall + np.where(blowup_at < X, np.expm1(8 * (X - blowup_at)), 0.0)
+
+
+def decades(a: float, b: float) -> float:
+    return abs(math.log10(a) - math.log10(b))
+
+
+def test_steepest_finds_the_steepest_point_of_a_clean_curve():
+    found = lr_range.steepest(lr_range.usable_curve(LRS, sigmoid_curve(center=-3.0)))
+    assert decades(found.lr, 1e-3) < 0.1
+
+
+@pytest.mark.parametrize("center", [-4.0, -3.0, -2.5])
+def test_steepest_tracks_the_descent_when_it_moves(center):
+    found = lr_range.steepest(lr_range.usable_curve(LRS, sigmoid_curve(center=center, blowup_at=center + 1.5)))
+    assert decades(found.lr, 10**center) < 0.15
+
+
+def test_steepest_survives_noise():
+    rng = np.random.default_rng(0)
+    noisy = sigmoid_curve() * np.exp(rng.normal(0, 0.08, len(LRS)))
+    found = suggest(LRS, noisy, "steepest")
+    assert decades(found.lr, 1e-3) < 0.3
+
+
+def test_minimum_rule_is_a_tenth_of_the_lr_at_the_minimum():
+    curve = lr_range.usable_curve(LRS, sigmoid_curve(blowup_at=-1.0))
+    i_min = int(np.argmin(curve.smoothed))
+    assert lr_range.minimum(curve).lr == pytest.approx(LRS[i_min] / 10)
+    assert decades(LRS[i_min], 1e-1) < 0.3
+
+
+def test_valley_lies_inside_the_descent():
+    found = lr_range.valley(lr_range.usable_curve(LRS, sigmoid_curve(center=-3.0)))
+    assert 10**-3.8 < found.lr < 10**-1.5
+
+
+def test_combined_is_the_median_rule_and_reports_every_rule():
+    found = suggest(LRS, sigmoid_curve())
+    assert found.method == "combined"
+    assert set(found.candidates) == {"steepest", "valley", "minimum"}
+    values = sorted(v for v in found.candidates.values() if v is not None)
+    assert found.lr == pytest.approx(values[1])
+    assert 0 < found.confidence <= 1
+
+
+def test_combined_never_comes_within_the_safety_factor_of_the_minimum():
+    # A curve that falls late and steeply right before blowing up: every rule points near the minimum.
+    losses = sigmoid_curve(center=-1.3, width=0.1, blowup_at=-1.0)
+    curve = lr_range.usable_curve(LRS, losses)
+    lr_at_min = LRS[int(np.argmin(curve.smoothed))]
+    found = suggest(LRS, losses)
+    assert found.lr <= lr_at_min / lr_range.SAFETY * (1 + 1e-9)
+
+
+def test_nan_from_the_first_step_falls_back_with_a_reason():
+    found = suggest(LRS, [float("nan")] * len(LRS), fallback_lr=3e-4)
+    assert (found.lr, found.method) == (3e-4, "fallback")
+    assert "0 usable points" in found.reason
+    assert found.confidence == 0
+
+
+def test_inf_midway_cuts_the_curve_and_the_suggestion_stays_below_it():
+    losses = sigmoid_curve()
+    losses[70:] = np.inf
+    found = suggest(LRS, losses)
+    assert found.method == "combined"
+    assert found.lr < LRS[70]
+
+
+def test_flat_curve_falls_back():
+    found = suggest(LRS, np.full(len(LRS), 2.30), fallback_lr=1e-3)
+    assert found.method == "fallback"
+    assert "flat" in found.reason
+
+
+def test_rising_curve_falls_back():
+    found = suggest(LRS, np.linspace(2.3, 9.0, len(LRS)))
+    assert found.method == "fallback"
+
+
+def test_too_few_points_fall_back_saying_how_many():
+    found = suggest(LRS[:6], sigmoid_curve()[:6])
+    assert found.method == "fallback"
+    assert "only 6 usable points" in found.reason
+
+
+def test_early_divergence_leaves_too_few_points():
+    losses = np.full(len(LRS), np.nan)
+    losses[:4] = [2.3, 2.2, 50.0, 1e6]
+    found = suggest(LRS, losses)
+    assert found.method == "fallback"
+    assert "usable points" in found.reason
+
+
+def test_divergence_without_nan_cuts_the_curve_at_four_times_the_minimum():
+    curve = lr_range.usable_curve(LRS, sigmoid_curve(blowup_at=-1.0))
+    assert curve.reason.startswith("loss above 4x")
+    assert curve.smoothed.max() <= lr_range.DIVERGE_FACTOR * curve.smoothed.min() + 1e-9 or len(curve.lrs) < len(LRS)
+
+
+def test_suggestion_range_brackets_the_suggestion():
+    found = suggest(LRS, sigmoid_curve())
+    assert found.lr_low < found.lr <= found.lr_high <= 3 * found.lr
+    assert found.lr_high == pytest.approx(10 * found.lr_low)
+
+
+def test_mismatched_lengths_and_unknown_method_are_errors():
+    with pytest.raises(ValueError, match="differ in length"):
+        suggest(LRS, sigmoid_curve()[:-1])
+    with pytest.raises(ValueError, match="unknown method"):
+        suggest(LRS, sigmoid_curve(), method="magic")
+
+
+def test_smoothing_has_no_phase_lag():
+    y = sigmoid_curve(blowup_at=10)  # no blow-up: a pure falling step
+    sm = lr_range.smooth(y)
+    # Zero phase: the smoothed curve crosses the midpoint where the raw one does.
+    mid = (y.max() + y.min()) / 2
+    assert abs(int(np.argmin(abs(sm - mid))) - int(np.argmin(abs(y - mid)))) <= 1

@@ -1,0 +1,43 @@
+"""The job in-process on a small written dataset: the finder does not change what fit does; fallbacks are recorded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mlproject import data, pipeline
+from mlproject.config import JobConfig
+from mlproject.tracking import Tracker
+
+SMALL = dict(dataset="fashion-mnist", val_size=100, batch_size=32, lr_steps=20, accelerator="cpu", seed=7)
+
+
+def run_job(tmp: Path, folder: Path, **changes) -> tuple[pipeline.JobResult, dict]:
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    client = MlflowClient(uri)
+    if client.get_experiment_by_name("pipe") is None:
+        client.create_experiment("pipe", artifact_location=str(tmp / "artifacts"))
+    cfg = JobConfig(data_dir=str(folder), **{**SMALL, **changes})
+    tracker = Tracker.open(uri, "", "pipe")
+    try:
+        result = pipeline.run(cfg, data.search_order(cfg.dataset, cfg.data_dir, "", ""), tracker)
+    finally:
+        tracker.end("FINISHED")
+    return result, client.get_run(tracker.run_id).data.params
+
+
+def test_the_range_test_does_not_change_what_fit_does(tmp_path, tiny_data):
+    found, params = run_job(tmp_path, tiny_data, auto_lr=True, schedule="constant", epochs=2)
+    assert params["lr_source"] == "finder"
+    fixed, _ = run_job(tmp_path, tiny_data, auto_lr=False, lr=found.choice.lr, schedule="constant", epochs=2)
+    assert fixed.final == found.final
+
+
+def test_flat_sweep_falls_back_to_lr_and_records_why(tmp_path, tiny_data):
+    # An LR range this small cannot move the loss: the curve is flat, so the job trains at `lr` instead.
+    result, params = run_job(tmp_path, tiny_data, auto_lr=True, lr_min=1e-12, lr_max=1e-11, lr=0.002, epochs=1)
+    assert params["lr_source"] == "fallback"
+    assert float(params["lr_used"]) == pytest.approx(0.002)
+    assert "flat" in result.choice.suggestion.reason
