@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -17,8 +19,8 @@ from typing import Any
 import click
 
 from mlproject import config as C
-from mlproject.config import ConfigError, JobConfig
-from mlproject.errors import DataError, HardwareError
+from mlproject.config import CHECKPOINT_ARTIFACT, ConfigError, JobConfig
+from mlproject.errors import DataError, HardwareError, Preempted, TrackingError, TrainingDiverged
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 log = logging.getLogger("mlproject")
@@ -60,6 +62,7 @@ _OPTIONS: list[tuple[str, Any, str]] = [
     ("devices", click.INT, "Number of devices."),
     ("precision", click.Choice(C.PRECISIONS), "Numeric precision; auto: bf16-mixed on a bf16 GPU, else 32-true."),
     ("data_mode", click.Choice(C.DATA_MODES), "device: data lives on the device; loader: a DataLoader."),
+    ("resume", click.STRING, "A run id: continue that run from its last checkpoint, with its configuration."),
 ]
 
 
@@ -109,30 +112,65 @@ def lr_find_command(experiment_name: str, **options: Any) -> None:
 
 def _run_job(entry: str, experiment_name: str, options: dict[str, Any]) -> None:
     cfg = JobConfig(**options)
-    from mlproject import data, pipeline  # heavy imports (torch, Lightning) only once the options are valid
-    from mlproject.tracking import Tracker
-
-    source = data.search_order(cfg.dataset, cfg.data_dir, _dataset_env(cfg.dataset), str(_cache_dir()))
     uri, run_id = os.environ.get("MLFLOW_TRACKING_URI", ""), os.environ.get("MLFLOW_RUN_ID", "")
-    tracker = Tracker.open(uri, run_id, experiment_name)
+    if cfg.resume and entry != "train":
+        raise ConfigError("resume", cfg.resume, "nothing: only the train command resumes")
+    if cfg.resume and run_id and run_id != cfg.resume:
+        raise ConfigError("resume", cfg.resume, f"the run id given to `mlflow run --run-id` (here {run_id})")
+    from mlproject.tracking import Tracker, probe  # heavy imports only once the options are valid
+
+    _limit_tracking_retries()
+    probe(uri)
+    tracker = Tracker.open(uri, cfg.resume or run_id, experiment_name)
+    _stop_on_signals()
     try:
-        tracker.log_params(cfg.as_params())
-        tracker.log_json("config.json", {"entry_point": entry, **cfg.as_params()})
-        tracker.set_tags(_git_tags())
-        if entry == "lr-find":
-            choice = pipeline.lr_find(cfg, source, tracker)
-            click.echo(f"run {tracker.run_id}: lr_suggested={choice.lr:.4g} ({choice.source})")
-        else:
-            result = pipeline.run(cfg, source, tracker)
-            figures = " ".join(f"{k}={v:.4f}" for k, v in result.final.items())
-            click.echo(f"run {tracker.run_id}: lr_used={result.choice.lr:.4g} ({result.choice.source}) {figures}")
-    except KeyboardInterrupt:
-        tracker.end("KILLED", error="interrupted")
+        with tempfile.TemporaryDirectory(prefix="mlproject-") as tmp:
+            _job(entry, cfg, tracker, Path(tmp))
+    except Preempted as exc:
+        tracker.end("KILLED", error=f"{exc}; continue it with resume={tracker.run_id}")
         raise
     except BaseException as exc:
         tracker.end("FAILED", error=f"{type(exc).__name__}: {exc}")
         raise
     tracker.end("FINISHED")
+
+
+def _job(entry: str, cfg: JobConfig, tracker: Any, workdir: Path) -> None:
+    from mlproject import data, pipeline
+
+    if cfg.resume:
+        cfg = pipeline.resumed_config(tracker, workdir)
+        tracker.log_params({"resume": cfg.resume})
+    else:
+        tracker.log_params(cfg.as_params())
+        tracker.log_json("config.json", {"entry_point": entry, **cfg.as_params()})
+    tracker.set_tags(_git_tags())
+    source = data.search_order(cfg.dataset, cfg.data_dir, _dataset_env(cfg.dataset), str(_cache_dir()))
+    if entry == "lr-find":
+        choice = pipeline.lr_find(cfg, source, tracker)
+        click.echo(f"run {tracker.run_id}: lr_suggested={choice.lr:.4g} ({choice.source})")
+        return
+    result = pipeline.run(cfg, source, tracker, workdir)
+    figures = " ".join(f"{k}={v:.4f}" for k, v in result.final.items())
+    click.echo(f"run {tracker.run_id}: lr_used={result.choice.lr:.4g} ({result.choice.source}) {figures}")
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM (docker stop, a preempted spot VM, a cancelled CI job) and SIGINT stop the job cleanly, once."""
+
+    def handler(signum: int, frame: object) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not interrupt the clean-up
+        raise Preempted(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def _limit_tracking_retries() -> None:
+    """MLflow retries a failed request 7 times with backoff (minutes); the job buffers metrics itself instead."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
 def _dataset_env(dataset: str) -> str:
@@ -171,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("interrupted", 130)
     except (ConfigError, DataError, HardwareError) as exc:
         return _fail(str(exc), EXIT_USAGE)
+    except TrackingError as exc:
+        return _fail(str(exc), EXIT_FAILED)
+    except TrainingDiverged as exc:
+        return _fail(f"{exc} (the last good checkpoint is the run's artifact {CHECKPOINT_ARTIFACT})", EXIT_FAILED)
+    except Preempted as exc:
+        click.echo(f"error: {exc}; checkpoint logged as {CHECKPOINT_ARTIFACT}, the run ended KILLED", err=True)
+        return 128 + signal.Signals[exc.signal_name].value
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -17,6 +18,8 @@ LR_METHODS = ("combined", "steepest", "valley", "minimum")
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 DATA_MODES = ("auto", "device", "loader")
+
+CHECKPOINT_ARTIFACT = "checkpoints/last.ckpt"  # what a failed or preempted run keeps, and resume reads
 
 # Beyond these the job is a mistake, not an experiment: refuse early instead of running for days.
 MAX_EPOCHS = 10_000
@@ -76,6 +79,7 @@ class JobConfig:
     devices: int = 1
     precision: str = "auto"
     data_mode: str = "auto"  # device: whole split as one tensor on the device; loader: a DataLoader
+    resume: str = ""  # a run id: continue that run from its last checkpoint, with its configuration
 
     def __post_init__(self) -> None:
         _positive_finite("lr", self.lr)
@@ -98,12 +102,21 @@ class JobConfig:
         _choice("accelerator", self.accelerator, ACCELERATORS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("data_mode", self.data_mode, DATA_MODES)
+        if self.resume and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.resume):
+            raise ConfigError("resume", self.resume, "an MLflow run id (letters and digits)")
         if self.devices > 1 and self.data_mode == "device":
             raise ConfigError("data_mode", self.data_mode, "auto or loader when devices > 1")
 
     def as_params(self) -> dict[str, str]:
         """The MLflow params: one string per field, in a stable spelling."""
         return {name: _param_string(value) for name, value in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> JobConfig:
+        """The inverse of as_params(), e.g. to rebuild a run's configuration from its config.json."""
+        parse = {"bool": lambda v: v == "true", "float": float, "int": int, "str": str}
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        return cls(**{k: parse[str(fields[k])](v) for k, v in params.items() if k in fields})  # type: ignore[operator]
 
     def replace(self, **changes: object) -> JobConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

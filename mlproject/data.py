@@ -195,6 +195,10 @@ class DeviceBatches:
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Pin the next pass's shuffle to `epoch`, e.g. when a fit resumes from a checkpoint."""
+        self.epoch = epoch
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = len(self.labels)
         if self.shuffle:

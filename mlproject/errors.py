@@ -7,3 +7,22 @@ class DataError(RuntimeError):
 
 class HardwareError(RuntimeError):
     """The config asks for hardware this machine lacks."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Preempted(BaseException):
+    """SIGTERM or SIGINT arrived: stop, keep a checkpoint, end the run KILLED.
+
+    A BaseException, so that no `except Exception` on the way (Lightning's, a library's) swallows it.
+    """
+
+    def __init__(self, signal_name: str) -> None:
+        self.signal_name = signal_name
+        super().__init__(f"stopped by {signal_name}")
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be reached or refuses the job's writes."""

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 
 from mlproject import data, lr_range, plots, sweep, training
-from mlproject.config import JobConfig
+from mlproject.config import CHECKPOINT_ARTIFACT, JobConfig
+from mlproject.errors import Preempted, TrainingDiverged
 from mlproject.model import NETS, Classifier, OptimSpec
 from mlproject.tracking import Tracker
 
@@ -88,7 +91,7 @@ def log_range_test(tracker: Tracker, curve: sweep.LRCurve, found: lr_range.Sugge
     png = plots.loss_vs_lr(curve.lrs, curve.losses, smoothed, float(found.lr or 0), found.method, found.candidates)
     tracker.log_files({"curve.csv": rows.getvalue(), "loss_vs_lr.png": png}, "lr_find")
     tracker.log_json("summary.json", summary, "lr_find")
-    tracker.log_params({"lr_suggested": repr(found.lr), "lr_method": found.method})
+    tracker.log_params({"lr_suggested": f"{found.lr:.6g}", "lr_method": found.method})
     tracker.log_metrics({"lr_suggested": float(found.lr or 0), "lr_find_seconds": curve.seconds})
 
 
@@ -125,14 +128,21 @@ def lr_find(cfg: JobConfig, source: data.Source, tracker: Tracker) -> LRChoice:
     return find_lr(cfg, ds, rt, tracker)
 
 
-def run(cfg: JobConfig, source: data.Source, tracker: Tracker) -> JobResult:
-    """The `main` entry point: range test (when auto_lr), fit, test; everything logged to `tracker`."""
+def run(cfg: JobConfig, source: data.Source, tracker: Tracker, workdir: Path) -> JobResult:
+    """The `main` entry point: range test (when auto_lr), fit, test; everything logged to `tracker`.
+
+    With cfg.resume, the run's own checkpoint and LR choice are taken instead of a new range test.
+    """
     ds = load_data(cfg, source)
     rt = training.detect_runtime(cfg, ds.train.images.numel())
     tracker.set_tags(system_tags(rt))
-    log_dataset(tracker, ds)
-    choice = find_lr(cfg, ds, rt, tracker) if cfg.auto_lr else LRChoice(cfg.lr, "fixed")
-    tracker.log_params({"lr_used": repr(choice.lr), "lr_source": choice.source})
+    resume_from = tracker.download(CHECKPOINT_ARTIFACT, workdir / "resume") if cfg.resume else None
+    if cfg.resume:
+        choice = resumed_choice(tracker)
+    else:
+        log_dataset(tracker, ds)
+        choice = find_lr(cfg, ds, rt, tracker) if cfg.auto_lr else LRChoice(cfg.lr, "fixed")
+        tracker.log_params({"lr_used": f"{choice.lr:.6g}", "lr_source": choice.source})
 
     train = training.batches(ds.train, ds, rt, cfg.batch_size, shuffle=True, seed=cfg.seed)
     total_steps = cfg.epochs * len(train)  # type: ignore[arg-type]
@@ -140,9 +150,14 @@ def run(cfg: JobConfig, source: data.Source, tracker: Tracker) -> JobResult:
     eval_batch = max(cfg.batch_size, 1024)  # evaluation has no gradient: larger batches are simply faster
     val = training.batches(ds.val, ds, rt, eval_batch, shuffle=False, seed=0)
     test = training.batches(ds.test, ds, rt, eval_batch, shuffle=False, seed=0)
-    result = training.fit_and_test(
-        module, train, val, test, rt, cfg.epochs, sink=lambda epoch, m: tracker.log_metrics(m, step=epoch)
-    )
+    sink = lambda epoch, metrics: tracker.log_metrics(metrics, step=epoch)  # noqa: E731
+    checkpoint = workdir / "last.ckpt"
+    try:
+        result = training.fit_and_test(module, train, val, test, rt, cfg.epochs, sink, checkpoint, resume_from)
+    except (TrainingDiverged, Preempted):
+        if checkpoint.exists():  # the last epoch that ended with a finite loss
+            tracker.log_files({"last.ckpt": checkpoint.read_bytes()}, "checkpoints")
+        raise
 
     last = result.history[-1]
     final = {
@@ -155,6 +170,18 @@ def run(cfg: JobConfig, source: data.Source, tracker: Tracker) -> JobResult:
     tracker.log_params({k: f"{v:.4f}" for k, v in final.items()})
     log_model(tracker, module, ds)
     return JobResult(choice, final)
+
+
+def resumed_config(tracker: Tracker, workdir: Path) -> JobConfig:
+    """The configuration the run started with (its config.json), marked as resumed."""
+    params = json.loads(tracker.download("config.json", workdir).read_text())
+    return JobConfig.from_params(params).replace(resume=tracker.run_id)
+
+
+def resumed_choice(tracker: Tracker) -> LRChoice:
+    """The LR the interrupted run chose; its schedule's state comes back with the checkpoint."""
+    params = tracker.client.get_run(tracker.run_id).data.params
+    return LRChoice(float(params["lr_used"]), params["lr_source"])
 
 
 def log_dataset(tracker: Tracker, ds: data.Dataset) -> None:

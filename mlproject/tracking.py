@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import tempfile
 import time
 import warnings
@@ -13,12 +14,17 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import requests
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from mlproject.errors import TrackingError
 
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+OUTAGE = (MlflowException, requests.RequestException, OSError)  # what a down or restarting server raises
 
 
 class Tracker:
@@ -27,6 +33,7 @@ class Tracker:
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client = client
         self.run_id = run_id
+        self.pending: list[Metric] = []  # metrics the server did not take yet (an outage): sent later, in order
 
     @classmethod
     def open(cls, tracking_uri: str, run_id: str, experiment_name: str) -> Tracker:
@@ -53,14 +60,39 @@ class Tracker:
             self.client.log_batch(self.run_id, params=new)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        """One batched request; non-finite values are dropped (MLflow would store NaN and plot garbage)."""
+        """One batched request; non-finite values are dropped (MLflow would store NaN and plot garbage).
+
+        If the server is down, the rows wait in `pending` and training carries on; the next call or flush()
+        sends them.
+        """
         now = _now_ms()
         rows = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(v)]
         skipped = sorted(set(metrics) - {m.key for m in rows})
         if skipped:
             log.warning("not logging non-finite metrics %s at step %d", skipped, step)
-        if rows:
-            self.client.log_batch(self.run_id, metrics=rows)
+        self.pending.extend(rows)
+        try:
+            self._send_pending()
+        except OUTAGE as exc:
+            log.warning("tracking server unreachable, %d metric values kept for later: %s", len(self.pending), exc)
+
+    def _send_pending(self) -> None:
+        while self.pending:
+            batch = self.pending[:1000]  # MLflow's limit per log_batch
+            self.client.log_batch(self.run_id, metrics=batch)
+            del self.pending[: len(batch)]
+
+    def flush(self, timeout_s: float = 300.0) -> None:
+        """Send what an outage held back, retrying until `timeout_s`; TrackingError if the server stays away."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._send_pending()
+                return
+            except OUTAGE as exc:
+                if time.monotonic() > deadline:
+                    raise TrackingError(f"{len(self.pending)} metric values not logged: {exc}") from exc
+                time.sleep(2.0)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -97,10 +129,44 @@ class Tracker:
     def end(self, status: str, error: str | None = None) -> None:
         """End the run with FINISHED, FAILED or KILLED; a failure's message goes to error.txt."""
         try:
+            self.flush()
             if error:
                 self.log_files({"error.txt": error.rstrip() + "\n"})
         finally:
             mlflow.end_run(status)
+
+    def download(self, path: str, dst: Path) -> Path:
+        """An artifact of this run, e.g. the checkpoint or config.json of a run being resumed."""
+        try:
+            return Path(self.client.download_artifacts(self.run_id, path, str(dst)))
+        except MlflowException as exc:
+            raise TrackingError(f"run {self.run_id} has no artifact {path}: {exc.message}") from exc
+
+
+def probe(tracking_uri: str, timeout_s: float = 20.0) -> None:
+    """Fail fast, naming the URI, when an HTTP tracking server does not answer (MLflow's retries take minutes)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    deadline = time.monotonic() + timeout_s
+    reason = ""
+    while time.monotonic() < deadline:
+        try:
+            answer = requests.get(tracking_uri.rstrip("/") + "/health", timeout=5)
+            if answer.status_code < 500:
+                return
+            reason = f"HTTP {answer.status_code}"
+        except requests.RequestException as exc:
+            reason = type(exc).__name__
+        time.sleep(1.0)
+    raise TrackingError(
+        f"tracking server {redact(tracking_uri)} unreachable for {timeout_s:.0f} s ({reason}); "
+        "check MLFLOW_TRACKING_URI and that the server is up"
+    )
+
+
+def redact(uri: str) -> str:
+    """The URI without user:password@, for messages."""
+    return re.sub(r"//[^/@]*@", "//***@", uri)
 
 
 def fail_run(tracking_uri: str, run_id: str, error: str) -> None:

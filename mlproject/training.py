@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
 from mlproject import data
 from mlproject.config import JobConfig
-from mlproject.errors import HardwareError
+from mlproject.errors import HardwareError, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +95,53 @@ class EpochReporter(pl.Callback):
     def __init__(self, sink: EpochSink) -> None:
         self.sink = sink
         self.history: list[dict[str, float]] = []
+        self.started = 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         found = trainer.callback_metrics
         metrics = {k: float(found[k]) for k in EPOCH_METRICS if k in found}
+        metrics["epoch_seconds"] = time.perf_counter() - self.started  # training and validation
         self.history.append(metrics)
         self.sink(trainer.current_epoch, metrics)
+
+
+class EpochGuard(pl.Callback):
+    """Keeps training honest and resumable: pins the shuffle to the epoch, stops on a non-finite loss,
+    and writes `last.ckpt` at the end of every epoch whose loss was finite (the last good state)."""
+
+    CHECK_EVERY = 25  # batches between finiteness checks: each check is one host sync
+
+    def __init__(self, checkpoint: Path, train: object) -> None:
+        self.checkpoint = checkpoint
+        self.train = train
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(self.train, data.DeviceBatches):
+            self.train.set_epoch(trainer.current_epoch)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx % self.CHECK_EVERY == 0:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self._check(float(loss), trainer, f"step {trainer.global_step}")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("train_loss")
+        if loss is not None:
+            self._check(float(loss), trainer, "the epoch's mean")
+        trainer.save_checkpoint(self.checkpoint)
+
+    def _check(self, loss: float, trainer: pl.Trainer, where: str) -> None:
+        if not math.isfinite(loss):
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            raise TrainingDiverged(
+                f"training loss is {loss} at epoch {trainer.current_epoch} ({where}, lr {lr:.3g}): "
+                "the learning rate is too high for this model; lower lr, or use auto_lr=true"
+            )
 
 
 @dataclass(frozen=True)
@@ -113,9 +158,12 @@ def fit_and_test(
     rt: Runtime,
     epochs: int,
     sink: EpochSink,
+    checkpoint: Path,
+    resume_from: Path | None = None,
 ) -> FitResult:
+    """Fit (from `resume_from` when given), then test; `checkpoint` holds the last good epoch's state."""
     reporter = EpochReporter(sink)
-    trainer = build_trainer(rt, epochs, [reporter])
-    trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
+    trainer = build_trainer(rt, epochs, [reporter, EpochGuard(checkpoint, train)])
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=resume_from)
     results = trainer.test(module, dataloaders=test, verbose=False)
     return FitResult(reporter.history, {k: float(v) for k, v in results[0].items()})

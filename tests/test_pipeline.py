@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from mlproject import data, pipeline
 from mlproject.config import JobConfig
+from mlproject.errors import TrainingDiverged
 from mlproject.tracking import Tracker
 
 SMALL = dict(dataset="fashion-mnist", val_size=100, batch_size=32, lr_steps=20, accelerator="cpu", seed=7)
@@ -22,7 +23,9 @@ def run_job(tmp: Path, folder: Path, **changes) -> tuple[pipeline.JobResult, dic
     cfg = JobConfig(data_dir=str(folder), **{**SMALL, **changes})
     tracker = Tracker.open(uri, "", "pipe")
     try:
-        result = pipeline.run(cfg, data.search_order(cfg.dataset, cfg.data_dir, "", ""), tracker)
+        work = tmp / tracker.run_id
+        work.mkdir()
+        result = pipeline.run(cfg, data.search_order(cfg.dataset, cfg.data_dir, "", ""), tracker, work)
     finally:
         tracker.end("FINISHED")
     return result, client.get_run(tracker.run_id).data.params
@@ -41,3 +44,8 @@ def test_flat_sweep_falls_back_to_lr_and_records_why(tmp_path, tiny_data):
     assert params["lr_source"] == "fallback"
     assert float(params["lr_used"]) == pytest.approx(0.002)
     assert "flat" in result.choice.suggestion.reason
+
+
+def test_diverging_training_stops_with_a_clear_error(tmp_path, tiny_data):
+    with pytest.raises(TrainingDiverged, match=r"training loss is (nan|inf).*lower lr"):
+        run_job(tmp_path, tiny_data, optimizer="sgd", lr=1e4, schedule="constant", epochs=2)

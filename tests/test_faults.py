@@ -1,0 +1,103 @@
+"""Faults with real processes: preemption by a real SIGTERM and resume, an unreachable server, secrets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO, requires_fashion_mnist
+
+pytestmark = [pytest.mark.slow, requires_fashion_mnist]
+SMALL = ["--train-subset", "20000", "--val-size", "2000", "--epochs", "4", "--lr-steps", "30", "--auto-lr", "true"]
+
+
+def job_env(uri: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return {**env, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO), **extra}
+
+
+def job(tmp: Path, *args: str, env: dict[str, str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "mlproject", "train", "--experiment-name", "faults", *args]
+    return subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def wait_for_epoch(client: MlflowClient, timeout: float = 300) -> str:
+    """The run id, once the job has finished its first epoch (and so written its first checkpoint)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        experiment = client.get_experiment_by_name("faults")
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        if runs and client.get_metric_history(runs[0].info.run_id, "epoch_seconds"):
+            return runs[0].info.run_id
+        time.sleep(0.2)
+    raise AssertionError("the job never finished an epoch")
+
+
+def test_sigterm_keeps_a_checkpoint_ends_killed_and_resume_gives_the_same_result(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    proc = job(tmp_path, *SMALL, env=job_env(uri))
+    run_id = wait_for_epoch(client)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = finish(proc, timeout=60)
+    stopped_in = time.monotonic() - sent
+    assert code == 128 + signal.SIGTERM, err[-2000:]
+    assert stopped_in < 10
+    assert "SIGTERM" in err.strip().splitlines()[-1]
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert "checkpoints/last.ckpt" in {a.path for a in client.list_artifacts(run_id, "checkpoints")}
+    error = Path(client.download_artifacts(run_id, "error.txt", str(tmp_path))).read_text()
+    assert f"resume={run_id}" in error
+
+    code, out, err = finish(job(tmp_path, "--resume", run_id, env=job_env(uri)))
+    assert code == 0, err[-2000:]
+    resumed = client.get_run(run_id)
+    assert resumed.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [0, 1, 2, 3]
+
+    code, out, err = finish(job(tmp_path, *SMALL, env=job_env(uri)))  # the same job, never interrupted
+    assert code == 0, err[-2000:]
+    straight = client.get_run(out.split()[1].rstrip(":"))
+    for key in ("test_acc", "test_loss", "final_val_acc", "final_val_loss", "lr_used"):
+        assert resumed.data.params[key] == straight.data.params[key], key
+
+
+def test_unreachable_tracking_server_fails_fast_naming_it(tmp_path):
+    uri = "http://127.0.0.1:9"  # the discard port: nothing listens
+    start = time.monotonic()
+    code, _, err = finish(job(tmp_path, env=job_env(uri)), timeout=120)
+    assert code == 1
+    assert time.monotonic() - start < 30
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: tracking server http://127.0.0.1:9 unreachable")
+
+
+def test_tracking_credentials_appear_nowhere(tmp_path):
+    secret = "s3cret-Pa55-4711"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = job_env(uri, MLFLOW_TRACKING_USERNAME="team", MLFLOW_TRACKING_PASSWORD=secret, MLFLOW_TRACKING_TOKEN=secret)
+    small = ["--train-subset", "2000", "--val-size", "500", "--epochs", "1", "--lr-steps", "20", "--auto-lr", "true"]
+    code, out, err = finish(job(tmp_path, *small, env=env))
+    assert code == 0, err[-2000:]
+    assert secret not in out + err
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
+    assert secret not in repr(run.data.params) + repr(run.data.tags)
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "all")))
+    for path in local.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
