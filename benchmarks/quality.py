@@ -1,0 +1,153 @@
+"""Suggestion quality: regret of each suggester against a grid of real trainings, Lightning's included.
+
+    python -m benchmarks.quality [--epochs 2] [--cases lenet-adam-64,mlp-adam-256] [--seeds 5]
+
+For each case: one range test (seed 42), every rule's suggestion and Lightning's `suggestion()` on the same
+sweep; then a constant-LR training at each LR of a half-decade grid (3e-5 .. 0.3) and at each suggested LR,
+same epochs and seed. Regret = best test accuracy of the grid minus test accuracy at the suggestion, in points.
+`--seeds N` also repeats the range test of the first case over N seeds and prints the spread in decades.
+All cases use Fashion-MNIST (Debian's dataset-fashion-mnist); --data-dir points elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pytorch_lightning.tuner.lr_finder import _LRFinder
+
+from mlproject import data, lr_range, pipeline, sweep, training
+from mlproject.config import JobConfig
+from mlproject.model import OptimSpec
+
+GRID = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
+RULES = ("combined", "steepest", "valley", "minimum")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    model: str
+    optimizer: str
+    batch_size: int
+    train_subset: int = 0  # 0: all 55k
+
+
+CASES = [
+    Case("lenet-adam-64", "lenet", "adam", 64),
+    Case("lenet-adamw-32", "lenet", "adamw", 32),
+    Case("lenet-sgd-128", "lenet", "sgd", 128),
+    Case("lenet-adam-512", "lenet", "adam", 512),
+    Case("mlp-adam-256", "mlp", "adam", 256),
+    Case("cnn_bn-sgd-256", "cnn_bn", "sgd", 256, train_subset=20000),
+]
+
+
+def config(case: Case, epochs: int, seed: int = 42) -> JobConfig:
+    return JobConfig(
+        model=case.model, optimizer=case.optimizer, batch_size=case.batch_size, train_subset=case.train_subset,
+        epochs=epochs, schedule="constant", seed=seed, accelerator="cpu",
+    )  # fmt: skip
+
+
+def sweep_once(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime) -> sweep.LRCurve:
+    probe = pipeline.build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr_min))
+    train = training.batches(ds.train, ds, rt, cfg.batch_size, shuffle=True, seed=cfg.seed + 1)
+    return sweep.range_test(probe, train, rt, cfg.lr_min, cfg.lr_max, cfg.lr_steps)
+
+
+def lightning_suggestion(curve: sweep.LRCurve) -> float | None:
+    finder = _LRFinder("exponential", curve.lr_min, curve.lr_max, curve.steps_requested)
+    finder.results = {"lr": curve.lrs, "loss": curve.lightning_losses}
+    return finder.suggestion()
+
+
+def suggestions(curve: sweep.LRCurve) -> dict[str, float | None]:
+    found: dict[str, float | None] = {}
+    for rule in RULES:
+        s = lr_range.suggest(curve.lrs, curve.losses, rule)
+        found[rule] = s.lr if s.method != "fallback" else None
+    found["lightning"] = lightning_suggestion(curve)
+    return found
+
+
+def test_acc(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime, lr: float) -> float:
+    train = training.batches(ds.train, ds, rt, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    module = pipeline.build_classifier(cfg, rt, OptimSpec(cfg.optimizer, lr))
+    val = training.batches(ds.val, ds, rt, 1024, shuffle=False, seed=0)
+    test = training.batches(ds.test, ds, rt, 1024, shuffle=False, seed=0)
+    result = training.fit_and_test(module, train, val, test, rt, cfg.epochs, sink=lambda e, m: None)
+    acc = result.test["test_acc"]
+    return acc if math.isfinite(acc) else 0.0
+
+
+def run_case(case: Case, epochs: int, source: data.Source) -> dict[str, float | None]:
+    cfg = config(case, epochs)
+    ds = pipeline.load_data(cfg, source)
+    rt = training.detect_runtime(cfg, ds.train.images.numel())
+    found = suggestions(sweep_once(cfg, ds, rt))
+    accs = {lr: test_acc(cfg, ds, rt, lr) for lr in GRID}
+    best = max(accs.values())
+    regrets: dict[str, float | None] = {}
+    for name, lr in found.items():
+        if lr is None:
+            regrets[name] = None
+            continue
+        acc = accs.get(lr) if lr in accs else test_acc(cfg, ds, rt, lr)
+        regrets[name] = 100 * (best - acc)
+        print(f"  {case.name}: {name:9s} lr={lr:.3g} acc={acc:.4f} regret={regrets[name]:.2f}", flush=True)
+    grid = ", ".join(f"{lr:g}:{a:.4f}" for lr, a in accs.items())
+    print(f"  {case.name}: grid {grid}", flush=True)
+    return regrets
+
+
+def spread(case: Case, seeds: int, source: data.Source) -> dict[str, float]:
+    """Decades between the largest and smallest suggestion over `seeds` range tests."""
+    cfg = config(case, 1)
+    ds = pipeline.load_data(cfg, source)
+    rt = training.detect_runtime(cfg, ds.train.images.numel())
+    values: dict[str, list[float]] = {}
+    for seed in range(seeds):
+        for name, lr in suggestions(sweep_once(cfg.replace(seed=seed), ds, rt)).items():
+            if lr is not None:
+                values.setdefault(name, []).append(math.log10(lr))
+    return {name: float(np.ptp(v)) for name, v in values.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--cases", default=",".join(c.name for c in CASES))
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--data-dir", type=Path, default=Path(data.SYSTEM_DIRS["fashion-mnist"]))
+    args = parser.parse_args()
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    source = data.Source((args.data_dir,))
+    start = time.perf_counter()
+    chosen = [c for c in CASES if c.name in args.cases.split(",")]
+    results = {case.name: run_case(case, args.epochs, source) for case in chosen}
+    names = [*RULES, "lightning"]
+    print(f"\nregret in test-accuracy points ({args.epochs} epochs, constant LR); lower is better\n")
+    print("| case | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for case, regrets in results.items():
+        cells = [f"{regrets[n]:.2f}" if regrets[n] is not None else "none" for n in names]
+        print(f"| {case} | " + " | ".join(cells) + " |")
+    means = [np.mean([r[n] for r in results.values() if r[n] is not None] or [np.nan]) for n in names]
+    print("| mean | " + " | ".join(f"{m:.2f}" for m in means) + " |")
+    if args.seeds > 1:
+        spreads = spread(chosen[0], args.seeds, source)
+        print(f"\nspread over {args.seeds} seeds ({chosen[0].name}), decades: " + ", ".join(
+            f"{k}={v:.2f}" for k, v in spreads.items()))  # fmt: skip
+    print(f"\n{time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Speed, side by side in one invocation: the reference pipeline (benchmarks/reference.py) against this job.
+
+    python -m benchmarks.speed [--data-dir /usr/share/datasets/fashion-mnist] [--max-epochs 8]
+
+Both train LeNet with Adam at batch 64 on Fashion-MNIST (55k train, 5k validation, seed 42) and log to a
+fresh sqlite MLflow store. Prints a table of import, range-test and epoch seconds, samples per second,
+peak RSS, test accuracy, time to the target test accuracy, and the ratio this/reference for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from mlproject.config import JobConfig
+
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+OUR_IMPORTS = "import mlproject.__main__, mlproject.pipeline, mlproject.tracking"
+
+
+def torchvision_root(data_dir: Path, tmp: Path) -> Path:
+    """torchvision's FashionMNIST layout (decompressed raw/ files), made from the IDX files."""
+    raw = tmp / "tv" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in FILES:
+        src = data_dir / f"{name}.gz"
+        (raw / name).write_bytes(gzip.decompress(src.read_bytes()) if src.exists() else (data_dir / name).read_bytes())
+    return tmp / "tv"
+
+
+def run_child(args: list[str], env: dict[str, str]) -> tuple[str, float, float]:
+    """Run a process to its end: (stdout, wall seconds, its own peak RSS in MB)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(args[:4])} failed ({proc.returncode}):\n{err.read()[-3000:]}")
+        return out.read(), wall, usage.ru_maxrss / 1024
+
+
+def import_seconds(code: str, env: dict[str, str]) -> float:
+    timer = f"import time; t = time.perf_counter(); {code}; print(time.perf_counter() - t)"
+    return float(subprocess.run([sys.executable, "-c", timer], env=env, capture_output=True, text=True).stdout)
+
+
+def run_reference(root: Path, uri: str, max_epochs: int, target: float, env: dict[str, str]) -> dict:
+    args = [sys.executable, "-m", "benchmarks.reference", "--root", str(root), "--tracking-uri", uri]
+    out, wall, rss = run_child([*args, "--max-epochs", str(max_epochs), "--target", str(target)], env)
+    result = json.loads(out.strip().splitlines()[-1])
+    return {**result, "wall": wall, "rss_mb": rss}
+
+
+def run_ours(data_dir: Path, uri: str, env: dict[str, str]) -> dict:
+    args = [sys.executable, "-m", "mlproject", "train", "--auto-lr", "true", "--data-dir", str(data_dir)]
+    _, wall, rss = run_child([*args, "--experiment-name", "speed"], {**env, "MLFLOW_TRACKING_URI": uri})
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("speed").experiment_id])
+    epochs = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")]
+    return {
+        "range_test_seconds": run.data.metrics["lr_find_seconds"],
+        "epoch_seconds": epochs,
+        "test_acc": run.data.metrics["test_acc"],
+        "lr": float(run.data.params["lr_used"]),
+        "wall": wall,
+        "rss_mb": rss,
+    }
+
+
+def table(ref: dict, ours: dict, target: float, epochs: int) -> str:
+    ref_epoch = sum(ref["epoch_seconds"]) / len(ref["epoch_seconds"])
+    our_epoch = sum(ours["epoch_seconds"]) / len(ours["epoch_seconds"])
+    ref_acc = ref["test_acc"][epochs - 1] if len(ref["test_acc"]) >= epochs else float("nan")
+    our_ttt = ours["wall"] if ours["test_acc"] >= target else float("nan")
+    ref_ttt = ref["time_to_target"] or float("nan")
+    rows = [
+        ("import (s)", ref["import_seconds"], ours["import_seconds"]),
+        ("range test (s)", ref["range_test_seconds"], ours["range_test_seconds"]),
+        ("seconds per epoch", ref_epoch, our_epoch),
+        ("samples per second", 55000 / ref_epoch, 55000 / our_epoch),
+        ("peak RSS (MB)", ref["rss_mb"], ours["rss_mb"]),
+        (f"test acc after {epochs} epochs", ref_acc, ours["test_acc"]),
+        (f"time to test acc >= {target} (s)", ref_ttt, our_ttt),
+    ]
+    lines = ["| measure | reference | this job | ratio |", "|---|---|---|---|"]
+    for name, a, b in rows:
+        lines.append(f"| {name} | {a:.3g} | {b:.3g} | {b / a:.2f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
+    parser.add_argument("--max-epochs", type=int, default=8, help="reference epochs (it must reach the target)")
+    parser.add_argument("--target", type=float, default=0.89)
+    args = parser.parse_args()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        root = torchvision_root(args.data_dir, tmp)
+        ref = run_reference(root, f"sqlite:///{tmp}/ref.db", args.max_epochs, args.target, env)
+        ours = run_ours(args.data_dir, f"sqlite:///{tmp}/ours.db", env)
+        ours["import_seconds"] = import_seconds(OUR_IMPORTS, env)
+    print(f"reference: lr={ref['lr']:.3g}, test acc per epoch {[round(a, 4) for a in ref['test_acc']]}")
+    print(f"this job: lr_used={ours['lr']:.3g}, {len(ours['epoch_seconds'])} epochs, wall {ours['wall']:.1f} s")
+    print(table(ref, ours, args.target, JobConfig().epochs))
+
+
+if __name__ == "__main__":
+    main()
