@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pytorch_lightning.tuner.lr_finder import _LRFinder
 
 from mlproject import data, lr_range, pipeline, sweep, training
 from mlproject.config import JobConfig
+from mlproject.errors import TrainingDiverged
 from mlproject.model import OptimSpec
 
 GRID = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
@@ -82,9 +84,15 @@ def test_acc(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime, lr: float) 
     module = pipeline.build_classifier(cfg, rt, OptimSpec(cfg.optimizer, lr))
     val = training.batches(ds.val, ds, rt, 1024, shuffle=False, seed=0)
     test = training.batches(ds.test, ds, rt, 1024, shuffle=False, seed=0)
-    result = training.fit_and_test(module, train, val, test, rt, cfg.epochs, sink=lambda e, m: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            result = training.fit_and_test(
+                module, train, val, test, rt, cfg.epochs, lambda e, m: None, Path(tmp) / "last.ckpt"
+            )
+        except TrainingDiverged:
+            return 0.1  # a diverged network guesses: chance level on 10 classes
     acc = result.test["test_acc"]
-    return acc if math.isfinite(acc) else 0.0
+    return acc if math.isfinite(acc) else 0.1
 
 
 def run_case(case: Case, epochs: int, source: data.Source) -> dict[str, float | None]:

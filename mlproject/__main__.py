@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from mlproject import config as C
-from mlproject.config import CHECKPOINT_ARTIFACT, ConfigError, JobConfig
+from mlproject.config import CHECKPOINT_ARTIFACT, ConfigError, JobConfig, parse_lrs
 from mlproject.errors import DataError, HardwareError, Preempted, TrackingError, TrainingDiverged
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
@@ -66,8 +66,11 @@ _OPTIONS: list[tuple[str, Any, str]] = [
 ]
 
 
-def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    defaults = JobConfig()
+def job_options(defaults: JobConfig) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return lambda func: _add_job_options(func, defaults)
+
+
+def _add_job_options(func: Callable[..., Any], defaults: JobConfig) -> Callable[..., Any]:
     for name, kind, help_text in reversed(_OPTIONS):
         flag = "--" + name.replace("_", "-")
         func = click.option(flag, name, type=kind, default=getattr(defaults, name), show_default=True, help=help_text)(
@@ -90,28 +93,37 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
     )
-    for noisy in ("pytorch_lightning", "lightning", "lightning_fabric", "mlflow", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 @cli.command("train")
-@job_options
+@job_options(JobConfig())
 def train_command(experiment_name: str, **options: Any) -> None:
     """Range test (when --auto-lr true), then fit and test: the `main` entry point."""
     _run_job("train", experiment_name, options)
 
 
 @cli.command("lr-find")
-@job_options
+@job_options(JobConfig())
 def lr_find_command(experiment_name: str, **options: Any) -> None:
     """The range test alone: logs the curve and the suggestion, trains nothing."""
     _run_job("lr-find", experiment_name, options)
 
 
-def _run_job(entry: str, experiment_name: str, options: dict[str, Any]) -> None:
+@cli.command("compare")
+@click.option(
+    "--lrs", default="1e-5,1e-4,1e-1", show_default=True, help="Comma-separated fixed LRs, one child run each."
+)
+@job_options(JobConfig(auto_lr=True))
+def compare_command(experiment_name: str, lrs: str, **options: Any) -> None:
+    """The LR study: one parent run, a child run per LR in --lrs and one at the finder's LR (--auto-lr true)."""
+    _run_job("compare", experiment_name, options, lrs)
+
+
+def _run_job(entry: str, experiment_name: str, options: dict[str, Any], lrs: str = "") -> None:
     cfg = JobConfig(**options)
+    study_lrs = parse_lrs(lrs) if entry == "compare" else ()
     uri, run_id = os.environ.get("MLFLOW_TRACKING_URI", ""), os.environ.get("MLFLOW_RUN_ID", "")
     if cfg.resume and entry != "train":
         raise ConfigError("resume", cfg.resume, "nothing: only the train command resumes")
@@ -125,7 +137,7 @@ def _run_job(entry: str, experiment_name: str, options: dict[str, Any]) -> None:
     _stop_on_signals()
     try:
         with tempfile.TemporaryDirectory(prefix="mlproject-") as tmp:
-            _job(entry, cfg, tracker, Path(tmp))
+            _job(entry, cfg, tracker, Path(tmp), study_lrs)
     except Preempted as exc:
         tracker.end("KILLED", error=f"{exc}; continue it with resume={tracker.run_id}")
         raise
@@ -135,8 +147,11 @@ def _run_job(entry: str, experiment_name: str, options: dict[str, Any]) -> None:
     tracker.end("FINISHED")
 
 
-def _job(entry: str, cfg: JobConfig, tracker: Any, workdir: Path) -> None:
-    from mlproject import data, pipeline
+def _job(entry: str, cfg: JobConfig, tracker: Any, workdir: Path, lrs: tuple[float, ...]) -> None:
+    from mlproject import data, pipeline, study
+
+    for noisy in ("pytorch_lightning", "lightning", "lightning_fabric", "mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # after their import: Lightning sets its own level
 
     if cfg.resume:
         cfg = pipeline.resumed_config(tracker, workdir)
@@ -146,6 +161,11 @@ def _job(entry: str, cfg: JobConfig, tracker: Any, workdir: Path) -> None:
         tracker.log_json("config.json", {"entry_point": entry, **cfg.as_params()})
     tracker.set_tags(_git_tags())
     source = data.search_order(cfg.dataset, cfg.data_dir, _dataset_env(cfg.dataset), str(_cache_dir()))
+    if entry == "compare":
+        tracker.log_params({"lrs": ",".join(f"{lr:g}" for lr in lrs)})
+        members = study.run_study(cfg, lrs, source, tracker, workdir)
+        click.echo(f"study {tracker.run_id}:\n{study.markdown(members)}", nl=False)
+        return
     if entry == "lr-find":
         choice = pipeline.lr_find(cfg, source, tracker)
         click.echo(f"run {tracker.run_id}: lr_suggested={choice.lr:.4g} ({choice.source})")

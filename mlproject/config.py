@@ -132,3 +132,14 @@ def _param_string(value: object) -> str:
 
 def field_names() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(JobConfig))
+
+
+def parse_lrs(text: str) -> tuple[float, ...]:
+    """The study's `lrs`: '1e-5,1e-4' -> (1e-05, 0.0001); a ConfigError naming `lrs` otherwise."""
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ConfigError("lrs", text, "a comma-separated list of learning rates > 0, e.g. 1e-5,1e-4,1e-1")
+    return values

@@ -36,6 +36,7 @@ class LRChoice:
 class JobResult:
     choice: LRChoice
     final: dict[str, float]
+    history: list[dict[str, float]]  # per-epoch metrics of this process's epochs
 
 
 def load_data(cfg: JobConfig, source: data.Source) -> data.Dataset:
@@ -169,7 +170,7 @@ def run(cfg: JobConfig, source: data.Source, tracker: Tracker, workdir: Path) ->
     tracker.log_metrics({k: final[k] for k in ("test_acc", "test_loss")}, step=cfg.epochs)
     tracker.log_params({k: f"{v:.4f}" for k, v in final.items()})
     log_model(tracker, module, ds)
-    return JobResult(choice, final)
+    return JobResult(choice, final, result.history)
 
 
 def resumed_config(tracker: Tracker, workdir: Path) -> JobConfig:

@@ -45,3 +45,31 @@ def loss_vs_lr(
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def comparison(curves: Mapping[str, Sequence[Mapping[str, float]]], highlight: str = "") -> bytes:
+    """Validation accuracy and loss per epoch, one line per study member; `highlight` drawn bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=100)
+    for label, history in curves.items():
+        epochs = range(1, len(history) + 1)
+        style = {"lw": 3, "color": "tab:red", "zorder": 3} if label == highlight else {"lw": 1.5}
+        acc_ax.plot(epochs, [h["val_acc"] for h in history], marker="o", label=label, **style)
+        loss_ax.plot(epochs, [h["val_loss"] for h in history], marker="o", label=label, **style)
+    for ax, name in ((acc_ax, "validation accuracy"), (loss_ax, "validation loss")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(True, alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    loss_ax.set_yscale("log")
+    acc_ax.legend(loc="lower right", fontsize=9)
+    fig.suptitle("LR study: validation curves per learning rate")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

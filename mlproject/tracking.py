@@ -47,6 +47,16 @@ class Tracker:
             run = mlflow.start_run()
         return cls(MlflowClient(mlflow.get_tracking_uri()), run.info.run_id)
 
+    def child(self, name: str) -> Tracker:
+        """A nested run under this one (a study's member); end() it before starting the next."""
+        parent = self.client.get_run(self.run_id)
+        # Created explicitly: start_run() without a run id would reattach to MLFLOW_RUN_ID, the parent.
+        created = self.client.create_run(
+            parent.info.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id}
+        )
+        run = mlflow.start_run(run_id=created.info.run_id, nested=True)
+        return Tracker(self.client, run.info.run_id)
+
     @property
     def url_path(self) -> str:
         run = self.client.get_run(self.run_id)
