@@ -17,7 +17,13 @@ from urllib.parse import urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("sqlite", "postgresql", "postgresql+psycopg2")
+BACKENDS = ("sqlite", "postgresql", "postgresql+psycopg2", "postgresql+psycopg")
+# SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; lr-finder[service] installs psycopg2, so name it.
+DEFAULT_PG_DRIVER = "postgresql+psycopg2"
+PG_MODULES = {
+    "postgresql+psycopg2": ("psycopg2", "psycopg2-binary"),
+    "postgresql+psycopg": ("psycopg", "psycopg[binary]"),
+}
 APP_NAMES = ("basic-auth",)
 # Without both, MLflow's basic-auth app refuses to start (it ships no admin password and needs a CSRF key).
 AUTH_SECRET_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"
@@ -67,7 +73,7 @@ def plan(options: ServerOptions, environ: Mapping[str, str], mlflow_exe: str = "
             f"backend store {redact(options.backend_store_uri)!r}: use sqlite:///FILE or postgresql://USER@HOST/DB"
         )
     env: dict[str, str] = {}
-    argv = [mlflow_exe, "server", "--backend-store-uri", options.backend_store_uri]
+    argv = [mlflow_exe, "server", "--backend-store-uri", backend_uri(options)]
     # Proxied artifacts: clients upload through the server, so they need no access to the storage itself.
     argv += ["--serve-artifacts", "--artifacts-destination", options.artifacts_destination]
     argv += ["--host", options.host, "--port", str(options.port), "--workers", str(options.workers)]
@@ -81,11 +87,19 @@ def plan(options: ServerOptions, environ: Mapping[str, str], mlflow_exe: str = "
     return ServerPlan(tuple(argv), env, url, f"{url}/health", tuple(_warnings(options, scheme)))
 
 
+def backend_uri(options: ServerOptions) -> str:
+    """The backend store URI with its database driver named."""
+    uri = options.backend_store_uri
+    return DEFAULT_PG_DRIVER + uri.removeprefix("postgresql") if urlsplit(uri).scheme == "postgresql" else uri
+
+
 def needed_modules(options: ServerOptions) -> dict[str, str]:
     """Python modules the chosen server needs beyond mlflow itself -> the pip package that provides each."""
     needed = {}
-    if urlsplit(options.backend_store_uri).scheme.startswith("postgresql"):
-        needed["psycopg2"] = "psycopg2-binary"
+    scheme = urlsplit(backend_uri(options)).scheme
+    if scheme in PG_MODULES:
+        module, package = PG_MODULES[scheme]
+        needed[module] = package
     if options.app_name == "basic-auth":
         needed["flask_wtf"] = "Flask-WTF"  # MLflow's basic-auth app imports it for CSRF checks
     return needed

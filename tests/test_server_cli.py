@@ -24,7 +24,6 @@ from click.testing import CliRunner
 
 from service import server as S
 from service.cli import cli
-from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
 AUTH_ENV = {S.AUTH_SECRET_ENV: "test-secret", S.AUTH_PASSWORD_ENV: "Admin-pass-2026!"}
@@ -94,7 +93,7 @@ def run_jobs(
     for i, args in enumerate(jobs):
         with (folder / f"job{i}.log").open("wb") as out:
             cmd = [sys.executable, "-m", "mlproject", *args]
-            started.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env))
+            started.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=folder, env=env))
     results = []
     for i, process in enumerate(started):
         remaining = max(1.0, timeout_s - (time.monotonic() - began))
@@ -139,13 +138,14 @@ def test_sqlite_with_several_workers_warns_and_postgresql_does_not():
     assert not S.plan(S.ServerOptions(workers=1), {}).warnings
     pg = S.plan(S.ServerOptions(backend_store_uri="postgresql://mlflow:s3cret@db:5432/mlflow", workers=8), {})
     assert not pg.warnings
+    assert pg.argv[3] == "postgresql+psycopg2://mlflow:s3cret@db:5432/mlflow"  # the driver lr-finder[service] has
     assert pg.argv[pg.argv.index("--workers") + 1] == "8"
 
 
 def test_password_in_the_backend_uri_never_shows():
     plan = S.plan(S.ServerOptions(backend_store_uri="postgresql://mlflow:s3cret@db:5432/mlflow"), {})
     shown = S.display_argv(plan.argv)
-    assert "s3cret" not in shown and "postgresql://mlflow:***@db:5432/mlflow" in shown
+    assert "s3cret" not in shown and "postgresql+psycopg2://mlflow:***@db:5432/mlflow" in shown
 
 
 @pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "mysql://u@h/db", "/tmp/mlruns", "mlflow.db"])
@@ -182,6 +182,10 @@ def test_postgresql_and_basic_auth_name_the_packages_they_need():
     assert S.needed_modules(S.ServerOptions()) == {}
     pg = S.ServerOptions(backend_store_uri="postgresql+psycopg2://u@h/db", app_name="basic-auth")
     assert S.needed_modules(pg) == {"psycopg2": "psycopg2-binary", "flask_wtf": "Flask-WTF"}
+    assert S.needed_modules(S.ServerOptions(backend_store_uri="postgresql://u@h/db")) == {"psycopg2": "psycopg2-binary"}
+    assert S.needed_modules(S.ServerOptions(backend_store_uri="postgresql+psycopg://u@h/db")) == {
+        "psycopg": "psycopg[binary]"
+    }
 
 
 @pytest.mark.parametrize(
