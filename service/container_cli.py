@@ -1,5 +1,278 @@
-"""Container commands (build, run, doctor). Filled in with the GPU-container work."""
+"""Container commands: `lr-finder build`, `lr-finder run` (the job container) and `lr-finder doctor`."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import click
 
-container_commands: list[click.Command] = []
+from service import launcher as L
+from service import spec as S
+
+DEFAULT_IMAGE = "lr-finder:latest"
+DEBIAN_DATASET = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _fail(message: str, code: int = 1) -> click.ClickException:
+    exc = click.ClickException(message)
+    exc.exit_code = code
+    return exc
+
+
+def _container_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options `run` and `doctor` share, so that doctor checks exactly what run would launch."""
+    default_data = str(DEBIAN_DATASET) if DEBIAN_DATASET.is_dir() else ""
+    options = [
+        click.option("--image", default=DEFAULT_IMAGE, show_default=True, help="The job image (lr-finder build)."),
+        click.option("--gpus", default="all", show_default=True, help="all, a count, device=ID[,ID...] or none."),
+        click.option(
+            "--data",
+            default=default_data,
+            help=f"Dataset folder or volume, mounted read-only at /data [default: {DEBIAN_DATASET} when present].",
+        ),
+        click.option(
+            "--cache",
+            default="",
+            help="Volume or folder for the job's downloads (the dataset if --data "
+            "has none), at ~/.cache in the container.",
+        ),
+        click.option(
+            "--tracking-uri",
+            envvar=S.TRACKING_ENV,
+            default="",
+            help=f"MLflow tracking server as the container reaches it [default: ${S.TRACKING_ENV}]; never printed.",
+        ),
+        click.option(
+            "--env",
+            "env_extra",
+            multiple=True,
+            metavar="NAME",
+            help="Also pass this variable, by name, "
+            "from this environment (credentials MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN always are).",
+        ),
+        click.option(
+            "--network", default="", help="Docker network; host reaches a server on this machine's 127.0.0.1."
+        ),
+        click.option("--shm-size", default="2g", show_default=True, help="Shared memory (DataLoader workers)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _plan(
+    image: str,
+    gpus: str,
+    data: str,
+    cache: str,
+    tracking_uri: str,
+    env_extra: tuple[str, ...],
+    network: str,
+    shm_size: str,
+    **job: Any,
+) -> tuple[S.LaunchSpec, dict[str, str]]:
+    """The spec and the values of its environment (read here, at the command line, and only passed on)."""
+    if data.startswith("/") and not Path(data).is_dir():
+        raise _fail(f"--data {data}: no such folder on this machine", 2)
+    environ = {**os.environ, S.TRACKING_ENV: tracking_uri}
+    try:
+        names = S.env_names(environ, env_extra)
+        spec = S.launch_spec(image, gpus, shm_size, data, cache, names, network, **job)
+    except S.SpecError as exc:
+        raise _fail(str(exc), 2) from exc
+    return spec, {n: environ[n] for n in names}
+
+
+@click.command("build")
+@click.option(
+    "--context",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=".",
+    show_default=True,
+    help="The project folder (Dockerfile, .dockerignore, MLproject).",
+)
+@click.option("--tag", "-t", default=DEFAULT_IMAGE, show_default=True, help="Name of the image.")
+@click.option("--base-image", default="", help="BASE_IMAGE [default: the Dockerfile's nvidia/cuda image].")
+@click.option(
+    "--torch-variant",
+    type=click.Choice(S.TORCH_VARIANTS),
+    default=None,
+    help="torch wheel build (driver needed: see README) [default: pypi].",
+)
+@click.option(
+    "--build-arg",
+    "pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any other build arg, e.g. PIP_INDEX_URL=<mirror>; not for secrets (image history keeps it).",
+)
+@click.option("--network", default="", help="Network of the RUN steps; host reaches a mirror on 127.0.0.1.")
+@click.option("--no-cache", is_flag=True, help="Rebuild every layer.")
+def build_command(
+    context: Path,
+    tag: str,
+    base_image: str,
+    torch_variant: str | None,
+    pairs: tuple[str, ...],
+    network: str,
+    no_cache: bool,
+) -> None:
+    """Build the job image, streaming the build log."""
+    if not (context / "Dockerfile").is_file():
+        raise _fail(f"no Dockerfile in {context}: run from the project folder or pass --context", 2)
+    created = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        args = S.build_args(pairs, base_image, torch_variant or "", _git_revision(context), created)
+    except S.SpecError as exc:
+        raise _fail(str(exc), 2) from exc
+    start = time.monotonic()
+    try:
+        client = L.connect()
+        for line in L.build(client, context, tag, args, network, no_cache):
+            click.echo(line, nl=False)
+        info = L.image_info(client, tag)
+    except L.LaunchError as exc:
+        raise _fail(str(exc)) from exc
+    click.echo(f"lr-finder: built {tag} ({info.id[:19]}) in {time.monotonic() - start:.0f} s")
+
+
+def _git_revision(context: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=context, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+@click.command("run")
+@_container_options
+@click.option("-P", "params", multiple=True, metavar="KEY=VALUE", help="A job parameter, passed to mlflow run.")
+@click.option("--entry-point", "-e", default="main", show_default=True, help="MLproject entry point.")
+@click.option("--experiment-name", default="", help="MLflow experiment [default: mlflow run's].")
+@click.option("--name", default="", help="Container name [default: docker's].")
+@click.option(
+    "--stop-timeout",
+    type=click.IntRange(1, 600),
+    default=10,
+    show_default=True,
+    help="Seconds to wait after the stop signal before docker kills the job.",
+)
+@click.option(
+    "--summary",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Append a markdown summary (run link, LRs, final metrics) here, e.g. $GITHUB_STEP_SUMMARY.",
+)
+@click.option("--ui-url", default="", help="MLflow UI address for the run link (the tracking URI is never shown).")
+@click.pass_context
+def run_command(
+    ctx: click.Context,
+    params: tuple[str, ...],
+    entry_point: str,
+    experiment_name: str,
+    name: str,
+    stop_timeout: int,
+    summary: Path | None,
+    ui_url: str,
+    **options: Any,
+) -> None:
+    """Run the job container (mlflow run of the baked project); the job's exit code is this command's.
+
+    Ctrl-C or SIGTERM stops and removes the container, and the run ends KILLED.
+    """
+    problem = S.tracking_problem(options["tracking_uri"])
+    if problem:
+        raise _fail(problem, 2)
+    spec, env = _plan(**options, params=params, entry_point=entry_point, experiment=experiment_name, name=name)
+    try:
+        client = L.connect()
+        info = L.image_info(client, spec.image)
+        for line in spec.describe():
+            click.echo(f"lr-finder: {line}", err=True)
+        secrets = list(env.values())
+        outcome = L.supervise(
+            client, spec, env, stop_timeout, lambda line: click.echo(S.scrub(line, secrets), nl=False)
+        )
+    except L.LaunchError as exc:
+        raise _fail(str(exc)) from exc
+    run_id = S.find_run_id(outcome.log)
+    if run_id:
+        _record(options["tracking_uri"], run_id, outcome.stopped, spec.image, info, ui_url, summary)
+    ctx.exit(outcome.code)
+
+
+def _record(
+    uri: str, run_id: str, stopped: bool, image: str, info: L.ImageInfo, ui_url: str, summary: Path | None
+) -> None:
+    """From this machine: a stopped run ends KILLED; tag the image; print the link; write the summary."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a cancelled CI job has seconds left
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.update(S.QUIET_ENV)
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    tags = {"mlflow.docker.image.uri": image, "mlflow.docker.image.id": info.id}
+    if info.revision not in ("", "unknown"):  # the image has no .git: the build recorded the commit
+        tags["mlflow.source.git.commit"] = info.revision
+    try:
+        if stopped and client.get_run(run_id).info.status != "KILLED":
+            client.set_terminated(run_id, "KILLED")
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        click.echo(f"lr-finder: run {run_id}: cannot reach the tracking server from here: {exc.message}", err=True)
+        return
+    link = S.run_link(ui_url, run.info.experiment_id, run_id)
+    where = link or f"(experiment {run.info.experiment_id}; --ui-url for a link)"
+    click.echo(f"lr-finder: run {run_id} {run.info.status} {where}", err=True)
+    if summary is not None:
+        figures = {**run.data.params, **{k: f"{v:.4g}" for k, v in run.data.metrics.items()}}
+        with summary.open("a") as out:
+            out.write(S.summary_markdown(run_id, run.info.status, link, figures))
+
+
+@click.command("doctor")
+@_container_options
+def doctor_command(**options: Any) -> None:
+    """Check the Docker engine, a GPU in a container, the tracking server and the dataset; exit 1 if any fails."""
+    spec, env = _plan(**options)
+    try:
+        client = L.connect()
+    except L.LaunchError as exc:
+        _report([("docker engine", False, str(exc), S.ENGINE_HINT)])
+    results = [("docker engine", True, L.engine_version(client), "")]
+    try:
+        info = L.image_info(client, spec.image)
+    except L.LaunchError as exc:
+        _report([*results, ("image", False, str(exc), f"lr-finder build --tag {spec.image}")])
+    results.append(("image", True, f"{spec.image} ({info.id[:19]}, user {info.user})", ""))
+    problem = S.tracking_problem(options["tracking_uri"])
+    for probe in S.doctor_probes(spec):
+        if probe.name == "tracking server" and problem:
+            results.append((probe.name, False, problem, probe.hint))
+            continue
+        ok, answer = L.probe(client, spec, env, probe)
+        results.append((probe.name, ok, S.scrub(answer, env.values()), probe.hint))
+    _report(results)
+
+
+def _report(results: list[tuple[str, bool, str, str]]) -> None:
+    """One line per check, a fix under each failure; exit 1 if any failed."""
+    for check, ok, detail, hint in results:
+        click.echo(f"{'ok  ' if ok else 'FAIL'}  {check}: {detail}")
+        if not ok:
+            click.echo(f"      fix: {hint}")
+    failed = sum(not ok for _, ok, _, _ in results)
+    if failed:
+        raise _fail(f"{failed} check(s) failed")
+
+
+container_commands: list[click.Command] = [build_command, run_command, doctor_command]

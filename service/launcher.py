@@ -1,0 +1,224 @@
+"""The only docker import: build the image, start, stream, stop and probe the job container through the engine."""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import re
+import signal
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import docker
+import requests
+from docker.errors import DockerException, ImageNotFound
+from docker.models.containers import Container
+from docker.types import DeviceRequest
+from docker.types import Mount as DockerMount
+
+from service.spec import LABEL, QUIET_ENV, GpuRequest, LaunchSpec, Probe
+
+log = logging.getLogger(__name__)
+# A probe must answer quickly: MLflow's default retries take minutes against a server that is down.
+PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)")
+
+
+class LaunchError(RuntimeError):
+    """The engine refused or failed; the message says what to do."""
+
+
+class _Stopped(BaseException):
+    """SIGTERM arrived: stop the container as Ctrl-C does (a BaseException, so that no library swallows it)."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    id: str
+    user: str
+    revision: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the job container ended: its exit code (128+N when stopped by signal N) and its whole log."""
+
+    code: int
+    log: str
+    stopped: bool
+
+
+def connect() -> docker.DockerClient:
+    """A client of the engine that DOCKER_HOST (or the default socket) names, checked with a ping."""
+    try:
+        client = docker.from_env(timeout=600)
+        client.ping()
+    except (DockerException, requests.RequestException) as exc:
+        raise LaunchError(f"no Docker engine answers ({exc}); start dockerd or set DOCKER_HOST") from exc
+    return client
+
+
+def engine_version(client: docker.DockerClient) -> str:
+    info = client.version()
+    return f"Docker engine {info.get('Version', '?')} (API {info.get('ApiVersion', '?')})"
+
+
+def build(
+    client: docker.DockerClient, context: Path, tag: str, build_args: Mapping[str, str], network: str, no_cache: bool
+) -> Iterator[str]:
+    """Build the image, yielding the build log as it comes; LaunchError on a failed step."""
+    try:
+        stream = client.api.build(
+            path=str(context),
+            tag=tag,
+            buildargs=dict(build_args),
+            network_mode=network or None,
+            nocache=no_cache,
+            rm=True,
+            forcerm=True,
+            decode=True,
+        )
+        for chunk in stream:
+            if "error" in chunk:
+                raise LaunchError(f"build failed: {chunk['error'].strip()}")
+            text = chunk.get("stream") or chunk.get("status")
+            if text:
+                yield text if text.endswith("\n") else text + "\n"
+    except (DockerException, requests.RequestException) as exc:
+        raise LaunchError(f"build failed: {exc}") from exc
+
+
+def image_info(client: docker.DockerClient, ref: str) -> ImageInfo:
+    try:
+        image = client.images.get(ref)
+    except ImageNotFound as exc:
+        raise LaunchError(f"no image {ref} on this engine; build it with `lr-finder build --tag {ref}`") from exc
+    config = image.attrs.get("Config") or {}
+    labels = config.get("Labels") or {}
+    return ImageInfo(image.id, config.get("User") or "root", labels.get("org.opencontainers.image.revision", ""))
+
+
+def _device_requests(gpus: GpuRequest) -> list[DeviceRequest]:
+    if not gpus.wanted:
+        return []
+    if gpus.device_ids:
+        return [DeviceRequest(device_ids=list(gpus.device_ids), capabilities=[["gpu"]])]
+    return [DeviceRequest(count=gpus.count, capabilities=[["gpu"]])]
+
+
+def _create(
+    client: docker.DockerClient,
+    spec: LaunchSpec,
+    environment: Mapping[str, str],
+    command: list[str],
+    entrypoint: list[str] | None = None,
+    gpus: bool = True,
+) -> Container:
+    mounts = [
+        DockerMount(m.target, m.source, type="bind" if m.is_bind else "volume", read_only=m.read_only)
+        for m in spec.mounts
+    ]
+    try:
+        return client.containers.create(
+            spec.image,
+            command=command,
+            entrypoint=entrypoint,
+            environment={**environment, **QUIET_ENV},
+            device_requests=_device_requests(spec.gpus) if gpus else [],
+            shm_size=spec.shm_size,
+            mounts=mounts,
+            network_mode=spec.network or None,
+            name=spec.name or None,
+            labels={LABEL: "1"},
+        )
+    except ImageNotFound as exc:
+        raise LaunchError(f"no image {spec.image}; build it with `lr-finder build --tag {spec.image}`") from exc
+    except (DockerException, requests.RequestException) as exc:
+        raise LaunchError(f"cannot create the container: {exc}") from exc
+
+
+def supervise(
+    client: docker.DockerClient,
+    spec: LaunchSpec,
+    environment: Mapping[str, str],
+    stop_timeout: int,
+    on_line: Callable[[str], None],
+) -> Outcome:
+    """Start the job container and pass on its log until it exits; Ctrl-C or SIGTERM stops it. Always removed."""
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise _Stopped()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    container = _create(client, spec, environment, list(spec.args))
+    try:
+        container.start()
+        for line in _lines(container):
+            on_line(line)
+        return Outcome(int(container.wait()["StatusCode"]), _logs(container), stopped=False)
+    except (KeyboardInterrupt, _Stopped) as exc:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not interrupt the clean-up
+        on_line("lr-finder: stopping the job container\n")
+        try:  # the image's stop signal (SIGINT: mlflow run cancels the job), SIGKILL after stop_timeout seconds
+            container.stop(timeout=stop_timeout)
+        except (DockerException, requests.RequestException) as stop_exc:
+            log.warning("stopping container %s failed: %s", container.short_id, stop_exc)
+        code = 128 + (signal.SIGTERM if isinstance(exc, _Stopped) else signal.SIGINT)
+        return Outcome(code, _logs(container), stopped=True)
+    except (DockerException, requests.RequestException) as exc:
+        raise LaunchError(f"the job container failed to run: {exc}") from exc
+    finally:
+        _remove(container)
+        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _lines(container: Container) -> Iterator[str]:
+    """The container's stdout and stderr as they come, cut after each newline or carriage return (progress bars)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    for chunk in container.logs(stream=True, follow=True):
+        pending += decoder.decode(chunk)
+        end = 0
+        for match in _LINE.finditer(pending):
+            yield match.group(0)
+            end = match.end()
+        pending = pending[end:]
+    pending += decoder.decode(b"", final=True)
+    if pending:
+        yield pending
+
+
+def _logs(container: Container) -> str:
+    return container.logs().decode("utf-8", errors="replace")
+
+
+def _remove(container: Container) -> None:
+    try:
+        container.remove(force=True)
+    except (DockerException, requests.RequestException) as exc:
+        log.warning("removing container %s failed: %s", container.short_id, exc)
+
+
+def probe(
+    client: docker.DockerClient, spec: LaunchSpec, environment: Mapping[str, str], check: Probe
+) -> tuple[bool, str]:
+    """Run one check in a throwaway container of the job image: (passed, its one-line answer)."""
+    try:
+        container = _create(
+            client, spec, {**environment, **PROBE_ENV}, ["-c", check.code], entrypoint=["python"], gpus=check.gpus
+        )
+    except LaunchError as exc:
+        return False, str(exc)
+    try:
+        container.start()
+        status = int(container.wait()["StatusCode"])
+        output = _logs(container).strip().splitlines()
+    except (DockerException, requests.RequestException) as exc:
+        return False, f"the engine refused: {getattr(exc, 'explanation', None) or exc}"
+    finally:
+        _remove(container)
+    return status == 0, output[-1] if output else f"exit code {status}, no output"
