@@ -94,6 +94,8 @@ def cli(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
     )
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    if not sys.stderr.isatty():  # progress bars (the range test's, MLflow's) are noise in CI logs
+        os.environ.setdefault("TQDM_DISABLE", "1")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 

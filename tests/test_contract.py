@@ -26,7 +26,7 @@ def test_main_entry_point_declares_every_config_field_with_its_default():
         ), f.name
 
 
-@pytest.mark.parametrize("entry, command", [("main", "train"), ("lr_find", "lr-find")])
+@pytest.mark.parametrize("entry, command", [("main", "train"), ("lr_find", "lr-find"), ("compare", "compare")])
 def test_entry_points_pass_every_parameter_to_the_same_named_option(entry, command):
     spec = ENTRY_POINTS[entry]
     line = spec["command"]
