@@ -75,6 +75,7 @@ class JobConfig:
     lr_max: float = 1.0
     lr_steps: int = 100
     lr_method: str = "combined"
+    lr_repeats: int = 1  # range tests with different seeds; the median suggestion is used, the spread logged
     accelerator: str = "auto"
     devices: int = 1
     precision: str = "auto"
@@ -90,6 +91,7 @@ class JobConfig:
         _int_in("epochs", self.epochs, 1, MAX_EPOCHS)
         _int_in("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         _int_in("lr_steps", self.lr_steps, 5, MAX_LR_STEPS)
+        _int_in("lr_repeats", self.lr_repeats, 1, 20)
         _int_in("seed", self.seed, 0, 2**32 - 1)
         _int_in("train_subset", self.train_subset, 0, 10_000_000)
         _int_in("val_size", self.val_size, 1, 10_000_000)

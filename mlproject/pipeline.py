@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import logging
+import math
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from mlproject.model import NETS, Classifier, OptimSpec
 from mlproject.tracking import Tracker
 
 log = logging.getLogger(__name__)
+SPREAD_WARNING = 0.3  # decades between repeated range tests beyond which the suggestion is called uncertain
 
 
 @dataclass(frozen=True)
@@ -49,22 +51,41 @@ def build_classifier(cfg: JobConfig, rt: training.Runtime, optim: OptimSpec) -> 
 
 
 def find_lr(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime, tracker: Tracker) -> LRChoice:
-    """Sweep, suggest, log the curve; a failed sweep falls back to cfg.lr with the reason recorded."""
-    probe = build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr_min))
-    train = training.batches(ds.train, ds, rt, cfg.batch_size, shuffle=True, seed=cfg.seed + 1)
-    curve = sweep.range_test(probe, train, rt, cfg.lr_min, cfg.lr_max, cfg.lr_steps)
-    found = lr_range.suggest(curve.lrs, curve.losses, cfg.lr_method, fallback_lr=cfg.lr)
+    """Sweep (lr_repeats times), suggest, log the curve; no usable sweep falls back to cfg.lr, reason recorded."""
+    sweeps = [one_sweep(cfg.replace(seed=cfg.seed + r), ds, rt) for r in range(cfg.lr_repeats)]
+    answered = [s for s in sweeps if s[1].method != "fallback"] or sweeps
+    ranked = sorted(answered, key=lambda s: float(s[1].lr or 0))
+    curve, found = ranked[(len(ranked) - 1) // 2]  # the median repeat: its curve is the one plotted
+    spread = spread_decades([float(s[1].lr or 0) for s in answered])
+    if spread > SPREAD_WARNING:
+        log.warning("the %d range tests disagree by %.2f decades: the suggestion is uncertain", len(sweeps), spread)
     source = "fallback" if found.method == "fallback" else "finder"
     log.info("range test: %d steps in %.2fs; %s lr=%.4g (%s)", curve.steps_run, curve.seconds, source, found.lr,
              found.reason)  # fmt: skip
-    log_range_test(tracker, curve, found)
+    repeats = {"repeats": len(sweeps), "repeat_suggestions": [s[1].lr for s in sweeps], "spread_decades": spread}
+    log_range_test(tracker, curve, found, repeats)
     assert found.lr is not None  # suggest() always answers
     peak = found.lr_high if cfg.schedule == "onecycle" else found.lr
     low = found.lr_low if cfg.schedule == "onecycle" and source == "finder" else 0.0
     return LRChoice(peak, source, low, found, curve)
 
 
-def log_range_test(tracker: Tracker, curve: sweep.LRCurve, found: lr_range.Suggestion) -> None:
+def one_sweep(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime) -> tuple[sweep.LRCurve, lr_range.Suggestion]:
+    probe = build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr_min))
+    train = training.batches(ds.train, ds, rt, cfg.batch_size, shuffle=True, seed=cfg.seed + 1)
+    curve = sweep.range_test(probe, train, rt, cfg.lr_min, cfg.lr_max, cfg.lr_steps)
+    return curve, lr_range.suggest(curve.lrs, curve.losses, cfg.lr_method, fallback_lr=cfg.lr)
+
+
+def spread_decades(lrs: list[float]) -> float:
+    """Decades between the largest and the smallest suggestion (0 for a single sweep)."""
+    logs = [math.log10(lr) for lr in lrs if lr > 0]
+    return max(logs) - min(logs) if logs else 0.0
+
+
+def log_range_test(
+    tracker: Tracker, curve: sweep.LRCurve, found: lr_range.Suggestion, repeats: dict[str, object]
+) -> None:
     usable = lr_range.usable_curve(curve.lrs, curve.losses)
     smoothed = usable.smoothed.tolist()
     rows = io.StringIO()
@@ -88,12 +109,14 @@ def log_range_test(tracker: Tracker, curve: sweep.LRCurve, found: lr_range.Sugge
         "stopped_on_divergence": curve.stopped_early or bool(usable.reason),
         "divergence": usable.reason or None,
         "seconds": round(curve.seconds, 3),
+        **repeats,
     }
     png = plots.loss_vs_lr(curve.lrs, curve.losses, smoothed, float(found.lr or 0), found.method, found.candidates)
     tracker.log_files({"curve.csv": rows.getvalue(), "loss_vs_lr.png": png}, "lr_find")
     tracker.log_json("summary.json", summary, "lr_find")
     tracker.log_params({"lr_suggested": f"{found.lr:.6g}", "lr_method": found.method})
-    tracker.log_metrics({"lr_suggested": float(found.lr or 0), "lr_find_seconds": curve.seconds})
+    spread = float(repeats["spread_decades"])  # type: ignore[arg-type]
+    tracker.log_metrics({"lr_suggested": float(found.lr or 0), "lr_find_seconds": curve.seconds, "lr_spread": spread})
 
 
 def system_tags(rt: training.Runtime) -> dict[str, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,17 @@ def test_flat_sweep_falls_back_to_lr_and_records_why(tmp_path, tiny_data):
 def test_diverging_training_stops_with_a_clear_error(tmp_path, tiny_data):
     with pytest.raises(TrainingDiverged, match=r"training loss is (nan|inf).*lower lr"):
         run_job(tmp_path, tiny_data, optimizer="sgd", lr=1e4, schedule="constant", epochs=2)
+
+
+def test_repeated_range_tests_use_the_median_and_log_the_spread(tmp_path, tiny_data):
+    _, params = run_job(tmp_path, tiny_data, auto_lr=True, lr_repeats=3, schedule="constant", epochs=1)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = [r for r in client.search_runs([client.get_experiment_by_name("pipe").experiment_id])]
+    summary = json.loads(
+        Path(client.download_artifacts(run.info.run_id, "lr_find/summary.json", str(tmp_path))).read_text()
+    )
+    values = sorted(summary["repeat_suggestions"])
+    assert summary["repeats"] == 3 and len(values) == 3
+    assert float(params["lr_suggested"]) == pytest.approx(values[1], rel=1e-5)
+    assert summary["spread_decades"] == pytest.approx(math.log10(values[2] / values[0]))
+    assert run.data.metrics["lr_spread"] == pytest.approx(summary["spread_decades"])
