@@ -101,3 +101,59 @@ def test_tracking_credentials_appear_nowhere(tmp_path):
     for path in local.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def start_server(tmp: Path, port: int) -> subprocess.Popen:
+    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
+    cmd = [mlflow_bin, "server", "--backend-store-uri", f"sqlite:///{tmp}/server.db", "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"]
+    log = open(tmp / f"server-{time.monotonic_ns()}.log", "w")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_healthy(port: int, timeout: float = 120) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("mlflow server never answered")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_down_mid_run_loses_no_metric(tmp_path):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
+    try:
+        wait_healthy(port)
+        proc = job(tmp_path, *SMALL, env=job_env(uri))
+        run_id = wait_for_epoch(MlflowClient(uri))
+        epoch = MlflowClient(uri).get_metric_history(run_id, "epoch_seconds")[0].value
+        os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, without warning
+        server.wait()
+        time.sleep(20 + 1.5 * epoch)  # down for 20 s, and across at least one epoch's end
+        server = start_server(tmp_path, port)
+        wait_healthy(port)
+        code, _, err = finish(proc)
+        assert code == 0, err[-3000:]
+        assert "tracking server unreachable" in err  # it noticed, and carried on
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
+        assert run.info.status == "FINISHED"
+        for key in ("train_loss", "val_loss", "val_acc", "epoch_seconds"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2, 3], key
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
