@@ -60,7 +60,11 @@ def resolve_runtime(cfg: JobConfig, cuda_available: bool, bf16_supported: bool, 
 
 def detect_runtime(cfg: JobConfig, data_bytes: int) -> Runtime:
     cuda = torch.cuda.is_available()
-    return resolve_runtime(cfg, cuda, cuda and torch.cuda.is_bf16_supported(), data_bytes)
+    rt = resolve_runtime(cfg, cuda, cuda and torch.cuda.is_bf16_supported(), data_bytes)
+    if rt.accelerator == "gpu":  # TF32 for what stays in fp32: Ampere and newer run it at tensor-core speed
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return rt
 
 
 def batches(

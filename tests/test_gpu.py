@@ -1,0 +1,37 @@
+"""The CUDA path: runs only where a GPU is visible (skips with the reason elsewhere)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from mlproject.config import JobConfig
+from mlproject.training import resolve_runtime
+from tests.conftest import requires_fashion_mnist
+from tests.test_e2e import mlflow_run
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible on this machine")
+
+
+def test_auto_picks_the_gpu_and_bf16_where_supported():
+    # Pure decision logic, checked on every machine; the GPU itself is stood in for by the flags.
+    rt = resolve_runtime(JobConfig(), cuda_available=True, bf16_supported=True, data_bytes=47_000_000)
+    assert (rt.accelerator, rt.precision, rt.data_mode, rt.channels_last) == ("gpu", "bf16-mixed", "device", False)
+    rt = resolve_runtime(JobConfig(), cuda_available=True, bf16_supported=False, data_bytes=47_000_000)
+    assert rt.precision == "32-true"
+    rt = resolve_runtime(JobConfig(devices=2), cuda_available=True, bf16_supported=True, data_bytes=47_000_000)
+    assert rt.data_mode == "loader"
+
+
+@pytest.mark.gpu
+@gpu
+@requires_fashion_mnist
+def test_one_epoch_on_the_gpu_in_bf16(tmp_path):
+    result = mlflow_run(tmp_path, "gpu", "auto_lr=true", "epochs=1", "accelerator=gpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("gpu").experiment_id])
+    assert run.data.tags["precision"] == "bf16-mixed"
+    assert run.data.tags["device"] == torch.cuda.get_device_name(0)
+    assert run.data.metrics["test_acc"] >= 0.85
