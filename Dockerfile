@@ -69,12 +69,10 @@ STOPSIGNAL SIGINT
 ENTRYPOINT ["mlflow", "run", "/opt/lr-finder", "--env-manager", "local"]
 CMD []
 
-# Last, so that a new commit only relabels the image.
+# Last, so that a new commit only relabels the image (no build date: an unchanged tree rebuilds the same image).
 ARG BASE_IMAGE
 ARG VCS_REF=unknown
-ARG BUILD_DATE=unknown
 LABEL org.opencontainers.image.title="lr-finder" \
       org.opencontainers.image.description="LR range test, then training, tracked in MLflow: mlflow run of the baked project" \
       org.opencontainers.image.revision="${VCS_REF}" \
-      org.opencontainers.image.created="${BUILD_DATE}" \
       org.opencontainers.image.base.name="${BASE_IMAGE}"

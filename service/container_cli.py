@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 import subprocess
 import time
@@ -126,9 +125,8 @@ def build_command(
     """Build the job image, streaming the build log."""
     if not (context / "Dockerfile").is_file():
         raise _fail(f"no Dockerfile in {context}: run from the project folder or pass --context", 2)
-    created = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
-        args = S.build_args(pairs, base_image, torch_variant or "", _git_revision(context), created)
+        args = S.build_args(pairs, base_image, torch_variant or "", _git_revision(context))
     except S.SpecError as exc:
         raise _fail(str(exc), 2) from exc
     start = time.monotonic()

@@ -198,7 +198,7 @@ def _logs(container: Container) -> str:
 
 def _remove(container: Container) -> None:
     try:
-        container.remove(force=True)
+        container.remove(force=True, v=True)  # v: the anonymous /data volume when no dataset was mounted
     except (DockerException, requests.RequestException) as exc:
         log.warning("removing container %s failed: %s", container.short_id, exc)
 

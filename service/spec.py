@@ -170,11 +170,9 @@ def launch_spec(
 TORCH_VARIANTS = ("pypi", "cu128", "cu126", "cpu")  # the Dockerfile's TORCH_VARIANT; README: the driver each needs
 
 
-def build_args(
-    pairs: Iterable[str], base_image: str, torch_variant: str, revision: str, created: str
-) -> dict[str, str]:
+def build_args(pairs: Iterable[str], base_image: str, torch_variant: str, revision: str) -> dict[str, str]:
     """The Dockerfile's build args: --build-arg KEY=VALUE pairs win over the named options and the provenance."""
-    args = {"VCS_REF": revision, "BUILD_DATE": created}
+    args = {"VCS_REF": revision}
     if base_image:
         args["BASE_IMAGE"] = base_image
     if torch_variant:

@@ -123,13 +123,15 @@ def test_scrub_masks_every_secret_value():
 
 
 def test_build_args_carry_provenance_and_explicit_pairs_win():
-    args = S.build_args(["TORCH_VARIANT=cpu", "PIP_INDEX_URL=http://m/simple"], "debian:12", "cu126", "abc", "now")
+    args = S.build_args(["TORCH_VARIANT=cpu", "PIP_INDEX_URL=http://m/simple"], "debian:12", "cu126", "abc")
     assert args == {
-        "VCS_REF": "abc", "BUILD_DATE": "now", "BASE_IMAGE": "debian:12", "TORCH_VARIANT": "cpu",
+        "VCS_REF": "abc",
+        "BASE_IMAGE": "debian:12",
+        "TORCH_VARIANT": "cpu",
         "PIP_INDEX_URL": "http://m/simple",
-    }  # fmt: skip
+    }
     with pytest.raises(S.SpecError, match="--build-arg"):
-        S.build_args(["NOEQUALS"], "", "", "abc", "now")
+        S.build_args(["NOEQUALS"], "", "", "abc")
 
 
 def test_doctor_checks_the_gpu_only_when_one_is_asked_for():
