@@ -1,0 +1,349 @@
+"""The job image on a real Docker engine: built by `lr-finder build`, run by `lr-finder run` against a real
+basic-auth MLflow server, stopped by a real SIGTERM, checked by `lr-finder doctor`. CPU only: no GPU here.
+
+The base image is Debian bookworm made locally (no registry to pull from); the Python packages come from a
+mirror of exactly the image's pins, served on 127.0.0.1 for the build. Both are cached between sessions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import FASHION_DIR, REPO, requires_fashion_mnist
+from tests.test_server_cli import AUTH_ENV, free_port, running_server
+from tests.test_server_cli import S as server
+
+docker = pytest.importorskip("docker", reason="the docker SDK is not installed (pip install -e '.[test]')")
+
+pytestmark = [pytest.mark.docker, requires_fashion_mnist]
+BIN = Path(sys.executable).parent
+BASE_IMAGE = "lr-finder-test-base:bookworm"
+IMAGE = "lr-finder:test"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lr-finder-tests"
+MIRROR_PORT = 38417  # fixed: the port is part of a build arg, so a new one would rebuild torch's layer
+PASSWORD = "pw-LRF-visible-nowhere-4711"  # recognisable: no output may contain it
+JOB = ["-P", "epochs=1", "-P", "train_subset=2000", "-P", "lr_steps=50", "-P", "auto_lr=true"]
+
+
+def _engine() -> docker.DockerClient:
+    try:
+        client = docker.from_env(timeout=900)
+        client.ping()
+    except (docker.errors.DockerException, OSError) as exc:
+        pytest.skip(f"no Docker engine answers ({exc}); .ci/run starts dockerd, or start it yourself")
+    return client
+
+
+@pytest.fixture(scope="session")
+def engine() -> docker.DockerClient:
+    return _engine()
+
+
+@pytest.fixture(scope="session")
+def base_image(engine: docker.DockerClient) -> str:
+    """Debian bookworm minbase, made once with debootstrap and docker import, then reused."""
+    try:
+        engine.images.get(BASE_IMAGE)
+        return BASE_IMAGE
+    except docker.errors.ImageNotFound:
+        pass
+    if os.geteuid() != 0 or not shutil.which("debootstrap"):
+        pytest.skip(f"no {BASE_IMAGE} and no way to make it: needs root and debootstrap (apt-get install debootstrap)")
+    with tempfile.TemporaryDirectory(prefix="lrf-rootfs-") as tmp:
+        rootfs = Path(tmp) / "rootfs"
+        subprocess.run(
+            ["debootstrap", "--variant=minbase", "bookworm", str(rootfs), "http://deb.debian.org/debian"],
+            check=True,
+            capture_output=True,
+            timeout=900,
+        )
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        subprocess.run(["docker", "import", "-", BASE_IMAGE], stdin=tar.stdout, check=True, capture_output=True)
+        assert tar.wait() == 0
+    return BASE_IMAGE
+
+
+def _pins() -> list[str]:
+    text = (REPO / "conda.yaml").read_text()
+    return re.findall(r"^\s*-\s*([A-Za-z0-9_.-]+==\S+)\s*$", text, flags=re.MULTILINE)
+
+
+def _mirror_folder() -> Path:
+    """A PEP 503 index of the wheels the image installs, downloaded once by this machine's pip."""
+    if sys.version_info[:2] != (3, 11):
+        pytest.skip("the mirror holds this interpreter's wheels; the image's Python is 3.11")
+    pins = _pins()
+    folder = CACHE / ("mirror-" + hashlib.sha256("\n".join(pins).encode()).hexdigest()[:12])
+    if (folder / "simple" / "torch" / "index.html").is_file():
+        return folder
+    wheels = folder / "files"
+    download = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--dest", str(wheels), *pins]
+    done = subprocess.run(download, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, f"pip download for the mirror failed:\n{done.stderr[-3000:]}"
+    for wheel in sorted(wheels.glob("*.whl")):
+        project = re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
+        page = folder / "simple" / project / "index.html"
+        page.parent.mkdir(parents=True, exist_ok=True)
+        with page.open("a") as out:
+            out.write(f'<a href="../../files/{wheel.name}">{wheel.name}</a>\n')
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mirror_url() -> Iterator[str]:
+    """The mirror served over HTTP on loopback for as long as the session's builds need it."""
+    folder = _mirror_folder()
+    port = MIRROR_PORT if _port_free(MIRROR_PORT) else free_port()
+    cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield f"http://127.0.0.1:{port}/simple"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def lr_finder(*args: str, env: dict[str, str] | None = None, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """The console script as a person types it."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [str(BIN / "lr-finder"), *args], capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO
+    )
+
+
+def build(base_image: str, mirror_url: str, context: Path = REPO, tag: str = IMAGE) -> subprocess.CompletedProcess:
+    args = ["build", "--context", str(context), "--tag", tag, "--base-image", base_image, "--network", "host"]
+    return lr_finder(*args, "--build-arg", f"PIP_INDEX_URL={mirror_url}")
+
+
+@dataclass(frozen=True)
+class Built:
+    result: subprocess.CompletedProcess
+    revision: str  # the commit checked out when it was built
+
+
+def head() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def image(base_image: str, mirror_url: str) -> Built:
+    began, revision = time.monotonic(), head()
+    result = build(base_image, mirror_url)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    print(f"\nimage {IMAGE}: built in {time.monotonic() - began:.0f} s")
+    return Built(result, revision)
+
+
+@pytest.fixture(scope="session")
+def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A basic-auth tracking server on this machine's loopback (the containers use the host network)."""
+    folder = tmp_path_factory.mktemp("tracking")
+    env = {**AUTH_ENV, server.AUTH_PASSWORD_ENV: PASSWORD}
+    with running_server(folder, f"sqlite:///{folder}/mlflow.db", "--app-name", "basic-auth", env=env) as srv:
+        yield srv.url
+
+
+def credentials(uri: str) -> dict[str, str]:
+    return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": PASSWORD, "MLFLOW_TRACKING_URI": uri}
+
+
+def runs(uri: str, experiment: str) -> list:
+    """The experiment's runs, read as the admin: MlflowClient takes credentials from the environment only."""
+    saved = dict(os.environ)
+    os.environ.update({"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": PASSWORD})
+    try:
+        client = MlflowClient(uri)
+        found = client.get_experiment_by_name(experiment)
+        return client.search_runs([found.experiment_id]) if found else []
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def run_args(experiment: str, *args: str) -> list[str]:
+    """`lr-finder run` on the CPU, with the real dataset, reaching the loopback server through the host network."""
+    return [
+        "run", "--image", IMAGE, "--gpus", "none", "--network", "host", "--data", str(FASHION_DIR),
+        "--experiment-name", experiment, *args,
+    ]  # fmt: skip
+
+
+# --- the image -------------------------------------------------------------------------------------------------
+
+
+def test_image_runs_as_a_non_root_user_with_the_job_as_entrypoint(engine, image):
+    attrs = engine.images.get(IMAGE).attrs["Config"]
+    assert attrs["User"] == "1000:1000"
+    assert attrs["Entrypoint"] == ["mlflow", "run", "/opt/lr-finder", "--env-manager", "local"]
+    assert attrs["StopSignal"] == "SIGINT"
+    container = engine.containers.run(IMAGE, entrypoint=["id", "-u"], detach=True)
+    try:
+        container.wait(timeout=60)
+        assert container.logs().decode().strip() == "1000"
+    finally:
+        container.remove(v=True)
+    labels = attrs["Labels"]
+    assert labels["org.opencontainers.image.revision"] == image.revision
+    assert labels["org.opencontainers.image.title"] == "lr-finder"
+    assert "lr-finder: built lr-finder:test" in image.result.stdout
+
+
+def test_a_code_change_rebuilds_without_reinstalling_torch(engine, base_image, mirror_url, image, tmp_path):
+    context = tmp_path / "context"
+    shutil.copytree(REPO, context, ignore=shutil.ignore_patterns(".git", ".venv", "venv", "*.db", "mlruns", "tests"))
+    with (context / "mlproject" / "__init__.py").open("a") as out:
+        out.write("# a code change\n")
+    began = time.monotonic()
+    result = build(base_image, mirror_url, context, tag="lr-finder:test-change")
+    assert result.returncode == 0, result.stderr[-3000:]
+    engine.images.remove("lr-finder:test-change")
+    log = result.stdout
+    torch_step = log[log.index('pip install "$@" "torch==') :]
+    assert torch_step.split("Step", 1)[0].count("Using cache") == 1, "torch's layer came from the cache"
+    assert time.monotonic() - began < 120
+
+
+# --- lr-finder run ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def finished(image, tracking, tmp_path_factory) -> tuple[subprocess.CompletedProcess, object, Path, str]:
+    summary = tmp_path_factory.mktemp("summary") / "summary.md"
+    began = time.monotonic()
+    result = lr_finder(
+        *run_args("docker", *JOB, "--summary", str(summary), "--ui-url", "http://mlflow.example"),
+        env=credentials(tracking),
+    )
+    print(f"\none-epoch job in the container: {time.monotonic() - began:.0f} s")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run,) = runs(tracking, "docker")
+    return result, run, summary, image.revision
+
+
+def test_one_epoch_job_in_the_container_fulfils_the_run_contract(finished):
+    _, run, _, revision = finished
+    assert run.info.status == "FINISHED"
+    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+    assert params["auto_lr"] == "true" and params["train_subset"] == "2000"
+    assert params["lr_source"] in ("finder", "fallback")
+    assert 0 < float(params["lr_used"]) < 1
+    assert 0.3 < metrics["test_acc"] <= 1 and metrics["test_loss"] > 0
+    for key in ("torch_version", "lightning_version", "mlflow_version", "device", "precision"):
+        assert tags[key], key
+    assert tags["mlflow.project.entryPoint"] == "main"
+    assert tags["mlflow.user"] == "lrfinder", "the job ran as the image's non-root user"
+    assert tags["mlflow.docker.image.uri"] == IMAGE
+    assert tags["mlflow.source.git.commit"] == revision, "the image's commit, recorded when it was built"
+
+
+def test_run_streams_the_job_log_and_writes_the_summary(finished):
+    result, run, summary, _ = finished
+    run_id = run.info.run_id
+    assert f"in run with ID '{run_id}'" in result.stdout
+    assert f"run {run_id}: lr_used=" in result.stdout
+    link = f"http://mlflow.example/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    assert f"lr-finder: run {run_id} FINISHED {link}" in result.stderr
+    text = summary.read_text()
+    assert f"[`{run_id}`]({link}): FINISHED" in text
+    assert f"{run.data.metrics['test_acc']:.4g}" in text and run.data.params["lr_used"] in text
+
+
+def test_credentials_and_tracking_uri_reach_the_container_but_never_the_output(finished, tracking):
+    result, run, _, _ = finished
+    assert run.info.status == "FINISHED"  # the server refuses anonymous clients: the credentials got through
+    output = result.stdout + result.stderr
+    assert PASSWORD not in output
+    assert tracking not in output
+    assert "environment (values hidden): MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME" in (
+        result.stderr
+    )
+
+
+def test_a_failing_job_fails_the_command_and_its_run(image, tracking):
+    result = lr_finder(*run_args("failing", "-P", "lr=abc"), env=credentials(tracking), timeout=600)
+    assert result.returncode != 0
+    assert "error: invalid value for lr" in result.stdout
+    (run,) = runs(tracking, "failing")
+    assert run.info.status == "FAILED"
+
+
+@pytest.mark.parametrize(
+    "when, line",
+    [
+        ("before the job attached to its run", "in run with ID"),  # only mlflow run knows the run: the service ends it
+        ("while it trains", "reading fashion-mnist from /data"),  # the job ends its own run KILLED
+    ],
+)
+def test_sigterm_stops_and_removes_the_container_and_the_run_ends_killed(engine, image, tracking, tmp_path, when, line):
+    log, experiment = tmp_path / "run.log", f"stopped {when}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")} | credentials(tracking)
+    args = [str(BIN / "lr-finder"), *run_args(experiment, "-P", "epochs=20", "--name", "lrf-test-stopped")]
+    with log.open("w") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while line not in log.read_text():
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.5)
+        began = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code == 128 + signal.SIGTERM
+    assert time.monotonic() - began < 30
+    assert not engine.containers.list(all=True, filters={"name": "lrf-test-stopped"}), "the container is removed"
+    (run,) = runs(tracking, experiment)
+    assert run.info.status == "KILLED"
+    assert f"lr-finder: run {run.info.run_id} KILLED" in log.read_text()
+
+
+# --- lr-finder doctor ------------------------------------------------------------------------------------------
+
+
+def test_doctor_passes_with_a_reachable_server_credentials_and_the_dataset(image, tracking):
+    result = lr_finder("doctor", "--image", IMAGE, "--gpus", "none", "--network", "host", env=credentials(tracking))
+    assert result.returncode == 0, result.stdout + result.stderr
+    for check in ("docker engine", "image", "tracking server", "dataset"):
+        assert re.search(rf"^ok +{check}: ", result.stdout, flags=re.MULTILINE), check
+    assert "GPU" not in result.stdout
+    assert PASSWORD not in result.stdout + result.stderr
+
+
+def test_doctor_names_each_failure_with_a_fix(engine, image, tracking, tmp_path):
+    gpu_runtime = "nvidia" in (engine.info().get("Runtimes") or {})
+    env = {"MLFLOW_TRACKING_URI": tracking}  # no credentials: the server answers 401
+    result = lr_finder("doctor", "--image", IMAGE, "--network", "host", "--data", str(tmp_path), env=env)
+    assert result.returncode == 1
+    out = result.stdout
+    assert re.search(r"^FAIL +tracking server: .*401", out, flags=re.MULTILINE), out
+    assert re.search(r"^FAIL +dataset: no Fashion-MNIST", out, flags=re.MULTILINE), out
+    assert out.count("      fix: ") == out.count("FAIL")
+    if not gpu_runtime:
+        assert re.search(r"^FAIL +GPU in a container: .*could not select device driver", out, flags=re.MULTILINE)
+        assert "NVIDIA container toolkit" in out
