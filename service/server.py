@@ -29,6 +29,7 @@ APP_NAMES = ("basic-auth",)
 AUTH_SECRET_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"
 AUTH_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"
 AUTH_CONFIG_ENV = "MLFLOW_AUTH_CONFIG_PATH"
+JOBS_ENV = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
@@ -52,6 +53,7 @@ class ServerOptions:
     app_name: str = ""
     auth_config: str = ""
     allowed_hosts: str = ""
+    job_execution: bool = False
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,9 @@ def plan(options: ServerOptions, environ: Mapping[str, str], mlflow_exe: str = "
         raise ServerConfigError(
             f"backend store {redact(options.backend_store_uri)!r}: use sqlite:///FILE or postgresql://USER@HOST/DB"
         )
-    env: dict[str, str] = {}
+    # MLflow's job runner (GenAI judges, trace jobs) adds seven worker processes that lr-finder's runs never use;
+    # on a small machine they slow the start and hold a stop for seconds.
+    env = {JOBS_ENV: "true" if options.job_execution else "false"}
     argv = [mlflow_exe, "server", "--backend-store-uri", backend_uri(options)]
     # Proxied artifacts: clients upload through the server, so they need no access to the storage itself.
     argv += ["--serve-artifacts", "--artifacts-destination", options.artifacts_destination]
@@ -189,9 +193,20 @@ def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None
 
 
 def _group_alive(process: subprocess.Popen[bytes]) -> bool:
-    process.poll()  # reap the leader: a zombie would count as alive
-    try:
-        os.killpg(process.pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    """Whether any process of the group still runs; zombies do not count (a container's init may reap late)."""
+    process.poll()  # reap the leader
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+        if int(group) == process.pid and state != "Z":
+            return True
+    return False

@@ -51,6 +51,12 @@ DEFAULTS = S.ServerOptions()
 )
 @click.option("--allowed-hosts", default="", help="Host headers to accept, comma-separated; default: MLflow's.")
 @click.option(
+    "--job-execution/--no-job-execution",
+    default=False,
+    show_default=True,
+    help="MLflow's background job runner (GenAI judges and trace jobs; seven more processes). Runs do not need it.",
+)
+@click.option(
     "--wait",
     "wait_s",
     type=click.FloatRange(1, 600),
@@ -67,11 +73,20 @@ def server_command(
     app_name: str | None,
     auth_config: str | None,
     allowed_hosts: str,
+    job_execution: bool,
     wait_s: float,
 ) -> None:
     """Start the team's MLflow tracking server, print its URL once it answers, and run until Ctrl-C."""
     options = S.ServerOptions(
-        backend_store_uri, artifacts_destination, host, port, workers, app_name or "", auth_config or "", allowed_hosts
+        backend_store_uri=backend_store_uri,
+        artifacts_destination=artifacts_destination,
+        host=host,
+        port=port,
+        workers=workers,
+        app_name=app_name or "",
+        auth_config=auth_config or "",
+        allowed_hosts=allowed_hosts,
+        job_execution=job_execution,
     )
     try:
         plan = S.plan(options, os.environ, _mlflow_exe())

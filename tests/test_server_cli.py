@@ -129,7 +129,9 @@ def test_default_is_a_local_sqlite_server_with_proxied_artifacts():
     assert plan.argv[plan.argv.index("--artifacts-destination") + 1] == "./mlartifacts"
     assert plan.argv[plan.argv.index("--host") + 1] == "127.0.0.1"
     assert plan.url == "http://127.0.0.1:5000" and plan.health_url == "http://127.0.0.1:5000/health"
-    assert "--app-name" not in plan.argv and not plan.env
+    assert "--app-name" not in plan.argv
+    assert plan.env == {S.JOBS_ENV: "false"}  # no GenAI job workers unless asked for
+    assert S.plan(S.ServerOptions(job_execution=True), {}).env == {S.JOBS_ENV: "true"}
 
 
 def test_sqlite_with_several_workers_warns_and_postgresql_does_not():
@@ -175,7 +177,7 @@ def test_basic_auth_config_file_replaces_the_password_variable(tmp_path):
     ini = tmp_path / "auth.ini"
     ini.write_text("[mlflow]\n")
     plan = S.plan(S.ServerOptions(app_name="basic-auth", auth_config=str(ini)), {S.AUTH_SECRET_ENV: "x"})
-    assert plan.env == {S.AUTH_CONFIG_ENV: str(ini.resolve())}
+    assert plan.env[S.AUTH_CONFIG_ENV] == str(ini.resolve())
 
 
 def test_postgresql_and_basic_auth_name_the_packages_they_need():
