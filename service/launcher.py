@@ -151,7 +151,7 @@ def supervise(
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise _Stopped()
 
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.signal(signal.SIGTERM, on_term)}
     container = _create(client, spec, environment, list(spec.args))
     try:
         container.start()
@@ -172,8 +172,8 @@ def supervise(
         raise LaunchError(f"the job container failed to run: {exc}") from exc
     finally:
         _remove(container)
-        signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _lines(container: Container) -> Iterator[str]:

@@ -291,13 +291,16 @@ def test_a_failing_job_fails_the_command_and_its_run(image, tracking):
 
 
 @pytest.mark.parametrize(
-    "when, line",
-    [
-        ("before the job attached to its run", "in run with ID"),  # only mlflow run knows the run: the service ends it
-        ("while it trains", "reading fashion-mnist from /data"),  # the job ends its own run KILLED
+    "sig, when, line",
+    [  # Ctrl-C early: only mlflow run knows the run, so the service ends it; SIGTERM later: the job ends its own
+        (signal.SIGINT, "before the job attached to its run", "in run with ID"),
+        (signal.SIGTERM, "while it trains", "reading fashion-mnist from /data"),
     ],
+    ids=["ctrl-c early", "sigterm while training"],
 )
-def test_sigterm_stops_and_removes_the_container_and_the_run_ends_killed(engine, image, tracking, tmp_path, when, line):
+def test_a_signal_stops_and_removes_the_container_and_the_run_ends_killed(
+    engine, image, tracking, tmp_path, sig, when, line
+):
     log, experiment = tmp_path / "run.log", f"stopped {when}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")} | credentials(tracking)
     args = [str(BIN / "lr-finder"), *run_args(experiment, "-P", "epochs=20", "--name", "lrf-test-stopped")]
@@ -310,12 +313,12 @@ def test_sigterm_stops_and_removes_the_container_and_the_run_ends_killed(engine,
             assert time.monotonic() < deadline, "the job never started"
             time.sleep(0.5)
         began = time.monotonic()
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(sig)
         code = process.wait(timeout=60)
     finally:
         if process.poll() is None:
             process.kill()
-    assert code == 128 + signal.SIGTERM
+    assert code == 128 + sig
     assert time.monotonic() - began < 30
     assert not engine.containers.list(all=True, filters={"name": "lrf-test-stopped"}), "the container is removed"
     (run,) = runs(tracking, experiment)
