@@ -7,6 +7,7 @@ mirror of exactly the image's pins, served on 127.0.0.1 for the build. Both are 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -149,12 +150,23 @@ def head() -> str:
 
 
 @pytest.fixture(scope="session")
-def image(base_image: str, mirror_url: str) -> Built:
+def image(engine: docker.DockerClient, base_image: str, mirror_url: str) -> Built:
     began, revision = time.monotonic(), head()
+    previous = _image_id(engine)
     result = build(base_image, mirror_url)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     print(f"\nimage {IMAGE}: built in {time.monotonic() - began:.0f} s")
+    if previous and previous != _image_id(engine):  # the last session's image, now untagged: its layers stay cached
+        with contextlib.suppress(docker.errors.APIError):  # a container still uses it
+            engine.images.remove(previous)
     return Built(result, revision)
+
+
+def _image_id(engine: docker.DockerClient) -> str:
+    try:
+        return engine.images.get(IMAGE).id
+    except docker.errors.ImageNotFound:
+        return ""
 
 
 @pytest.fixture(scope="session")
