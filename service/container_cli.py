@@ -226,7 +226,8 @@ def _record(
             client.set_tag(run_id, key, value)
         run = client.get_run(run_id)
     except MlflowException as exc:
-        click.echo(f"lr-finder: run {run_id}: cannot reach the tracking server from here: {exc.message}", err=True)
+        reason = S.scrub(exc.message, [uri])
+        click.echo(f"lr-finder: run {run_id}: cannot reach the tracking server from here: {reason}", err=True)
         return
     link = S.run_link(ui_url, run.info.experiment_id, run_id)
     where = link or f"(experiment {run.info.experiment_id}; --ui-url for a link)"
