@@ -58,6 +58,7 @@ _OPTIONS: list[tuple[str, Any, str]] = [
     ("lr_max", click.FLOAT, "Largest LR of the range test."),
     ("lr_steps", click.INT, "Optimizer steps of the range test, one LR each."),
     ("lr_method", click.Choice(C.LR_METHODS), "Rule that turns the range-test curve into an LR."),
+    ("lr_probe", TrueFalse(), "Suggest from the loss on a fixed held-out batch after each sweep step (true/false)."),
     ("lr_repeats", click.INT, "Range tests with different seeds; the median suggestion is used, the spread logged."),
     ("accelerator", click.Choice(C.ACCELERATORS), "Where to train: auto picks the GPU when there is one."),
     ("devices", click.INT, "Number of devices."),

@@ -75,6 +75,7 @@ class JobConfig:
     lr_max: float = 1.0
     lr_steps: int = 100
     lr_method: str = "combined"
+    lr_probe: bool = False  # suggest from the loss on a fixed held-out batch after each step (Smith's validation test)
     lr_repeats: int = 1  # range tests with different seeds; the median suggestion is used, the spread logged
     accelerator: str = "auto"
     devices: int = 1

@@ -63,6 +63,9 @@ def find_lr(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime, tracker: Tra
     log.info("range test: %d steps in %.2fs; %s lr=%.4g (%s)", curve.steps_run, curve.seconds, source, found.lr,
              found.reason)  # fmt: skip
     repeats = {"repeats": len(sweeps), "repeat_suggestions": [s[1].lr for s in sweeps], "spread_decades": spread}
+    if cfg.lr_probe:  # what the training-loss curve alone would have said, for comparison
+        repeats["signal"] = "validation probe"
+        repeats["train_curve_suggestion"] = lr_range.suggest(curve.lrs, curve.losses, cfg.lr_method, cfg.lr).lr
     log_range_test(tracker, curve, found, repeats)
     assert found.lr is not None  # suggest() always answers
     peak = found.lr_high if cfg.schedule == "onecycle" else found.lr
@@ -71,10 +74,21 @@ def find_lr(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime, tracker: Tra
 
 
 def one_sweep(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime) -> tuple[sweep.LRCurve, lr_range.Suggestion]:
-    probe = build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr_min))
+    """One range test; with lr_probe the suggestion comes from the held-out probe's curve."""
+    model = build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr_min))
     train = training.batches(ds.train, ds, rt, cfg.batch_size, shuffle=True, seed=cfg.seed + 1)
-    curve = sweep.range_test(probe, train, rt, cfg.lr_min, cfg.lr_max, cfg.lr_steps)
-    return curve, lr_range.suggest(curve.lrs, curve.losses, cfg.lr_method, fallback_lr=cfg.lr)
+    probe = probe_batch(ds, rt) if cfg.lr_probe else None
+    curve = sweep.range_test(model, train, rt, cfg.lr_min, cfg.lr_max, cfg.lr_steps, probe)
+    losses = curve.probe_losses if cfg.lr_probe else curve.losses
+    return curve, lr_range.suggest(curve.lrs, losses, cfg.lr_method, fallback_lr=cfg.lr)
+
+
+PROBE_SIZE = 1024  # held-out samples the probe scores after every sweep step: ~1/5 of a validation pass
+
+
+def probe_batch(ds: data.Dataset, rt: training.Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = ds.val.images[:PROBE_SIZE], ds.val.labels[:PROBE_SIZE]
+    return data.normalize(images.to(rt.device), ds.mean, ds.std), labels.to(rt.device)
 
 
 def spread_decades(lrs: list[float]) -> float:
@@ -88,11 +102,6 @@ def log_range_test(
 ) -> None:
     usable = lr_range.usable_curve(curve.lrs, curve.losses)
     smoothed = usable.smoothed.tolist()
-    rows = io.StringIO()
-    writer = csv.writer(rows)
-    writer.writerow(["step", "lr", "loss", "smoothed_loss"])
-    for i, (lr, loss) in enumerate(zip(curve.lrs, curve.losses, strict=True)):
-        writer.writerow([i, f"{lr:.6g}", f"{loss:.6g}", f"{smoothed[i]:.6g}" if i < len(smoothed) else "nan"])
     summary = {
         "suggestion": found.lr,
         "method": found.method,
@@ -111,12 +120,25 @@ def log_range_test(
         "seconds": round(curve.seconds, 3),
         **repeats,
     }
-    png = plots.loss_vs_lr(curve.lrs, curve.losses, smoothed, float(found.lr or 0), found.method, found.candidates)
-    tracker.log_files({"curve.csv": rows.getvalue(), "loss_vs_lr.png": png}, "lr_find")
+    png = plots.loss_vs_lr(
+        curve.lrs, curve.losses, smoothed, float(found.lr or 0), found.method, found.candidates, curve.probe_losses
+    )
+    tracker.log_files({"curve.csv": curve_csv(curve, smoothed), "loss_vs_lr.png": png}, "lr_find")
     tracker.log_json("summary.json", summary, "lr_find")
     tracker.log_params({"lr_suggested": f"{found.lr:.6g}", "lr_method": found.method})
     spread = float(repeats["spread_decades"])  # type: ignore[arg-type]
     tracker.log_metrics({"lr_suggested": float(found.lr or 0), "lr_find_seconds": curve.seconds, "lr_spread": spread})
+
+
+def curve_csv(curve: sweep.LRCurve, smoothed: list[float]) -> str:
+    """step, lr, raw loss, smoothed loss (nan past divergence) and, when probing, the probe's loss."""
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["step", "lr", "loss", "smoothed_loss"] + (["probe_loss"] if curve.probe_losses else []))
+    for i, (lr, loss) in enumerate(zip(curve.lrs, curve.losses, strict=True)):
+        row = [i, f"{lr:.6g}", f"{loss:.6g}", f"{smoothed[i]:.6g}" if i < len(smoothed) else "nan"]
+        writer.writerow(row + ([f"{curve.probe_losses[i]:.6g}"] if curve.probe_losses else []))
+    return rows.getvalue()
 
 
 def system_tags(rt: training.Runtime) -> dict[str, str]:

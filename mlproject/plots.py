@@ -15,8 +15,10 @@ def loss_vs_lr(
     chosen: float,
     method: str,
     marks: Mapping[str, float | None],
+    probe: Sequence[float] = (),
 ) -> bytes:
-    """The range-test curve on a log-x axis: raw and smoothed loss, every rule's value, the chosen LR bold."""
+    """The range-test curve on a log-x axis: raw and smoothed loss (and the held-out probe's), every rule's
+    value, the chosen LR bold."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,6 +29,8 @@ def loss_vs_lr(
     finite = np.isfinite(raw)
     ax.plot(np.asarray(lrs)[finite], raw[finite], color="0.7", lw=1, label="loss (raw)")
     ax.plot(lrs[: len(smoothed)], smoothed, color="tab:blue", lw=2, label="loss (smoothed)")
+    if len(probe):
+        ax.plot(lrs[: len(probe)], probe, color="tab:cyan", lw=1.5, label="held-out probe loss")
     for (name, value), color in zip(marks.items(), ("tab:green", "tab:purple", "tab:orange"), strict=False):
         if value is not None:
             ax.axvline(value, color=color, ls=":", lw=1.2, label=f"{name}: {value:.3g}")

@@ -17,12 +17,15 @@ from pytorch_lightning.tuner import Tuner
 from mlproject.model import Classifier, make_optimizer
 from mlproject.training import Runtime, build_trainer
 
+Batch = tuple[torch.Tensor, torch.Tensor]
+
 
 @dataclass(frozen=True)
 class LRCurve:
     lrs: list[float]
     losses: list[float]  # raw per-step training losses, NaN/inf kept as they came
     lightning_losses: list[float]  # Lightning's running-average smoothing, for comparison only
+    probe_losses: list[float]  # loss on a fixed held-out batch after each step (empty unless probing)
     lr_min: float
     lr_max: float
     steps_requested: int
@@ -56,15 +59,26 @@ class MemoryCheckpointIO(CheckpointIO):
 class _Recorder(pl.LightningModule):
     """Trains a private copy of the classifier and records the raw loss of every sweep step."""
 
-    def __init__(self, classifier: Classifier) -> None:
+    def __init__(self, classifier: Classifier, probe: Batch | None = None) -> None:
         super().__init__()
         self.inner = copy.deepcopy(classifier)
+        self.probe = probe
         self.raw: list[torch.Tensor] = []
+        self.probed: list[torch.Tensor] = []
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss, _ = self.inner.loss(batch)
         self.raw.append(loss.detach())
         return loss
+
+    def on_train_batch_end(self, outputs: object, batch: Batch, batch_idx: int) -> None:
+        """With a probe: its loss under the weights this step's LR produced (eval mode: BatchNorm untouched)."""
+        if self.probe is None:
+            return
+        self.inner.eval()
+        with torch.no_grad():
+            self.probed.append(self.inner.loss(self.probe)[0].detach())
+        self.inner.train()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return make_optimizer(self.parameters(), self.inner.optim.optimizer, lr=1.0)  # lr_find sets the LR
@@ -77,13 +91,15 @@ def range_test(
     lr_min: float,
     lr_max: float,
     steps: int,
+    probe: Batch | None = None,
 ) -> LRCurve:
     """Sweep the LR exponentially from lr_min to lr_max, one optimizer step each; `classifier` is not touched.
 
-    The global RNG is forked, so running the sweep does not change what the fit afterwards does.
+    The global RNG is forked, so running the sweep does not change what the fit afterwards does. With `probe`
+    (a fixed held-out batch), the loss on it after every step is recorded too: Smith's validation-based test.
     """
     start = time.perf_counter()
-    recorder = _Recorder(classifier)
+    recorder = _Recorder(classifier, probe)
     epochs = math.ceil(steps / max(1, len(train))) + 1  # type: ignore[arg-type]
     devices = [torch.cuda.current_device()] if rt.accelerator == "gpu" else []
     with torch.random.fork_rng(devices=devices):
@@ -94,10 +110,12 @@ def range_test(
     assert finder is not None  # None only under fast_dev_run, which is never set here
     lrs = [float(v) for v in finder.results["lr"]]
     raw = torch.stack(recorder.raw).float().tolist() if recorder.raw else []
+    probed = torch.stack(recorder.probed).float().tolist() if recorder.probed else []
     return LRCurve(
         lrs=lrs,
         losses=raw[: len(lrs)],
         lightning_losses=[float(v) for v in finder.results["loss"]],
+        probe_losses=probed[: len(lrs)],
         lr_min=lr_min,
         lr_max=lr_max,
         steps_requested=steps,

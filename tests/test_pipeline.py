@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from mlproject import data, pipeline
 from mlproject.config import JobConfig
 from mlproject.errors import TrainingDiverged
+from mlproject.lr_range import suggest
 from mlproject.tracking import Tracker
 
 SMALL = dict(dataset="fashion-mnist", val_size=100, batch_size=32, lr_steps=20, accelerator="cpu", seed=7)
@@ -65,3 +66,17 @@ def test_repeated_range_tests_use_the_median_and_log_the_spread(tmp_path, tiny_d
     assert float(params["lr_suggested"]) == pytest.approx(values[1], rel=1e-5)
     assert summary["spread_decades"] == pytest.approx(math.log10(values[2] / values[0]))
     assert run.data.metrics["lr_spread"] == pytest.approx(summary["spread_decades"])
+
+
+def test_probe_mode_suggests_from_the_held_out_curve_and_logs_both(tmp_path, tiny_data):
+    _, params = run_job(tmp_path, tiny_data, auto_lr=True, lr_probe=True, schedule="constant", epochs=1)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("pipe").experiment_id])
+    local = Path(client.download_artifacts(run.info.run_id, "lr_find", str(tmp_path)))
+    summary = json.loads((local / "summary.json").read_text())
+    rows = (local / "curve.csv").read_text().splitlines()
+    assert rows[0] == "step,lr,loss,smoothed_loss,probe_loss" and len(rows) == summary["steps_run"] + 1
+    assert summary["signal"] == "validation probe" and "train_curve_suggestion" in summary
+    probe = [float(r.split(",")[4]) for r in rows[1:]]
+    lrs = [float(r.split(",")[1]) for r in rows[1:]]
+    assert float(params["lr_suggested"]) == pytest.approx(suggest(lrs, probe, fallback_lr=1e-3).lr, rel=1e-4)
