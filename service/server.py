@@ -31,6 +31,7 @@ AUTH_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"
 AUTH_CONFIG_ENV = "MLFLOW_AUTH_CONFIG_PATH"
 JOBS_ENV = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 class ServerConfigError(ValueError):
@@ -74,7 +75,7 @@ def plan(options: ServerOptions, environ: Mapping[str, str], mlflow_exe: str = "
         raise ServerConfigError(
             f"backend store {redact(options.backend_store_uri)!r}: use sqlite:///FILE or postgresql://USER@HOST/DB"
         )
-    # MLflow's job runner (GenAI judges, trace jobs) adds seven worker processes that lr-finder's runs never use;
+    # MLflow's job runner (GenAI judges, trace jobs) adds eight processes that lr-finder's runs never use;
     # on a small machine they slow the start and hold a stop for seconds.
     env = {JOBS_ENV: "true" if options.job_execution else "false"}
     argv = [mlflow_exe, "server", "--backend-store-uri", backend_uri(options)]
@@ -123,9 +124,10 @@ def _auth_env(options: ServerOptions, environ: Mapping[str, str]) -> dict[str, s
 
 def _warnings(options: ServerOptions, scheme: str) -> list[str]:
     found = []
-    if scheme == "sqlite" and options.workers > 1:
+    shared = options.host not in LOOPBACK_HOSTS
+    if scheme == "sqlite" and shared:
         found.append(
-            f"sqlite with {options.workers} workers: concurrent writers wait on one file lock;"
+            "sqlite for a server others reach: one file on this disk, one writer at a time;"
             " use PostgreSQL for a team (see README)"
         )
     if options.host in WILDCARD_HOSTS and not options.app_name:

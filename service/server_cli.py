@@ -54,7 +54,7 @@ DEFAULTS = S.ServerOptions()
     "--job-execution/--no-job-execution",
     default=False,
     show_default=True,
-    help="MLflow's background job runner (GenAI judges and trace jobs; seven more processes). Runs do not need it.",
+    help="MLflow's background job runner (GenAI judges and trace jobs; eight more processes). Runs do not need it.",
 )
 @click.option(
     "--wait",

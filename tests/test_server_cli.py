@@ -134,10 +134,10 @@ def test_default_is_a_local_sqlite_server_with_proxied_artifacts():
     assert S.plan(S.ServerOptions(job_execution=True), {}).env == {S.JOBS_ENV: "true"}
 
 
-def test_sqlite_with_several_workers_warns_and_postgresql_does_not():
-    sqlite = S.plan(S.ServerOptions(workers=4), {})
+def test_sqlite_for_a_server_others_reach_warns_and_postgresql_does_not():
+    assert not S.plan(S.ServerOptions(), {}).warnings  # one person on this machine: sqlite is right
+    sqlite = S.plan(S.ServerOptions(host="10.0.0.5"), {})
     assert any("PostgreSQL" in w for w in sqlite.warnings)
-    assert not S.plan(S.ServerOptions(workers=1), {}).warnings
     pg = S.plan(S.ServerOptions(backend_store_uri="postgresql://mlflow:s3cret@db:5432/mlflow", workers=8), {})
     assert not pg.warnings
     assert pg.argv[3] == "postgresql+psycopg2://mlflow:s3cret@db:5432/mlflow"  # the driver lr-finder[service] has
@@ -160,7 +160,8 @@ def test_listening_on_all_interfaces_answers_on_loopback_and_warns_without_auth(
     plan = S.plan(S.ServerOptions(host="0.0.0.0", port=8080), {})
     assert plan.health_url == "http://127.0.0.1:8080/health"
     assert any("basic-auth" in w for w in plan.warnings)
-    assert not S.plan(S.ServerOptions(host="0.0.0.0", workers=1, app_name="basic-auth"), AUTH_ENV).warnings
+    team = S.ServerOptions(backend_store_uri="postgresql://u@db/mlflow", host="0.0.0.0", app_name="basic-auth")
+    assert not S.plan(team, AUTH_ENV).warnings
 
 
 def test_basic_auth_needs_a_secret_key_and_an_admin_password():
