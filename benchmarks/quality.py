@@ -12,6 +12,7 @@ All cases use Fashion-MNIST (Debian's dataset-fashion-mnist); --data-dir points 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import tempfile
@@ -96,19 +97,35 @@ def test_acc(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime, lr: float) 
     return acc if math.isfinite(acc) else 0.1
 
 
-def run_case(case: Case, epochs: int, source: data.Source, train_subset: int) -> dict[str, float | None]:
+class Cache:
+    """Test accuracies already measured, keyed by case, epochs, subset and LR: a rule change needs no new grid."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.known: dict[str, float] = json.loads(path.read_text()) if path and path.exists() else {}
+
+    def acc(self, case: Case, cfg: JobConfig, ds: data.Dataset, rt: training.Runtime, lr: float) -> float:
+        key = f"{case.name}|{cfg.epochs}|{cfg.train_subset}|{lr:.6g}"
+        if key not in self.known:
+            self.known[key] = test_acc(cfg, ds, rt, lr)
+            if self.path:
+                self.path.write_text(json.dumps(self.known, indent=1, sort_keys=True))
+        return self.known[key]
+
+
+def run_case(case: Case, epochs: int, source: data.Source, train_subset: int, cache: Cache) -> dict[str, float | None]:
     cfg = config(case, epochs, train_subset=train_subset)
     ds = pipeline.load_data(cfg, source)
     rt = training.detect_runtime(cfg, ds.train.images.numel())
     found = suggestions(sweep_once(cfg, ds, rt))
-    accs = {lr: test_acc(cfg, ds, rt, lr) for lr in GRID}
+    accs = {lr: cache.acc(case, cfg, ds, rt, lr) for lr in GRID}
     best = max(accs.values())
     regrets: dict[str, float | None] = {}
     for name, lr in found.items():
         if lr is None:
             regrets[name] = None
             continue
-        acc = accs.get(lr) if lr in accs else test_acc(cfg, ds, rt, lr)
+        acc = cache.acc(case, cfg, ds, rt, lr)
         regrets[name] = 100 * (best - acc)
         print(f"  {case.name}: {name:9s} lr={lr:.3g} acc={acc:.4f} regret={regrets[name]:.2f}", flush=True)
     grid = ", ".join(f"{lr:g}:{a:.4f}" for lr, a in accs.items())
@@ -135,6 +152,7 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(c.name for c in CASES))
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--train-subset", type=int, default=0, help="training samples per case; 0: all 55k")
+    parser.add_argument("--cache", type=Path, help="JSON file of measured accuracies, read and extended")
     parser.add_argument("--data-dir", type=Path, default=Path(data.SYSTEM_DIRS["fashion-mnist"]))
     args = parser.parse_args()
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
@@ -142,7 +160,8 @@ def main() -> None:
     source = data.Source((args.data_dir,))
     start = time.perf_counter()
     chosen = [c for c in CASES if c.name in args.cases.split(",")]
-    results = {case.name: run_case(case, args.epochs, source, args.train_subset) for case in chosen}
+    cache = Cache(args.cache)
+    results = {case.name: run_case(case, args.epochs, source, args.train_subset, cache) for case in chosen}
     names = [*RULES, "lightning"]
     subset = args.train_subset or "all"
     print(f"\nregret in test-accuracy points ({args.epochs} epochs, constant LR, {subset} training samples)\n")

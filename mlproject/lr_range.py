@@ -16,7 +16,7 @@ import numpy as np
 MIN_POINTS = 10  # fewer usable points than this and no curve shape can be trusted
 MIN_DROP = 0.02  # a smoothed loss that never falls 2% below its start is "flat"
 DIVERGE_FACTOR = 4.0  # as Lightning's early stop: past 4x the best loss the sweep has diverged
-SAFETY = 4.0  # never suggest within this factor of the LR at the loss minimum: divergence is near
+SAFETY = 3.0  # never suggest within this factor of the LR at the loss minimum: divergence is near
 
 
 @dataclass(frozen=True)
@@ -149,25 +149,24 @@ RULES: dict[str, Callable[[Curve], Suggestion]] = {"steepest": steepest, "valley
 
 
 def combined(curve: Curve) -> Suggestion:
-    """The median of the three rules in log space, capped a safety factor below the loss minimum.
+    """The geometric mean of the steepest descent and a third of the LR at the loss minimum, capped at the latter.
 
-    Single rules fail in known ways: steepest descent lands low on noisy curves, the valley lands high when
-    the curve falls late, and the minimum rule tracks noise at the bottom. Their median needs two to agree.
+    Each alone fails in a known way: steepest descent lands low when the curve falls early and long (Adam),
+    the minimum sits close to divergence when the curve falls late (SGD with momentum). Between the two, the
+    suggestion stays a safety factor below the minimum and above the slow-learning plateau.
     """
     found = {name: rule(curve) for name, rule in RULES.items()}
-    values = [s.lr for s in found.values() if s.lr is not None]
     candidates = {name: s.lr for name, s in found.items()}
-    if not values:
+    steep = found["steepest"].lr
+    if steep is None:
         return Suggestion(None, "combined", 0.0, found["steepest"].reason, candidates=candidates)
-    logs = np.log10(values)
-    lr = float(10 ** np.median(logs))
-    lr_at_min = float(curve.lrs[int(np.argmin(curve.smoothed))])
-    reason = "median of " + ", ".join(f"{k}={v:.3g}" for k, v in candidates.items() if v is not None)
-    if lr > lr_at_min / SAFETY:
-        lr = lr_at_min / SAFETY
-        reason += f"; capped at 1/{SAFETY:g} of the LR at the loss minimum"
-    spread = float(logs.max() - logs.min())  # decades between the rules
-    confidence = float(np.clip(1 - spread / 2, 0.0, 1.0))
+    ceiling = float(curve.lrs[int(np.argmin(curve.smoothed))]) / SAFETY
+    lr = min(math.sqrt(steep * ceiling), ceiling)
+    reason = f"geometric mean of steepest={steep:.3g} and minimum/{SAFETY:g}={ceiling:.3g}"
+    if lr >= ceiling:
+        reason = f"steepest={steep:.3g} is past minimum/{SAFETY:g}: capped at {ceiling:.3g}"
+    # Confidence: the two agree within a decade -> 1; two decades apart -> 0.
+    confidence = float(np.clip(1.5 - abs(math.log10(ceiling / steep)) / 2, 0.0, 1.0))
     return Suggestion(lr, "combined", confidence, reason, candidates=candidates)
 
 
@@ -175,10 +174,10 @@ METHODS: dict[str, Callable[[Curve], Suggestion]] = {"combined": combined, **RUL
 
 
 def lr_range(curve: Curve, lr: float) -> tuple[float, float]:
-    """(lr_low, lr_high) for cyclical schedules (Smith 2018): the peak is the larger of the suggestion and the
-    last LR a safety factor below the loss minimum, never more than 3x the suggestion; the low end a tenth of it."""
+    """(lr_low, lr_high) for cyclical schedules (Smith 2018): the peak near the largest LR that still trains
+    well, half the LR at the loss minimum, but between 1x and 3x the suggestion; the low end a tenth of it."""
     lr_at_min = float(curve.lrs[int(np.argmin(curve.smoothed))]) if len(curve.smoothed) else lr
-    high = max(lr, min(lr_at_min / SAFETY, 3 * lr))
+    high = max(lr, min(lr_at_min / 2, 3 * lr))
     return high / 10, high
 
 

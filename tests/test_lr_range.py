@@ -52,12 +52,14 @@ def test_valley_lies_inside_the_descent():
     assert 10**-3.8 < found.lr < 10**-1.5
 
 
-def test_combined_is_the_median_rule_and_reports_every_rule():
-    found = suggest(LRS, sigmoid_curve())
+def test_combined_is_between_steepest_and_a_third_of_the_minimum_and_reports_every_rule():
+    losses = sigmoid_curve()
+    found = suggest(LRS, losses)
     assert found.method == "combined"
     assert set(found.candidates) == {"steepest", "valley", "minimum"}
-    values = sorted(v for v in found.candidates.values() if v is not None)
-    assert found.lr == pytest.approx(values[1])
+    curve = lr_range.usable_curve(LRS, losses)
+    ceiling = LRS[int(np.argmin(curve.smoothed))] / lr_range.SAFETY
+    assert found.lr == pytest.approx(math.sqrt(found.candidates["steepest"] * ceiling))
     assert 0 < found.confidence <= 1
 
 
