@@ -16,7 +16,7 @@ import numpy as np
 MIN_POINTS = 10  # fewer usable points than this and no curve shape can be trusted
 MIN_DROP = 0.02  # a smoothed loss that never falls 2% below its start is "flat"
 DIVERGE_FACTOR = 4.0  # as Lightning's early stop: past 4x the best loss the sweep has diverged
-SAFETY = 3.0  # never suggest within this factor of the LR at the loss minimum: divergence is near
+SAFETY = 2.0  # never suggest within this factor of the LR at the loss minimum: divergence is near
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ RULES: dict[str, Callable[[Curve], Suggestion]] = {"steepest": steepest, "valley
 
 
 def combined(curve: Curve) -> Suggestion:
-    """The geometric mean of the steepest descent and a third of the LR at the loss minimum, capped at the latter.
+    """The geometric mean of the steepest descent and half the LR at the loss minimum, capped at the latter.
 
     Each alone fails in a known way: steepest descent lands low when the curve falls early and long (Adam),
     the minimum sits close to divergence when the curve falls late (SGD with momentum). Between the two, the
@@ -175,9 +175,9 @@ METHODS: dict[str, Callable[[Curve], Suggestion]] = {"combined": combined, **RUL
 
 def lr_range(curve: Curve, lr: float) -> tuple[float, float]:
     """(lr_low, lr_high) for cyclical schedules (Smith 2018): the peak near the largest LR that still trains
-    well, half the LR at the loss minimum, but between 1x and 3x the suggestion; the low end a tenth of it."""
+    well, half the LR at the loss minimum, but between 1x and 2x the suggestion; the low end a tenth of it."""
     lr_at_min = float(curve.lrs[int(np.argmin(curve.smoothed))]) if len(curve.smoothed) else lr
-    high = max(lr, min(lr_at_min / 2, 3 * lr))
+    high = max(lr, min(lr_at_min / 2, 2 * lr))
     return high / 10, high
 
 

@@ -120,7 +120,7 @@ def test_divergence_without_nan_cuts_the_curve_at_four_times_the_minimum():
 
 def test_suggestion_range_brackets_the_suggestion():
     found = suggest(LRS, sigmoid_curve())
-    assert found.lr_low < found.lr <= found.lr_high <= 3 * found.lr
+    assert found.lr_low < found.lr <= found.lr_high <= 2 * found.lr
     assert found.lr_high == pytest.approx(10 * found.lr_low)
 
 
