@@ -9,8 +9,9 @@ import re
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 import mlflow
 import numpy as np
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 OUTAGE = (MlflowException, requests.RequestException, OSError)  # what a down or restarting server raises
+PATIENCE_S = 300.0  # how long a write waits for the tracking server to come back
+T = TypeVar("T")
 
 
 class Tracker:
@@ -62,12 +65,28 @@ class Tracker:
         run = self.client.get_run(self.run_id)
         return f"#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
 
+    def patiently(self, action: Callable[[], T], what: str) -> T:
+        """Run a write, waiting out a server outage (up to PATIENCE_S) instead of losing what it writes."""
+        deadline = time.monotonic() + PATIENCE_S
+        while True:
+            try:
+                return action()
+            except OUTAGE as exc:
+                if not is_outage(exc) or time.monotonic() > deadline:
+                    raise
+                log.warning("tracking server unreachable while %s; retrying until it returns", what)
+                time.sleep(2.0)
+
     def log_params(self, params: Mapping[str, str]) -> None:
         """Params are write-once: keys already on the run (e.g. logged by `mlflow run`) keep their spelling."""
-        existing = self.client.get_run(self.run_id).data.params
-        new = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items() if k not in existing]
-        if new:
-            self.client.log_batch(self.run_id, params=new)
+
+        def write() -> None:
+            existing = self.client.get_run(self.run_id).data.params
+            new = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items() if k not in existing]
+            if new:
+                self.client.log_batch(self.run_id, params=new)
+
+        self.patiently(write, "logging params")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         """One batched request; non-finite values are dropped (MLflow would store NaN and plot garbage).
@@ -92,20 +111,16 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=batch)
             del self.pending[: len(batch)]
 
-    def flush(self, timeout_s: float = 300.0) -> None:
-        """Send what an outage held back, retrying until `timeout_s`; TrackingError if the server stays away."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self._send_pending()
-                return
-            except OUTAGE as exc:
-                if time.monotonic() > deadline:
-                    raise TrackingError(f"{len(self.pending)} metric values not logged: {exc}") from exc
-                time.sleep(2.0)
+    def flush(self) -> None:
+        """Send what an outage held back, waiting for the server; TrackingError if it stays away."""
+        try:
+            self.patiently(self._send_pending, "sending held-back metrics")
+        except OUTAGE as exc:
+            raise TrackingError(f"{len(self.pending)} metric values not logged: {exc}") from exc
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        rows = [RunTag(k, str(v)) for k, v in tags.items()]
+        self.patiently(lambda: self.client.log_batch(self.run_id, tags=rows), "setting tags")
 
     def log_files(self, files: Mapping[str, bytes | str], artifact_path: str | None = None) -> None:
         """Write named contents to a temporary folder and log them together."""
@@ -117,7 +132,7 @@ class Tracker:
                     target.write_bytes(content)
                 else:
                     target.write_text(content)
-            self.client.log_artifacts(self.run_id, tmp, artifact_path)
+            self.patiently(lambda: self.client.log_artifacts(self.run_id, tmp, artifact_path), "logging artifacts")
 
     def log_json(self, name: str, payload: object, artifact_path: str | None = None) -> None:
         self.log_files({name: json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"}, artifact_path)
@@ -126,14 +141,17 @@ class Tracker:
         with warnings.catch_warnings():  # a local path matches two equivalent source types; either is right
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_numpy(images, targets=labels, source=source, name=name)
-        mlflow.log_input(dataset, context=context)
+        self.patiently(lambda: mlflow.log_input(dataset, context=context), "logging the dataset")
 
     def log_model(self, model: object, example: np.ndarray, output: np.ndarray, requirements: list[str]) -> None:
         from mlflow.models import infer_signature
 
         signature = infer_signature(example, output)
-        mlflow.pytorch.log_model(  # type: ignore[attr-defined]
-            model, name="model", signature=signature, input_example=example, pip_requirements=requirements
+        self.patiently(
+            lambda: mlflow.pytorch.log_model(  # type: ignore[attr-defined]
+                model, name="model", signature=signature, input_example=example, pip_requirements=requirements
+            ),
+            "logging the model",
         )
 
     def end(self, status: str, error: str | None = None) -> None:
@@ -143,7 +161,7 @@ class Tracker:
             if error:
                 self.log_files({"error.txt": error.rstrip() + "\n"})
         finally:
-            mlflow.end_run(status)
+            self.patiently(lambda: mlflow.end_run(status), "ending the run")
 
     def download(self, path: str, dst: Path) -> Path:
         """An artifact of this run, e.g. the checkpoint or config.json of a run being resumed."""
@@ -172,6 +190,15 @@ def probe(tracking_uri: str, timeout_s: float = 20.0) -> None:
         f"tracking server {redact(tracking_uri)} unreachable for {timeout_s:.0f} s ({reason}); "
         "check MLFLOW_TRACKING_URI and that the server is up"
     )
+
+
+def is_outage(exc: BaseException) -> bool:
+    """A connection failure or a 5xx: the server is away, not refusing the write (which retrying cannot fix)."""
+    if isinstance(exc, (requests.RequestException, ConnectionError)):
+        return True
+    if isinstance(exc, MlflowException):
+        return exc.get_http_status_code() >= 500 or "Max retries exceeded" in exc.message
+    return False
 
 
 def redact(uri: str) -> str:

@@ -29,8 +29,8 @@ def mlflow_run(tmp: Path, experiment: str, *params: str, entry: str = "main") ->
     client = MlflowClient(uri)
     if client.get_experiment_by_name(experiment) is None:  # keep artifacts out of the repository
         client.create_experiment(experiment, artifact_location=str(tmp / "artifacts" / experiment))
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    env.pop("MLFLOW_RUN_ID", None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # nothing left by another test
+    env.update(MLFLOW_TRACKING_URI=uri, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     args = [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", entry, "--env-manager", "local"]
     args += ["--experiment-name", experiment]
     for p in params:
