@@ -40,8 +40,11 @@ class Runtime:
         return torch.device("cuda" if self.accelerator == "gpu" else "cpu")
 
 
-def resolve_runtime(cfg: JobConfig, cuda_available: bool, bf16_supported: bool, data_bytes: int) -> Runtime:
-    """Pure: what to run on. 'auto' picks the GPU when there is one, bf16-mixed where the GPU supports it."""
+def resolve_runtime(
+    cfg: JobConfig, cuda_available: bool, gpu_bf16: bool, data_bytes: int, cpu_bf16: bool = False
+) -> Runtime:
+    """Pure: what to run on. 'auto' picks the GPU when there is one, and bf16-mixed where the chosen device
+    computes bf16 natively (a bf16 GPU; a CPU with AVX512-BF16 or AMX)."""
     if cfg.accelerator == "gpu" and not cuda_available:
         raise HardwareError("accelerator=gpu but no CUDA device is visible; use accelerator=cpu or auto")
     accelerator = "gpu" if cfg.accelerator == "gpu" or (cfg.accelerator == "auto" and cuda_available) else "cpu"
@@ -49,7 +52,9 @@ def resolve_runtime(cfg: JobConfig, cuda_available: bool, bf16_supported: bool, 
         raise HardwareError(f"devices={cfg.devices} needs GPUs; on the CPU use devices=1")
     precision = cfg.precision
     if precision == "auto":
-        precision = "bf16-mixed" if accelerator == "gpu" and bf16_supported else "32-true"
+        native = gpu_bf16 if accelerator == "gpu" else cpu_bf16
+        # bf16-mixed on this CPU: 4.4 vs 5.9 ms per LeNet step, same accuracy (README, "Measured").
+        precision = "bf16-mixed" if native else "32-true"
     data_mode = cfg.data_mode
     if data_mode == "auto":
         data_mode = "device" if cfg.devices == 1 and data_bytes <= DEVICE_DATA_LIMIT_BYTES else "loader"
@@ -60,7 +65,8 @@ def resolve_runtime(cfg: JobConfig, cuda_available: bool, bf16_supported: bool, 
 
 def detect_runtime(cfg: JobConfig, data_bytes: int) -> Runtime:
     cuda = torch.cuda.is_available()
-    rt = resolve_runtime(cfg, cuda, cuda and torch.cuda.is_bf16_supported(), data_bytes)
+    cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    rt = resolve_runtime(cfg, cuda, cuda and torch.cuda.is_bf16_supported(), data_bytes, cpu_bf16)
     if rt.accelerator == "gpu":  # TF32 for what stays in fp32: Ampere and newer run it at tensor-core speed
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

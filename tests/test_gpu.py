@@ -15,13 +15,17 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visi
 
 
 def test_auto_picks_the_gpu_and_bf16_where_supported():
-    # Pure decision logic, checked on every machine; the GPU itself is stood in for by the flags.
-    rt = resolve_runtime(JobConfig(), cuda_available=True, bf16_supported=True, data_bytes=47_000_000)
+    # Pure decision logic, checked on every machine; the hardware itself is stood in for by the flags.
+    rt = resolve_runtime(JobConfig(), cuda_available=True, gpu_bf16=True, data_bytes=47_000_000)
     assert (rt.accelerator, rt.precision, rt.data_mode, rt.channels_last) == ("gpu", "bf16-mixed", "device", False)
-    rt = resolve_runtime(JobConfig(), cuda_available=True, bf16_supported=False, data_bytes=47_000_000)
+    rt = resolve_runtime(JobConfig(), cuda_available=True, gpu_bf16=False, data_bytes=47_000_000, cpu_bf16=True)
     assert rt.precision == "32-true"
-    rt = resolve_runtime(JobConfig(devices=2), cuda_available=True, bf16_supported=True, data_bytes=47_000_000)
+    rt = resolve_runtime(JobConfig(devices=2), cuda_available=True, gpu_bf16=True, data_bytes=47_000_000)
     assert rt.data_mode == "loader"
+    rt = resolve_runtime(JobConfig(), cuda_available=False, gpu_bf16=False, data_bytes=47_000_000, cpu_bf16=True)
+    assert (rt.accelerator, rt.precision, rt.channels_last) == ("cpu", "bf16-mixed", True)
+    rt = resolve_runtime(JobConfig(precision="32-true"), False, False, 47_000_000, cpu_bf16=True)
+    assert rt.precision == "32-true"
 
 
 @pytest.mark.gpu
