@@ -56,7 +56,7 @@ def config(case: Case, epochs: int, seed: int = 42, train_subset: int = 0) -> Jo
     return JobConfig(
         model=case.model, optimizer=case.optimizer, batch_size=case.batch_size,
         train_subset=case.train_subset or train_subset,
-        epochs=epochs, schedule="constant", seed=seed, accelerator="cpu",
+        epochs=epochs, schedule="constant", seed=seed, accelerator="cpu", precision="32-true",
     )  # fmt: skip
 
 
