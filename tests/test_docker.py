@@ -2,7 +2,7 @@
 basic-auth MLflow server, stopped by a real SIGTERM, checked by `lr-finder doctor`. CPU only: no GPU here.
 
 The base image is Debian bookworm made locally (no registry to pull from); the Python packages come from a
-mirror of exactly the image's pins, served on 127.0.0.1 for the build. Both are cached between sessions.
+mirror of exactly the image's pins, served on 127.0.0.1 for the build. Both are cached between test runs.
 """
 
 from __future__ import annotations
