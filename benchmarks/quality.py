@@ -61,9 +61,7 @@ def config(case: Case, epochs: int, seed: int = 42, train_subset: int = 0) -> Jo
 
 
 def sweep_once(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime) -> sweep.LRCurve:
-    probe = pipeline.build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr_min))
-    train = training.batches(ds.train, ds, rt, cfg.batch_size, shuffle=True, seed=cfg.seed + 1)
-    return sweep.range_test(probe, train, rt, cfg.lr_min, cfg.lr_max, cfg.lr_steps)
+    return pipeline.one_sweep(cfg, ds, rt)[0]  # the job's own range test
 
 
 def lightning_suggestion(curve: sweep.LRCurve) -> float | None:
@@ -82,10 +80,8 @@ def suggestions(curve: sweep.LRCurve) -> dict[str, float | None]:
 
 
 def test_acc(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime, lr: float) -> float:
-    train = training.batches(ds.train, ds, rt, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    train, val, test = pipeline.fit_batches(cfg, ds, rt)
     module = pipeline.build_classifier(cfg, rt, OptimSpec(cfg.optimizer, lr))
-    val = training.batches(ds.val, ds, rt, 1024, shuffle=False, seed=0)
-    test = training.batches(ds.test, ds, rt, 1024, shuffle=False, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             result = training.fit_and_test(

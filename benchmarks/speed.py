@@ -93,8 +93,7 @@ def tracking_overhead(data_dir: Path, uri: str, epochs: int = 2) -> tuple[float,
     tracker = Tracker.open(uri, "", "tracking-overhead")
     seconds = []
     for sink in (lambda e, m: tracker.log_metrics(m, step=e), lambda e, m: None):
-        train = training.batches(ds.train, ds, rt, cfg.batch_size, shuffle=True, seed=cfg.seed)
-        val = training.batches(ds.val, ds, rt, 1024, shuffle=False, seed=0)
+        train, val, _ = pipeline.fit_batches(cfg, ds, rt)
         module = pipeline.build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr))
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()

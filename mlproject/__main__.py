@@ -161,8 +161,7 @@ def _job(entry: str, cfg: JobConfig, tracker: Any, workdir: Path, lrs: tuple[flo
         cfg = pipeline.resumed_config(tracker, workdir)
         tracker.log_params({"resume": cfg.resume})
     else:
-        tracker.log_params(cfg.as_params())
-        tracker.log_json("config.json", {"entry_point": entry, **cfg.as_params()})
+        pipeline.log_config(tracker, cfg, entry)
     tracker.set_tags(_git_tags())
     source = data.search_order(cfg.dataset, cfg.data_dir, _dataset_env(cfg.dataset), str(_cache_dir()))
     if entry == "compare":

@@ -189,7 +189,7 @@ def suggest(
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     curve = usable_curve(lrs, losses)
     found = METHODS[method](curve)
-    candidates = {name: rule(curve).lr for name, rule in RULES.items()}
+    candidates = found.candidates or {name: rule(curve).lr for name, rule in RULES.items()}  # combined has them
     if found.lr is None or not math.isfinite(found.lr):
         low, high = fallback_lr / 10, fallback_lr
         return Suggestion(fallback_lr, "fallback", 0.0, found.reason, low, high, candidates)

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import platform
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,12 +191,9 @@ def run(cfg: JobConfig, source: data.Source, tracker: Tracker, workdir: Path) ->
         choice = find_lr(cfg, ds, rt, tracker) if cfg.auto_lr else LRChoice(cfg.lr, "fixed")
         tracker.log_params({"lr_used": f"{choice.lr:.6g}", "lr_source": choice.source})
 
-    train = training.batches(ds.train, ds, rt, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    train, val, test = fit_batches(cfg, ds, rt)
     total_steps = cfg.epochs * len(train)  # type: ignore[arg-type]
     module = build_classifier(cfg, rt, OptimSpec(cfg.optimizer, choice.lr, cfg.schedule, total_steps, choice.lr_low))
-    eval_batch = max(cfg.batch_size, 1024)  # evaluation has no gradient: larger batches are simply faster
-    val = training.batches(ds.val, ds, rt, eval_batch, shuffle=False, seed=0)
-    test = training.batches(ds.test, ds, rt, eval_batch, shuffle=False, seed=0)
     sink = lambda epoch, metrics: tracker.log_metrics(metrics, step=epoch)  # noqa: E731
     checkpoint = workdir / "last.ckpt"
     try:
@@ -216,6 +214,24 @@ def run(cfg: JobConfig, source: data.Source, tracker: Tracker, workdir: Path) ->
     tracker.log_params({k: f"{v:.4f}" for k, v in final.items()})
     log_model(tracker, module, ds)
     return JobResult(choice, final, result.history)
+
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def fit_batches(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime) -> tuple[Batches, Batches, Batches]:
+    """Shuffled training batches (seeded by cfg.seed); validation and test batches in order."""
+    train = training.batches(ds.train, ds, rt, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    eval_batch = max(cfg.batch_size, 1024)  # evaluation has no gradient: larger batches are simply faster
+    val = training.batches(ds.val, ds, rt, eval_batch, shuffle=False, seed=0)
+    test = training.batches(ds.test, ds, rt, eval_batch, shuffle=False, seed=0)
+    return train, val, test
+
+
+def log_config(tracker: Tracker, cfg: JobConfig, entry: str) -> None:
+    """Every parameter as a param, and the resolved configuration as config.json (what resume reads back)."""
+    tracker.log_params(cfg.as_params())
+    tracker.log_json("config.json", {"entry_point": entry, **cfg.as_params()})
 
 
 def resumed_config(tracker: Tracker, workdir: Path) -> JobConfig:

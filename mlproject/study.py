@@ -49,8 +49,7 @@ def run_member(label: str, cfg: JobConfig, source: data.Source, parent: Tracker,
     member.run_id = child.run_id
     start = time.perf_counter()
     try:
-        child.log_params(cfg.as_params())
-        child.log_json("config.json", {"entry_point": "compare", **cfg.as_params()})
+        pipeline.log_config(child, cfg, "compare")
         child.set_tags({"study_parent": parent.run_id, "study_member": label})
         result = pipeline.run(cfg, source, child, workdir / child.run_id)
     except Preempted:

@@ -60,11 +60,6 @@ class Tracker:
         run = mlflow.start_run(run_id=created.info.run_id, nested=True)
         return Tracker(self.client, run.info.run_id)
 
-    @property
-    def url_path(self) -> str:
-        run = self.client.get_run(self.run_id)
-        return f"#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
-
     def patiently(self, action: Callable[[], T], what: str) -> T:
         """Run a write, waiting out a server outage (up to PATIENCE_S) instead of losing what it writes."""
         deadline = time.monotonic() + PATIENCE_S
