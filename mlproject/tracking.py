@@ -136,7 +136,16 @@ class Tracker:
         with warnings.catch_warnings():  # a local path matches two equivalent source types; either is right
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_numpy(images, targets=labels, source=source, name=name)
-        self.patiently(lambda: mlflow.log_input(dataset, context=context), "logging the dataset")
+        for attempt in range(3):
+            try:
+                self.patiently(lambda: mlflow.log_input(dataset, context=context), "logging the dataset")
+                return
+            except MlflowException as exc:
+                # Jobs logging the same dataset at once race on the server's insert (IntegrityError on
+                # PostgreSQL); the loser's retry finds the winner's row and links to it.
+                if attempt == 2 or not _lost_insert_race(exc):
+                    raise
+                time.sleep(0.5)
 
     def log_model(self, model: object, example: np.ndarray, output: np.ndarray, requirements: list[str]) -> None:
         from mlflow.models import infer_signature
@@ -194,6 +203,10 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, MlflowException):
         return exc.get_http_status_code() >= 500 or "Max retries exceeded" in exc.message
     return False
+
+
+def _lost_insert_race(exc: MlflowException) -> bool:
+    return exc.error_code == "RESOURCE_ALREADY_EXISTS" or "IntegrityError" in exc.message
 
 
 def redact(uri: str) -> str:
