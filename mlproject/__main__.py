@@ -64,6 +64,7 @@ _OPTIONS: list[tuple[str, Any, str]] = [
     ("devices", click.INT, "Number of devices."),
     ("precision", click.Choice(C.PRECISIONS), "Numeric precision; auto: bf16-mixed on a bf16 GPU, else 32-true."),
     ("data_mode", click.Choice(C.DATA_MODES), "device: data lives on the device; loader: a DataLoader."),
+    ("compile", TrueFalse(), "torch.compile the network for the fit (true/false); pays only on long GPU fits."),
     ("resume", click.STRING, "A run id: continue that run from its last checkpoint, with its configuration."),
 ]
 

@@ -81,6 +81,7 @@ class JobConfig:
     devices: int = 1
     precision: str = "auto"
     data_mode: str = "auto"  # device: whole split as one tensor on the device; loader: a DataLoader
+    compile: bool = False  # torch.compile the network for the fit (not the range test)
     resume: str = ""  # a run id: continue that run from its last checkpoint, with its configuration
 
     def __post_init__(self) -> None:

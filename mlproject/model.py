@@ -77,10 +77,15 @@ class Classifier(pl.LightningModule):
         self._loss_sum = torch.zeros(())
         self._seen = 0
 
+    def compile_net(self) -> None:
+        """Run the network through torch.compile from now on. The compiled wrapper stays outside the module's
+        children, so checkpoints and the logged model hold the plain network's weights under their own names."""
+        object.__setattr__(self, "_compiled", torch.compile(self.net))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        return self.__dict__.get("_compiled", self.net)(x)
 
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch

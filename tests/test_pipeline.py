@@ -7,12 +7,14 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from mlproject import data, pipeline
 from mlproject.config import JobConfig
 from mlproject.errors import TrainingDiverged
 from mlproject.lr_range import suggest
+from mlproject.model import lenet
 from mlproject.tracking import Tracker
 
 SMALL = dict(dataset="fashion-mnist", val_size=100, batch_size=32, lr_steps=20, accelerator="cpu", seed=7)
@@ -80,3 +82,15 @@ def test_probe_mode_suggests_from_the_held_out_curve_and_logs_both(tmp_path, tin
     probe = [float(r.split(",")[4]) for r in rows[1:]]
     lrs = [float(r.split(",")[1]) for r in rows[1:]]
     assert float(params["lr_suggested"]) == pytest.approx(suggest(lrs, probe, fallback_lr=1e-3).lr, rel=1e-4)
+
+
+def test_compile_trains_the_same_network_and_keeps_its_checkpoint_names(tmp_path, tiny_data):
+    (tmp_path / "eager").mkdir()
+    (tmp_path / "compiled").mkdir()
+    eager, _ = run_job(tmp_path / "eager", tiny_data, schedule="constant", epochs=1)
+    compiled, _ = run_job(tmp_path / "compiled", tiny_data, schedule="constant", epochs=1, compile=True)
+    # Same weights, same batches; the compiled kernels round differently, so the figures agree closely.
+    assert compiled.final["test_loss"] == pytest.approx(eager.final["test_loss"], rel=0.02)
+    (checkpoint,) = (tmp_path / "compiled").glob("*/last.ckpt")
+    keys = set(torch.load(checkpoint, weights_only=False)["state_dict"])
+    assert keys == {f"net.{k}" for k in lenet().state_dict()}
