@@ -1,10 +1,13 @@
 """Suggestion quality: regret of each suggester against a grid of real trainings, Lightning's included.
 
-    python -m benchmarks.quality [--epochs 2] [--cases lenet-adam-64,mlp-adam-256] [--seeds 5]
+    python -m benchmarks.quality [--epochs 2] [--cases lenet-adam-64,mlp-adam-256] [--seeds 5] [--train-seeds 2]
 
 For each case: one range test (seed 42), every rule's suggestion and Lightning's `suggestion()` on the same
 sweep; then a constant-LR training at each LR of a half-decade grid (3e-5 .. 0.3) and at each suggested LR,
-same epochs and seed. Regret = best test accuracy of the grid minus test accuracy at the suggestion, in points.
+same epochs, each LR trained with the same `--train-seeds` seeds (42, 43, ...: weights and batch order) and
+its test accuracy averaged over them. Regret = best mean test accuracy of the grid minus the mean test
+accuracy at the suggestion, in points. The noise of one training is printed too: the median absolute
+difference between two seeds' accuracies at the same grid LR (over the LRs where both trained).
 `--seeds N` also repeats the range test of the first case over N seeds and prints the spread in decades.
 All cases use Fashion-MNIST (Debian's dataset-fashion-mnist); --data-dir points elsewhere.
 """
@@ -70,10 +73,10 @@ def lightning_suggestion(curve: sweep.LRCurve) -> float | None:
     return finder.suggestion()
 
 
-def suggestions(curve: sweep.LRCurve) -> dict[str, float | None]:
+def suggestions(curve: sweep.LRCurve, train_steps: int) -> dict[str, float | None]:
     found: dict[str, float | None] = {}
     for rule in RULES:
-        s = lr_range.suggest(curve.lrs, curve.losses, rule)
+        s = lr_range.suggest(curve.lrs, curve.losses, rule, train_steps=train_steps)
         found[rule] = s.lr if s.method != "fallback" else None
     found["lightning"] = lightning_suggestion(curve)
     return found
@@ -101,7 +104,7 @@ class Cache:
         self.known: dict[str, float] = json.loads(path.read_text()) if path and path.exists() else {}
 
     def acc(self, case: Case, cfg: JobConfig, ds: data.Dataset, rt: training.Runtime, lr: float) -> float:
-        key = f"{case.name}|{cfg.epochs}|{cfg.train_subset}|{lr:.6g}"
+        key = f"{case.name}|{cfg.epochs}|{cfg.train_subset}|{lr:.6g}" + (f"|s{cfg.seed}" if cfg.seed != 42 else "")
         if key not in self.known:
             self.known[key] = test_acc(cfg, ds, rt, lr)
             if self.path:
@@ -109,36 +112,55 @@ class Cache:
         return self.known[key]
 
 
-def run_case(case: Case, epochs: int, source: data.Source, train_subset: int, cache: Cache) -> dict[str, float | None]:
+def run_case(
+    case: Case, epochs: int, source: data.Source, train_subset: int, cache: Cache, train_seeds: int
+) -> tuple[dict[str, float | None], float]:
+    """Each rule's regret on this case, and the noise of one training (points) measured on the grid."""
     cfg = config(case, epochs, train_subset=train_subset)
     ds = pipeline.load_data(cfg, source)
     rt = training.detect_runtime(cfg, ds.train.images.numel())
-    found = suggestions(sweep_once(cfg, ds, rt))
-    accs = {lr: cache.acc(case, cfg, ds, rt, lr) for lr in GRID}
+    found = suggestions(sweep_once(cfg, ds, rt), pipeline.fit_steps(cfg, ds))
+    seeds = [cfg.replace(seed=42 + k) for k in range(train_seeds)]
+
+    def mean_acc(lr: float) -> float:
+        return float(np.mean([cache.acc(case, c, ds, rt, lr) for c in seeds]))
+
+    accs = {lr: mean_acc(lr) for lr in GRID}
+    noise = float("nan")
+    if train_seeds > 1:
+        pairs = [(cache.acc(case, seeds[0], ds, rt, lr), cache.acc(case, seeds[1], ds, rt, lr)) for lr in GRID]
+        noise = 100 * float(np.median([abs(a - b) for a, b in pairs if min(a, b) > 0.5]))  # both trained
     best = max(accs.values())
     regrets: dict[str, float | None] = {}
     for name, lr in found.items():
         if lr is None:
             regrets[name] = None
             continue
-        acc = cache.acc(case, cfg, ds, rt, lr)
+        acc = mean_acc(lr)
         regrets[name] = 100 * (best - acc)
         print(f"  {case.name}: {name:9s} lr={lr:.3g} acc={acc:.4f} regret={regrets[name]:.2f}", flush=True)
     grid = ", ".join(f"{lr:g}:{a:.4f}" for lr, a in accs.items())
-    print(f"  {case.name}: grid {grid}", flush=True)
-    return regrets
+    print(f"  {case.name}: grid {grid}; one training's noise {noise:.2f} points", flush=True)
+    return regrets, noise
 
 
-def spread(case: Case, seeds: int, source: data.Source) -> dict[str, float]:
-    """Decades between the largest and smallest suggestion over `seeds` range tests."""
-    cfg = config(case, 1)
+def spread(case: Case, seeds: int, source: data.Source, epochs: int) -> dict[str, float]:
+    """Decades between the largest and smallest suggestion over `seeds` range tests (seeds 0 .. seeds-1), and,
+    as "combined, median of 3", the same for the job's lr_repeats=3: the median of each of `seeds` groups of
+    three further range tests."""
+    cfg = config(case, epochs)
     ds = pipeline.load_data(cfg, source)
     rt = training.detect_runtime(cfg, ds.train.images.numel())
+    steps = pipeline.fit_steps(cfg, ds)
     values: dict[str, list[float]] = {}
     for seed in range(seeds):
-        for name, lr in suggestions(sweep_once(cfg.replace(seed=seed), ds, rt)).items():
+        for name, lr in suggestions(sweep_once(cfg.replace(seed=seed), ds, rt), steps).items():
             if lr is not None:
                 values.setdefault(name, []).append(math.log10(lr))
+    for group in range(seeds):
+        first = seeds + 3 * group
+        three = [suggestions(sweep_once(cfg.replace(seed=first + k), ds, rt), steps)["combined"] for k in range(3)]
+        values.setdefault("combined, median of 3", []).append(math.log10(float(np.median([lr or 0 for lr in three]))))
     return {name: float(np.ptp(v)) for name, v in values.items()}
 
 
@@ -147,6 +169,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--cases", default=",".join(c.name for c in CASES))
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--train-seeds", type=int, default=2, help="trainings per LR, their accuracy averaged")
     parser.add_argument("--train-subset", type=int, default=0, help="training samples per case; 0: all 55k")
     parser.add_argument("--cache", type=Path, help="JSON file of measured accuracies, read and extended")
     parser.add_argument("--data-dir", type=Path, default=Path(data.SYSTEM_DIRS["fashion-mnist"]))
@@ -157,19 +180,21 @@ def main() -> None:
     start = time.perf_counter()
     chosen = [c for c in CASES if c.name in args.cases.split(",")]
     cache = Cache(args.cache)
-    results = {case.name: run_case(case, args.epochs, source, args.train_subset, cache) for case in chosen}
+    measured = {c.name: run_case(c, args.epochs, source, args.train_subset, cache, args.train_seeds) for c in chosen}
+    results = {name: regrets for name, (regrets, _) in measured.items()}
     names = [*RULES, "lightning"]
     subset = args.train_subset or "all"
-    print(f"\nregret in test-accuracy points ({args.epochs} epochs, constant LR, {subset} training samples)\n")
-    print("| case | " + " | ".join(names) + " |")
-    print("|---" * (len(names) + 1) + "|")
-    for case, regrets in results.items():
+    print(f"\nregret in test-accuracy points ({args.epochs} epochs, constant LR, {subset} training samples, "
+          f"mean of {args.train_seeds} training seeds)\n")  # fmt: skip
+    print("| case | " + " | ".join(names) + " | noise of one training |")
+    print("|---" * (len(names) + 2) + "|")
+    for case, (regrets, noise) in measured.items():
         cells = [f"{regrets[n]:.2f}" if regrets[n] is not None else "none" for n in names]
-        print(f"| {case} | " + " | ".join(cells) + " |")
+        print(f"| {case} | " + " | ".join(cells) + f" | {noise:.2f} |")
     means = [np.mean([r[n] for r in results.values() if r[n] is not None] or [np.nan]) for n in names]
-    print("| mean | " + " | ".join(f"{m:.2f}" for m in means) + " |")
+    print("| mean | " + " | ".join(f"{m:.2f}" for m in means) + " | |")
     if args.seeds > 1:
-        spreads = spread(chosen[0], args.seeds, source)
+        spreads = spread(chosen[0], args.seeds, source, args.epochs)
         print(f"\nspread over {args.seeds} seeds ({chosen[0].name}), decades: " + ", ".join(
             f"{k}={v:.2f}" for k, v in spreads.items()))  # fmt: skip
     print(f"\n{time.perf_counter() - start:.0f} s")

@@ -16,7 +16,9 @@ import numpy as np
 MIN_POINTS = 10  # fewer usable points than this and no curve shape can be trusted
 MIN_DROP = 0.02  # a smoothed loss that never falls 2% below its start is "flat"
 DIVERGE_FACTOR = 4.0  # as Lightning's early stop: past 4x the best loss the sweep has diverged
-SAFETY = 2.0  # never suggest within this factor of the LR at the loss minimum: divergence is near
+SAFETY = 2.0  # never suggest within this factor of the floor of the curve: divergence is near
+BOTTOM_TOLERANCE = 0.2  # the floor: within 20% of the drop from the smoothed minimum
+SHORT_FIT, LONG_FIT = 100, 600  # training steps: at or below SHORT_FIT the combined rule takes the ceiling
 
 
 @dataclass(frozen=True)
@@ -148,23 +150,50 @@ def minimum(curve: Curve) -> Suggestion:
 RULES: dict[str, Callable[[Curve], Suggestion]] = {"steepest": steepest, "valley": valley, "minimum": minimum}
 
 
-def combined(curve: Curve) -> Suggestion:
-    """The geometric mean of the steepest descent and half the LR at the loss minimum, capped at the latter.
+def bottom(curve: Curve, tolerance: float = BOTTOM_TOLERANCE) -> float:
+    """The geometric centre of the stretch around the smoothed minimum that lies within `tolerance` of the
+    drop (start level to minimum) from the minimum: the curve's floor, steadier between seeds than its argmin."""
+    sm = curve.smoothed
+    i_min = int(np.argmin(sm))
+    start_level = float(np.median(sm[: max(3, len(sm) // 20)]))
+    level = sm[i_min] + tolerance * max(0.0, start_level - float(sm[i_min]))
+    lo = hi = i_min
+    while lo > 0 and sm[lo - 1] <= level:
+        lo -= 1
+    while hi + 1 < len(sm) and sm[hi + 1] <= level:
+        hi += 1
+    return float(10 ** np.mean(curve.log_lrs[lo : hi + 1]))
 
-    Each alone fails in a known way: steepest descent lands low when the curve falls early and long (Adam),
-    the minimum sits close to divergence when the curve falls late (SGD with momentum). Between the two, the
-    suggestion stays a safety factor below the minimum and above the slow-learning plateau.
+
+def toward_floor(train_steps: int | None) -> float:
+    """How far (in log LR) the combined rule moves from the steepest descent toward the floor's ceiling:
+    1/2 for trainings of LONG_FIT steps or more (and when the length is unknown), all the way for SHORT_FIT
+    steps or fewer, log-linear between. A short fit has no time to profit from a smaller, steadier LR."""
+    if not train_steps or train_steps >= LONG_FIT:
+        return 0.5
+    if train_steps <= SHORT_FIT:
+        return 1.0
+    return 1.0 - 0.5 * math.log(train_steps / SHORT_FIT) / math.log(LONG_FIT / SHORT_FIT)
+
+
+def combined(curve: Curve, train_steps: int | None = None) -> Suggestion:
+    """Between the steepest descent and a ceiling SAFETY below the floor of the curve, capped at the ceiling.
+
+    Each end alone fails in a known way: steepest descent lands low when the curve falls early and long (Adam),
+    the floor sits close to divergence when the curve falls late (SGD with momentum). The geometric mean of
+    the two (weight `toward_floor(train_steps)`) stays below divergence and above the slow-learning plateau.
     """
     found = {name: rule(curve) for name, rule in RULES.items()}
     candidates = {name: s.lr for name, s in found.items()}
     steep = found["steepest"].lr
     if steep is None:
         return Suggestion(None, "combined", 0.0, found["steepest"].reason, candidates=candidates)
-    ceiling = float(curve.lrs[int(np.argmin(curve.smoothed))]) / SAFETY
-    lr = min(math.sqrt(steep * ceiling), ceiling)
-    reason = f"geometric mean of steepest={steep:.3g} and minimum/{SAFETY:g}={ceiling:.3g}"
+    ceiling = bottom(curve) / SAFETY
+    w = toward_floor(train_steps)
+    lr = min(steep ** (1 - w) * ceiling**w, ceiling)
+    reason = f"{1 - w:.2f}:{w:.2f} geometric mean of steepest={steep:.3g} and floor/{SAFETY:g}={ceiling:.3g}"
     if lr >= ceiling:
-        reason = f"steepest={steep:.3g} is past minimum/{SAFETY:g}: capped at {ceiling:.3g}"
+        reason = f"floor/{SAFETY:g}={ceiling:.3g} (steepest={steep:.3g}, weight {w:.2f} toward the floor)"
     # Confidence: the two agree within a decade -> 1; two decades apart -> 0.
     confidence = float(np.clip(1.5 - abs(math.log10(ceiling / steep)) / 2, 0.0, 1.0))
     return Suggestion(lr, "combined", confidence, reason, candidates=candidates)
@@ -175,20 +204,28 @@ METHODS: dict[str, Callable[[Curve], Suggestion]] = {"combined": combined, **RUL
 
 def lr_range(curve: Curve, lr: float) -> tuple[float, float]:
     """(lr_low, lr_high) for cyclical schedules (Smith 2018): the peak near the largest LR that still trains
-    well, half the LR at the loss minimum, but between 1x and 2x the suggestion; the low end a tenth of it."""
-    lr_at_min = float(curve.lrs[int(np.argmin(curve.smoothed))]) if len(curve.smoothed) else lr
-    high = max(lr, min(lr_at_min / 2, 2 * lr))
+    well, the floor's ceiling, but between 1x and 2x the suggestion; the low end a tenth of it."""
+    ceiling = bottom(curve) / SAFETY if len(curve.smoothed) else lr
+    high = max(lr, min(ceiling, 2 * lr))
     return high / 10, high
 
 
 def suggest(
-    lrs: Sequence[float], losses: Sequence[float], method: str = "combined", fallback_lr: float = 1e-3
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    method: str = "combined",
+    fallback_lr: float = 1e-3,
+    train_steps: int | None = None,
 ) -> Suggestion:
-    """The suggestion for a sweep; never None: with no usable curve, `fallback_lr` and the reason why."""
+    """The suggestion for a sweep; never None: with no usable curve, `fallback_lr` and the reason why.
+
+    `train_steps`, the length of the training the LR is for, moves the combined rule toward the floor of
+    the curve for short trainings (see toward_floor); unknown, it assumes a long one.
+    """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     curve = usable_curve(lrs, losses)
-    found = METHODS[method](curve)
+    found = combined(curve, train_steps) if method == "combined" else METHODS[method](curve)
     candidates = found.candidates or {name: rule(curve).lr for name, rule in RULES.items()}  # combined has them
     if found.lr is None or not math.isfinite(found.lr):
         low, high = fallback_lr / 10, fallback_lr

@@ -66,7 +66,8 @@ def find_lr(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime, tracker: Tra
     repeats = {"repeats": len(sweeps), "repeat_suggestions": [s[1].lr for s in sweeps], "spread_decades": spread}
     if cfg.lr_probe:  # what the training-loss curve alone would have said, for comparison
         repeats["signal"] = "validation probe"
-        repeats["train_curve_suggestion"] = lr_range.suggest(curve.lrs, curve.losses, cfg.lr_method, cfg.lr).lr
+        steps = fit_steps(cfg, ds)
+        repeats["train_curve_suggestion"] = lr_range.suggest(curve.lrs, curve.losses, cfg.lr_method, cfg.lr, steps).lr
     log_range_test(tracker, curve, found, repeats)
     assert found.lr is not None  # suggest() always answers
     peak = found.lr_high if cfg.schedule == "onecycle" else found.lr
@@ -81,7 +82,12 @@ def one_sweep(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime) -> tuple[s
     probe = probe_batch(ds, rt) if cfg.lr_probe else None
     curve = sweep.range_test(model, train, rt, cfg.lr_min, cfg.lr_max, cfg.lr_steps, probe)
     losses = curve.probe_losses if cfg.lr_probe else curve.losses
-    return curve, lr_range.suggest(curve.lrs, losses, cfg.lr_method, fallback_lr=cfg.lr)
+    return curve, lr_range.suggest(curve.lrs, losses, cfg.lr_method, cfg.lr, fit_steps(cfg, ds))
+
+
+def fit_steps(cfg: JobConfig, ds: data.Dataset) -> int:
+    """Optimizer steps of the fit: the one-cycle schedule's length, and what the combined rule weighs."""
+    return cfg.epochs * math.ceil(len(ds.train) / cfg.batch_size)
 
 
 PROBE_SIZE = 1024  # held-out samples the probe scores after every sweep step: ~1/5 of a validation pass
@@ -192,8 +198,10 @@ def run(cfg: JobConfig, source: data.Source, tracker: Tracker, workdir: Path) ->
         tracker.log_params({"lr_used": f"{choice.lr:.6g}", "lr_source": choice.source})
 
     train, val, test = fit_batches(cfg, ds, rt)
-    total_steps = cfg.epochs * len(train)  # type: ignore[arg-type]
+    total_steps = fit_steps(cfg, ds)
     module = build_classifier(cfg, rt, OptimSpec(cfg.optimizer, choice.lr, cfg.schedule, total_steps, choice.lr_low))
+    if cfg.compile:
+        module.compile_net()
     sink = lambda epoch, metrics: tracker.log_metrics(metrics, step=epoch)  # noqa: E731
     checkpoint = workdir / "last.ckpt"
     try:

@@ -52,15 +52,36 @@ def test_valley_lies_inside_the_descent():
     assert 10**-3.8 < found.lr < 10**-1.5
 
 
-def test_combined_is_between_steepest_and_a_third_of_the_minimum_and_reports_every_rule():
+def test_combined_is_the_geometric_mean_of_steepest_and_the_ceiling_and_reports_every_rule():
     losses = sigmoid_curve()
     found = suggest(LRS, losses)
     assert found.method == "combined"
     assert set(found.candidates) == {"steepest", "valley", "minimum"}
-    curve = lr_range.usable_curve(LRS, losses)
-    ceiling = LRS[int(np.argmin(curve.smoothed))] / lr_range.SAFETY
+    ceiling = lr_range.bottom(lr_range.usable_curve(LRS, losses)) / lr_range.SAFETY
     assert found.lr == pytest.approx(math.sqrt(found.candidates["steepest"] * ceiling))
     assert 0 < found.confidence <= 1
+
+
+def test_the_floor_is_the_middle_of_a_flat_bottom_not_its_noisiest_point():
+    # Flat between 10**-2.5 and 10**-1.5, a noise dip of 3% of the drop at its left edge.
+    losses = np.interp(X, [-6, -4, -2.5, -1.5, 0], [2.3, 2.3, 0.5, 0.5, 3.0])
+    losses[(X > -2.5) & (X < -2.3)] -= 0.05
+    curve = lr_range.usable_curve(LRS, losses)
+    assert decades(lr_range.bottom(curve), 10**-2.0) < 0.15
+    assert decades(float(curve.lrs[np.argmin(curve.smoothed)]), 10**-2.0) > 0.2  # where the argmin went
+
+
+@pytest.mark.parametrize(("steps", "weight"), [(None, 0.5), (5000, 0.5), (600, 0.5), (100, 1.0), (20, 1.0)])
+def test_weight_toward_the_floor_grows_as_the_training_shortens(steps, weight):
+    assert lr_range.toward_floor(steps) == pytest.approx(weight)
+
+
+def test_a_shorter_training_gets_a_larger_suggestion_up_to_the_ceiling():
+    losses = sigmoid_curve()
+    ceiling = lr_range.bottom(lr_range.usable_curve(LRS, losses)) / lr_range.SAFETY
+    lrs = [suggest(LRS, losses, train_steps=n).lr for n in (5000, 400, 200, 100)]
+    assert lrs == sorted(lrs) and lrs[0] < lrs[1] < lrs[2]
+    assert lrs[-1] == pytest.approx(ceiling)
 
 
 def test_combined_never_comes_within_the_safety_factor_of_the_minimum():
@@ -68,8 +89,9 @@ def test_combined_never_comes_within_the_safety_factor_of_the_minimum():
     losses = sigmoid_curve(center=-1.3, width=0.1, blowup_at=-1.0)
     curve = lr_range.usable_curve(LRS, losses)
     lr_at_min = LRS[int(np.argmin(curve.smoothed))]
-    found = suggest(LRS, losses)
-    assert found.lr <= lr_at_min / lr_range.SAFETY * (1 + 1e-9)
+    for steps in (None, 50):
+        found = suggest(LRS, losses, train_steps=steps)
+        assert found.lr <= lr_at_min / lr_range.SAFETY * (1 + 1e-9)
 
 
 def test_nan_from_the_first_step_falls_back_with_a_reason():
