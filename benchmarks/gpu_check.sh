@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU-specific check and timing in one go, for a machine with an NVIDIA GPU:
 #   bash benchmarks/gpu_check.sh        (after bash .ci/setup)
-# Prints the device, runs the gpu-marked tests, then times the default job and one epoch in bf16 and fp32.
+# Prints the device, runs the gpu-marked tests, then times the default job in bf16 and fp32, and with compile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -9,10 +9,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))'
 $PY -m pytest -q -m gpu tests/test_gpu.py
 export MLFLOW_TRACKING_URI=sqlite:///$(mktemp -d)/gpu.db
-for precision in bf16-mixed 32-true; do
+for variant in "bf16-mixed false" "32-true false" "bf16-mixed true"; do
+  read -r precision compile <<<"$variant"
   start=$(date +%s.%N)
-  $PY -m mlproject train --auto-lr true --accelerator gpu --precision "$precision" --experiment-name gpu-timing
-  echo "default job, $precision: $(echo "$(date +%s.%N) - $start" | bc) s wall"
+  $PY -m mlproject train --auto-lr true --accelerator gpu --precision "$precision" --compile "$compile" \
+    --experiment-name gpu-timing
+  echo "default job, $precision, compile=$compile: $(echo "$(date +%s.%N) - $start" | bc) s wall"
 done
 $PY - <<'PYEOF'
 from mlflow.tracking import MlflowClient
@@ -20,6 +22,6 @@ import os
 c = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
 for run in c.search_runs([c.get_experiment_by_name("gpu-timing").experiment_id]):
     epochs = [m.value for m in c.get_metric_history(run.info.run_id, "epoch_seconds")]
-    print(run.data.tags["precision"], "range test", round(run.data.metrics["lr_find_seconds"], 2), "s;",
+    print(run.data.tags["precision"], "compile", run.data.params["compile"], "range test", round(run.data.metrics["lr_find_seconds"], 2), "s;",
           "epochs", [round(e, 2) for e in epochs], "s; test_acc", round(run.data.metrics["test_acc"], 4))
 PYEOF
