@@ -63,12 +63,17 @@ def find_lr(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime, tracker: Tra
     source = "fallback" if found.method == "fallback" else "finder"
     log.info("range test: %d steps in %.2fs; %s lr=%.4g (%s)", curve.steps_run, curve.seconds, source, found.lr,
              found.reason)  # fmt: skip
-    repeats = {"repeats": len(sweeps), "repeat_suggestions": [s[1].lr for s in sweeps], "spread_decades": spread}
+    steps = fit_steps(cfg, ds)
+    extra = {
+        "fit_steps": steps,  # the length of fit the combined rule weighed
+        "repeats": len(sweeps),
+        "repeat_suggestions": [s[1].lr for s in sweeps],
+        "spread_decades": spread,
+    }
     if cfg.lr_probe:  # what the training-loss curve alone would have said, for comparison
-        repeats["signal"] = "validation probe"
-        steps = fit_steps(cfg, ds)
-        repeats["train_curve_suggestion"] = lr_range.suggest(curve.lrs, curve.losses, cfg.lr_method, cfg.lr, steps).lr
-    log_range_test(tracker, curve, found, repeats)
+        extra["signal"] = "validation probe"
+        extra["train_curve_suggestion"] = lr_range.suggest(curve.lrs, curve.losses, cfg.lr_method, cfg.lr, steps).lr
+    log_range_test(tracker, curve, found, extra)
     assert found.lr is not None  # suggest() always answers
     peak = found.lr_high if cfg.schedule == "onecycle" else found.lr
     low = found.lr_low if cfg.schedule == "onecycle" and source == "finder" else 0.0
@@ -105,7 +110,7 @@ def spread_decades(lrs: list[float]) -> float:
 
 
 def log_range_test(
-    tracker: Tracker, curve: sweep.LRCurve, found: lr_range.Suggestion, repeats: dict[str, object]
+    tracker: Tracker, curve: sweep.LRCurve, found: lr_range.Suggestion, extra: dict[str, object]
 ) -> None:
     usable = lr_range.usable_curve(curve.lrs, curve.losses)
     smoothed = usable.smoothed.tolist()
@@ -125,7 +130,7 @@ def log_range_test(
         "stopped_on_divergence": curve.stopped_early or bool(usable.reason),
         "divergence": usable.reason or None,
         "seconds": round(curve.seconds, 3),
-        **repeats,
+        **extra,
     }
     png = plots.loss_vs_lr(
         curve.lrs, curve.losses, smoothed, float(found.lr or 0), found.method, found.candidates, curve.probe_losses
@@ -133,7 +138,7 @@ def log_range_test(
     tracker.log_files({"curve.csv": curve_csv(curve, smoothed), "loss_vs_lr.png": png}, "lr_find")
     tracker.log_json("summary.json", summary, "lr_find")
     tracker.log_params({"lr_suggested": f"{found.lr:.6g}", "lr_method": found.method})
-    spread = float(repeats["spread_decades"])  # type: ignore[arg-type]
+    spread = float(extra["spread_decades"])  # type: ignore[arg-type]
     tracker.log_metrics({"lr_suggested": float(found.lr or 0), "lr_find_seconds": curve.seconds, "lr_spread": spread})
 
 

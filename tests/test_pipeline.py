@@ -81,7 +81,8 @@ def test_probe_mode_suggests_from_the_held_out_curve_and_logs_both(tmp_path, tin
     assert summary["signal"] == "validation probe" and "train_curve_suggestion" in summary
     probe = [float(r.split(",")[4]) for r in rows[1:]]
     lrs = [float(r.split(",")[1]) for r in rows[1:]]
-    assert float(params["lr_suggested"]) == pytest.approx(suggest(lrs, probe, fallback_lr=1e-3).lr, rel=1e-4)
+    expected = suggest(lrs, probe, fallback_lr=1e-3, train_steps=summary["fit_steps"]).lr
+    assert float(params["lr_suggested"]) == pytest.approx(expected, rel=1e-4)
 
 
 def test_compile_trains_the_same_network_and_keeps_its_checkpoint_names(tmp_path, tiny_data):
