@@ -80,14 +80,18 @@ def usable_curve(lrs: Sequence[float], losses: Sequence[float]) -> Curve:
     return Curve(x[:end], y[:end], sm, end, reason)
 
 
+def _start_level(smoothed: np.ndarray) -> float:
+    """The loss before the sweep moves it: the median of the first 5% of the smoothed curve (3 points or more)."""
+    return float(np.median(smoothed[: max(3, len(smoothed) // 20)]))
+
+
 def _descending_part(curve: Curve) -> tuple[int, int] | None:
     """Indices (start, stop) of the stretch up to the smoothed minimum, if it falls enough to mean anything."""
     n = len(curve.smoothed)
     if n < MIN_POINTS:
         return None
     i_min = int(np.argmin(curve.smoothed))
-    start_level = float(np.median(curve.smoothed[: max(3, n // 20)]))
-    if i_min < 3 or curve.smoothed[i_min] > start_level * (1 - MIN_DROP):
+    if i_min < 3 or curve.smoothed[i_min] > _start_level(curve.smoothed) * (1 - MIN_DROP):
         return None
     return 0, i_min
 
@@ -155,14 +159,18 @@ def bottom(curve: Curve, tolerance: float = BOTTOM_TOLERANCE) -> float:
     drop (start level to minimum) from the minimum: the curve's floor, steadier between seeds than its argmin."""
     sm = curve.smoothed
     i_min = int(np.argmin(sm))
-    start_level = float(np.median(sm[: max(3, len(sm) // 20)]))
-    level = sm[i_min] + tolerance * max(0.0, start_level - float(sm[i_min]))
+    level = sm[i_min] + tolerance * max(0.0, _start_level(sm) - float(sm[i_min]))
     lo = hi = i_min
     while lo > 0 and sm[lo - 1] <= level:
         lo -= 1
     while hi + 1 < len(sm) and sm[hi + 1] <= level:
         hi += 1
     return float(10 ** np.mean(curve.log_lrs[lo : hi + 1]))
+
+
+def ceiling(curve: Curve) -> float:
+    """The largest LR the combined rule and the one-cycle peak will use: SAFETY below the floor."""
+    return bottom(curve) / SAFETY
 
 
 def toward_floor(train_steps: int | None) -> float:
@@ -188,14 +196,14 @@ def combined(curve: Curve, train_steps: int | None = None) -> Suggestion:
     steep = found["steepest"].lr
     if steep is None:
         return Suggestion(None, "combined", 0.0, found["steepest"].reason, candidates=candidates)
-    ceiling = bottom(curve) / SAFETY
+    top = ceiling(curve)
     w = toward_floor(train_steps)
-    lr = min(steep ** (1 - w) * ceiling**w, ceiling)
-    reason = f"{1 - w:.2f}:{w:.2f} geometric mean of steepest={steep:.3g} and floor/{SAFETY:g}={ceiling:.3g}"
-    if lr >= ceiling:
-        reason = f"floor/{SAFETY:g}={ceiling:.3g} (steepest={steep:.3g}, weight {w:.2f} toward the floor)"
+    lr = min(steep ** (1 - w) * top**w, top)
+    reason = f"{1 - w:.2f}:{w:.2f} geometric mean of steepest={steep:.3g} and floor/{SAFETY:g}={top:.3g}"
+    if lr >= top:
+        reason = f"floor/{SAFETY:g}={top:.3g} (steepest={steep:.3g}, weight {w:.2f} toward the floor)"
     # Confidence: the two agree within a decade -> 1; two decades apart -> 0.
-    confidence = float(np.clip(1.5 - abs(math.log10(ceiling / steep)) / 2, 0.0, 1.0))
+    confidence = float(np.clip(1.5 - abs(math.log10(top / steep)) / 2, 0.0, 1.0))
     return Suggestion(lr, "combined", confidence, reason, candidates=candidates)
 
 
@@ -205,8 +213,8 @@ METHODS: dict[str, Callable[[Curve], Suggestion]] = {"combined": combined, **RUL
 def lr_range(curve: Curve, lr: float) -> tuple[float, float]:
     """(lr_low, lr_high) for cyclical schedules (Smith 2018): the peak near the largest LR that still trains
     well, the floor's ceiling, but between 1x and 2x the suggestion; the low end a tenth of it."""
-    ceiling = bottom(curve) / SAFETY if len(curve.smoothed) else lr
-    high = max(lr, min(ceiling, 2 * lr))
+    top = ceiling(curve) if len(curve.smoothed) else lr
+    high = max(lr, min(top, 2 * lr))
     return high / 10, high
 
 
