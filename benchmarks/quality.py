@@ -3,11 +3,13 @@
     python -m benchmarks.quality [--epochs 2] [--cases lenet-adam-64,mlp-adam-256] [--seeds 5] [--train-seeds 2]
 
 For each case: one range test (seed 42), every rule's suggestion and Lightning's `suggestion()` on the same
-sweep; then a constant-LR training at each LR of a half-decade grid (3e-5 .. 0.3) and at each suggested LR,
-same epochs, each LR trained with the same `--train-seeds` seeds (42, 43, ...: weights and batch order) and
-its test accuracy averaged over them. Regret = best mean test accuracy of the grid minus the mean test
-accuracy at the suggestion, in points. The noise of one training is printed too: the median absolute
-difference between two seeds' accuracies at the same grid LR (over the LRs where both trained).
+sweep (Lightning reads all of it, as its own finder would record it; the rules read the part the job's sweep,
+which stops early, would have run: the same steps, cut short); then a constant-LR training at each LR of a
+half-decade grid (3e-5 .. 0.3) and at each suggested LR, same epochs, each LR trained with the same
+`--train-seeds` seeds (42, 43, ...: weights and batch order) and its test accuracy averaged over them.
+Regret = best mean test accuracy of the grid minus the mean test accuracy at the suggestion, in points.
+The noise of one training is printed too: the median absolute difference between two seeds' accuracies at
+the same grid LR (over the LRs where both trained).
 `--seeds N` also repeats the range test of the first case over N seeds and prints the spread in decades.
 All cases use Fashion-MNIST (Debian's dataset-fashion-mnist); --data-dir points elsewhere.
 """
@@ -64,7 +66,14 @@ def config(case: Case, epochs: int, seed: int = 42, train_subset: int = 0) -> Jo
 
 
 def sweep_once(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime) -> sweep.LRCurve:
-    return pipeline.one_sweep(cfg, ds, rt)[0]  # the job's own range test
+    """The job's own range test, run to lr_max (or Lightning's 4x stop) without the job's early stop."""
+    return pipeline.one_sweep(cfg, ds, rt, stop_early=False)[0]
+
+
+def job_steps(curve: sweep.LRCurve) -> int:
+    """How many of the curve's steps the job's sweep runs before lr_range.sweep_done stops it."""
+    done = (k for k in range(1, curve.steps_run + 1) if lr_range.sweep_done(curve.lrs[:k], curve.losses[:k]))
+    return next(done, curve.steps_run)
 
 
 def lightning_suggestion(curve: sweep.LRCurve) -> float | None:
@@ -75,8 +84,9 @@ def lightning_suggestion(curve: sweep.LRCurve) -> float | None:
 
 def suggestions(curve: sweep.LRCurve, train_steps: int) -> dict[str, float | None]:
     found: dict[str, float | None] = {}
+    k = job_steps(curve)
     for rule in RULES:
-        s = lr_range.suggest(curve.lrs, curve.losses, rule, train_steps=train_steps)
+        s = lr_range.suggest(curve.lrs[:k], curve.losses[:k], rule, train_steps=train_steps)
         found[rule] = s.lr if s.method != "fallback" else None
     found["lightning"] = lightning_suggestion(curve)
     return found
@@ -119,7 +129,9 @@ def run_case(
     cfg = config(case, epochs, train_subset=train_subset)
     ds = pipeline.load_data(cfg, source)
     rt = training.detect_runtime(cfg, ds.train.images.numel())
-    found = suggestions(sweep_once(cfg, ds, rt), pipeline.fit_steps(cfg, ds))
+    curve = sweep_once(cfg, ds, rt)
+    print(f"  {case.name}: the job's sweep runs {job_steps(curve)} of {curve.steps_run} steps", flush=True)
+    found = suggestions(curve, pipeline.fit_steps(cfg, ds))
     seeds = [cfg.replace(seed=42 + k) for k in range(train_seeds)]
 
     def mean_acc(lr: float) -> float:

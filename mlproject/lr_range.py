@@ -19,6 +19,10 @@ DIVERGE_FACTOR = 4.0  # as Lightning's early stop: past 4x the best loss the swe
 SAFETY = 2.0  # never suggest within this factor of the floor of the curve: divergence is near
 BOTTOM_TOLERANCE = 0.2  # the floor: within 20% of the drop from the smoothed minimum
 SHORT_FIT, LONG_FIT = 100, 600  # training steps: at or below SHORT_FIT the combined rule takes the ceiling
+# Widths in decades of LR, not in points, so that a sweep stopped early is read exactly as the full one would
+# be: the default sweep (1e-6 .. 1 in 100 steps) has 16.5 points a decade.
+SMOOTH_DECADES = 0.202  # the Gaussian's sigma: 100/30 steps of the default sweep
+START_DECADES = 0.25  # the stretch whose median is the curve's starting level
 
 
 @dataclass(frozen=True)
@@ -47,8 +51,17 @@ class Curve:
         return np.log10(self.lrs)
 
 
+def points_per_decade(lrs: Sequence[float] | np.ndarray) -> float:
+    """Sweep steps per decade of LR (the median spacing); 0 when the LRs do not rise."""
+    steps = np.diff(np.log10(np.asarray(lrs, dtype=float)))
+    steps = steps[np.isfinite(steps)]
+    spacing = float(np.median(steps)) if len(steps) else 0.0
+    return 1.0 / spacing if spacing > 0 else 0.0
+
+
 def smooth(losses: Sequence[float], sigma: float | None = None) -> np.ndarray:
-    """Zero-phase Gaussian smoothing over sweep steps (no lag, unlike Lightning's running average)."""
+    """Zero-phase Gaussian smoothing over sweep steps (no lag, unlike Lightning's running average);
+    `sigma` in steps, by default a thirtieth of the curve."""
     y = np.asarray(losses, dtype=float)
     n = len(y)
     if n < 3:
@@ -70,19 +83,49 @@ def usable_curve(lrs: Sequence[float], losses: Sequence[float]) -> Curve:
         raise ValueError(f"lrs and losses differ in length ({len(x)} vs {len(y)})")
     bad = np.flatnonzero(~np.isfinite(y) | ~np.isfinite(x) | (x <= 0))
     end, reason = (int(bad[0]), "non-finite loss") if len(bad) else (len(y), "")
-    sm = smooth(y[:end])
+    sigma = _sigma(x[:end])
+    sm = smooth(y[:end], sigma)
     if end:
         best = np.minimum.accumulate(sm)
         over = np.flatnonzero((sm > DIVERGE_FACTOR * best) & (np.arange(end) > np.argmin(sm)))
         if len(over):
             end, reason = int(over[0]), f"loss above {DIVERGE_FACTOR:g}x its minimum"
-            sm = smooth(y[:end])
+            sm = smooth(y[:end], sigma)
     return Curve(x[:end], y[:end], sm, end, reason)
 
 
-def _start_level(smoothed: np.ndarray) -> float:
-    """The loss before the sweep moves it: the median of the first 5% of the smoothed curve (3 points or more)."""
-    return float(np.median(smoothed[: max(3, len(smoothed) // 20)]))
+def _sigma(lrs: np.ndarray) -> float | None:
+    """SMOOTH_DECADES in steps of this sweep (1 at least); None (smooth()'s default) if the LRs do not rise."""
+    density = points_per_decade(lrs)
+    return max(1.0, SMOOTH_DECADES * density) if density else None
+
+
+def _start_level(curve: Curve) -> float:
+    """The loss before the sweep moves it: the median of the smoothed curve over its first START_DECADES
+    (3 points or more; the first 5% of a sweep whose LRs do not rise)."""
+    sm = curve.smoothed
+    density = points_per_decade(curve.lrs)
+    count = int(START_DECADES * density) + 1 if density else len(sm) // 20
+    return float(np.median(sm[: max(3, count)]))
+
+
+def sweep_done(lrs: Sequence[float], losses: Sequence[float]) -> bool:
+    """True once the range test may stop: the last loss is not finite, or the curve has a point past which the
+    rules read nothing (the cut at 4x the minimum, or where the smoothed loss, having fallen MIN_DROP below its
+    start, rises back above the start level) and that point is a whole smoothing window behind, so the curve up
+    to it is smoothed exactly as in a sweep that ran on. After that point the network is no better than at the
+    start: there is no minimum, floor or steepest descent left to find.
+    """
+    if len(losses) and not math.isfinite(losses[-1]):
+        return True
+    curve = usable_curve(lrs, losses)
+    end = curve.stopped_at if curve.reason else None
+    if end is None and _descending_part(curve) is not None:
+        i_min = int(np.argmin(curve.smoothed))
+        above = np.flatnonzero(curve.smoothed[i_min:] > _start_level(curve))
+        end = i_min + int(above[0]) if len(above) else None
+    window = int(3 * (_sigma(curve.lrs) or 1.0))
+    return end is not None and len(losses) - 1 - end >= window
 
 
 def _descending_part(curve: Curve) -> tuple[int, int] | None:
@@ -91,7 +134,7 @@ def _descending_part(curve: Curve) -> tuple[int, int] | None:
     if n < MIN_POINTS:
         return None
     i_min = int(np.argmin(curve.smoothed))
-    if i_min < 3 or curve.smoothed[i_min] > _start_level(curve.smoothed) * (1 - MIN_DROP):
+    if i_min < 3 or curve.smoothed[i_min] > _start_level(curve) * (1 - MIN_DROP):
         return None
     return 0, i_min
 
@@ -159,7 +202,7 @@ def bottom(curve: Curve, tolerance: float = BOTTOM_TOLERANCE) -> float:
     drop (start level to minimum) from the minimum: the curve's floor, steadier between seeds than its argmin."""
     sm = curve.smoothed
     i_min = int(np.argmin(sm))
-    level = sm[i_min] + tolerance * max(0.0, _start_level(sm) - float(sm[i_min]))
+    level = sm[i_min] + tolerance * max(0.0, _start_level(curve) - float(sm[i_min]))
     lo = hi = i_min
     while lo > 0 and sm[lo - 1] <= level:
         lo -= 1

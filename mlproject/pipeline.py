@@ -80,12 +80,14 @@ def find_lr(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime, tracker: Tra
     return LRChoice(peak, source, low, found, curve)
 
 
-def one_sweep(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime) -> tuple[sweep.LRCurve, lr_range.Suggestion]:
+def one_sweep(
+    cfg: JobConfig, ds: data.Dataset, rt: training.Runtime, stop_early: bool = True
+) -> tuple[sweep.LRCurve, lr_range.Suggestion]:
     """One range test; with lr_probe the suggestion comes from the held-out probe's curve."""
     model = build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr_min))
     train = training.batches(ds.train, ds, rt, cfg.batch_size, shuffle=True, seed=cfg.seed + 1)
     probe = probe_batch(ds, rt) if cfg.lr_probe else None
-    curve = sweep.range_test(model, train, rt, cfg.lr_min, cfg.lr_max, cfg.lr_steps, probe)
+    curve = sweep.range_test(model, train, rt, cfg.lr_min, cfg.lr_max, cfg.lr_steps, probe, stop_early)
     losses = curve.probe_losses if cfg.lr_probe else curve.losses
     return curve, lr_range.suggest(curve.lrs, losses, cfg.lr_method, cfg.lr, fit_steps(cfg, ds))
 

@@ -14,6 +14,7 @@ import torch
 from lightning_fabric.plugins import CheckpointIO
 from pytorch_lightning.tuner import Tuner
 
+from mlproject import lr_range
 from mlproject.model import Classifier, make_optimizer
 from mlproject.training import Runtime, build_trainer
 
@@ -57,28 +58,35 @@ class MemoryCheckpointIO(CheckpointIO):
 
 
 class _Recorder(pl.LightningModule):
-    """Trains a private copy of the classifier and records the raw loss of every sweep step."""
+    """Trains a private copy of the classifier and records the LR and raw loss of every sweep step; with
+    `stop_early`, ends the sweep once lr_range.sweep_done says the rest of it cannot change a suggestion."""
 
-    def __init__(self, classifier: Classifier, probe: Batch | None = None) -> None:
+    def __init__(self, classifier: Classifier, probe: Batch | None = None, stop_early: bool = True) -> None:
         super().__init__()
         self.inner = copy.deepcopy(classifier)
         self.probe = probe
-        self.raw: list[torch.Tensor] = []
-        self.probed: list[torch.Tensor] = []
+        self.stop_early = stop_early
+        self.lrs: list[float] = []
+        self.raw: list[float] = []
+        self.probed: list[float] = []
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
         loss, _ = self.inner.loss(batch)
-        self.raw.append(loss.detach())
         return loss
 
     def on_train_batch_end(self, outputs: object, batch: Batch, batch_idx: int) -> None:
-        """With a probe: its loss under the weights this step's LR produced (eval mode: BatchNorm untouched)."""
-        if self.probe is None:
-            return
-        self.inner.eval()
-        with torch.no_grad():
-            self.probed.append(self.inner.loss(self.probe)[0].detach())
-        self.inner.train()
+        """One host sync a step, as Lightning's own finder makes: the loss the curve needs. With a probe, also
+        its loss under the weights this step's LR produced (eval mode: BatchNorm untouched)."""
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.raw.append(float(loss))  # type: ignore[arg-type]
+        if self.probe is not None:
+            self.inner.eval()
+            with torch.no_grad():
+                self.probed.append(float(self.inner.loss(self.probe)[0]))
+            self.inner.train()
+        if self.stop_early and lr_range.sweep_done(self.lrs, self.probed if self.probe is not None else self.raw):
+            self.trainer.should_stop = True
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return make_optimizer(self.parameters(), self.inner.optim.optimizer, lr=1.0)  # lr_find sets the LR
@@ -92,14 +100,17 @@ def range_test(
     lr_max: float,
     steps: int,
     probe: Batch | None = None,
+    stop_early: bool = True,
 ) -> LRCurve:
     """Sweep the LR exponentially from lr_min to lr_max, one optimizer step each; `classifier` is not touched.
 
     The global RNG is forked, so running the sweep does not change what the fit afterwards does. With `probe`
     (a fixed held-out batch), the loss on it after every step is recorded too: Smith's validation-based test.
+    With `stop_early`, the sweep ends once the curve has diverged past any use (lr_range.sweep_done), besides
+    Lightning's own stop at 4x the best running-average loss.
     """
     start = time.perf_counter()
-    recorder = _Recorder(classifier, probe)
+    recorder = _Recorder(classifier, probe, stop_early)
     epochs = math.ceil(steps / max(1, len(train))) + 1  # type: ignore[arg-type]
     devices = [torch.cuda.current_device()] if rt.accelerator == "gpu" else []
     with torch.random.fork_rng(devices=devices):
@@ -109,13 +120,11 @@ def range_test(
         )
     assert finder is not None  # None only under fast_dev_run, which is never set here
     lrs = [float(v) for v in finder.results["lr"]]
-    raw = torch.stack(recorder.raw).float().tolist() if recorder.raw else []
-    probed = torch.stack(recorder.probed).float().tolist() if recorder.probed else []
     return LRCurve(
         lrs=lrs,
-        losses=raw[: len(lrs)],
+        losses=recorder.raw[: len(lrs)],
         lightning_losses=[float(v) for v in finder.results["loss"]],
-        probe_losses=probed[: len(lrs)],
+        probe_losses=recorder.probed[: len(lrs)],
         lr_min=lr_min,
         lr_max=lr_max,
         steps_requested=steps,

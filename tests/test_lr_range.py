@@ -65,7 +65,7 @@ def test_combined_is_the_geometric_mean_of_steepest_and_the_ceiling_and_reports_
 def test_the_floor_is_the_middle_of_a_flat_bottom_not_its_noisiest_point():
     # Flat between 10**-2.5 and 10**-1.5, a noise dip of 3% of the drop at its left edge.
     losses = np.interp(X, [-6, -4, -2.5, -1.5, 0], [2.3, 2.3, 0.5, 0.5, 3.0])
-    losses[(X > -2.5) & (X < -2.3)] -= 0.05
+    losses[(X > -2.5) & (X < -2.3)] -= 0.08
     curve = lr_range.usable_curve(LRS, losses)
     assert decades(lr_range.bottom(curve), 10**-2.0) < 0.15
     assert decades(float(curve.lrs[np.argmin(curve.smoothed)]), 10**-2.0) > 0.2  # where the argmin went
@@ -160,3 +160,46 @@ def test_smoothing_has_no_phase_lag():
     # Zero phase: the smoothed curve crosses the midpoint where the raw one does.
     mid = (y.max() + y.min()) / 2
     assert abs(int(np.argmin(abs(sm - mid))) - int(np.argmin(abs(y - mid)))) <= 1
+
+
+def first_stop(lrs: np.ndarray, losses: np.ndarray) -> int | None:
+    """The number of steps after which a sweep of this curve would stop (None: it runs to the end)."""
+    return next((k for k in range(1, len(lrs) + 1) if lr_range.sweep_done(lrs[:k], losses[:k])), None)
+
+
+def u_curve(rise_at: float = -1.5) -> np.ndarray:
+    """Falls around 1e-3 like sigmoid_curve, then climbs back to 3.0 (above its start) from 10**rise_at."""
+    return sigmoid_curve(blowup_at=10) + np.where(rise_at < X, 2.5 * (X - rise_at), 0.0)
+
+
+def test_a_sweep_stops_a_smoothing_window_after_the_loss_climbs_back_above_its_start():
+    losses = u_curve()
+    k = first_stop(LRS, losses)
+    crossing = int(np.argmax((X > -1.5) & (losses > 2.3)))  # the raw curve's crossing of its start level
+    window = int(3 * lr_range.SMOOTH_DECADES * lr_range.points_per_decade(LRS))
+    assert k is not None and crossing + window - 3 <= k <= crossing + window + 3 < len(LRS)
+    # What the stopped sweep suggests is what the full sweep suggests.
+    for method in lr_range.METHODS:
+        assert suggest(LRS[:k], losses[:k], method).lr == pytest.approx(suggest(LRS, losses, method).lr)
+
+
+def test_a_sweep_that_never_climbs_back_runs_to_the_end():
+    assert first_stop(LRS, sigmoid_curve(blowup_at=10)) is None  # falls and stays down
+    assert first_stop(LRS, np.full(len(LRS), 2.3)) is None  # flat: nothing to stop on
+
+
+def test_a_sweep_stops_at_a_non_finite_loss_and_after_the_four_times_cut():
+    losses = sigmoid_curve(blowup_at=10)
+    losses[60] = np.inf
+    assert first_stop(LRS, losses) == 61
+    blowup = sigmoid_curve(blowup_at=-1.0)
+    k = first_stop(LRS, blowup)
+    assert k is not None and k > lr_range.usable_curve(LRS, blowup).stopped_at
+    assert suggest(LRS[:k], blowup[:k]).lr == pytest.approx(suggest(LRS, blowup).lr)
+
+
+def test_smoothing_and_start_level_are_set_in_decades_so_a_shorter_sweep_reads_the_same():
+    losses = u_curve()
+    full, cut = lr_range.usable_curve(LRS, losses), lr_range.usable_curve(LRS[:80], losses[:80])
+    np.testing.assert_allclose(cut.smoothed[:60], full.smoothed[:60])
+    assert lr_range._start_level(cut) == lr_range._start_level(full)

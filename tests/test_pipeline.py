@@ -10,12 +10,13 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from mlproject import data, pipeline
+from mlproject import data, pipeline, training
 from mlproject.config import JobConfig
 from mlproject.errors import TrainingDiverged
 from mlproject.lr_range import suggest
 from mlproject.model import lenet
 from mlproject.tracking import Tracker
+from tests.conftest import FASHION_DIR, requires_fashion_mnist
 
 SMALL = dict(dataset="fashion-mnist", val_size=100, batch_size=32, lr_steps=20, accelerator="cpu", seed=7)
 
@@ -95,3 +96,15 @@ def test_compile_trains_the_same_network_and_keeps_its_checkpoint_names(tmp_path
     (checkpoint,) = (tmp_path / "compiled").glob("*/last.ckpt")
     keys = set(torch.load(checkpoint, weights_only=False)["state_dict"])
     assert keys == {f"net.{k}" for k in lenet().state_dict()}
+
+
+@requires_fashion_mnist
+def test_the_range_test_stops_once_the_curve_has_diverged_and_suggests_what_the_full_sweep_would():
+    cfg = JobConfig(train_subset=8000, val_size=500, accelerator="cpu", precision="32-true", seed=3)
+    ds = pipeline.load_data(cfg, data.Source((FASHION_DIR,)))
+    rt = training.detect_runtime(cfg, ds.train.images.numel())
+    early, early_found = pipeline.one_sweep(cfg, ds, rt)
+    full, full_found = pipeline.one_sweep(cfg, ds, rt, stop_early=False)
+    assert early.steps_run < full.steps_run == cfg.lr_steps  # LeNet/Adam diverges before lr_max=1
+    assert early.losses == full.losses[: early.steps_run]  # the same sweep, cut short
+    assert early_found.lr == pytest.approx(full_found.lr)
