@@ -45,6 +45,7 @@ class Curve:
     smoothed: np.ndarray
     stopped_at: int  # index of the first discarded point (len(input) when none was discarded)
     reason: str  # why points were discarded, or ""
+    per_decade: float = 0.0  # sweep steps per decade of LR (0: the LRs do not rise)
 
     @property
     def log_lrs(self) -> np.ndarray:
@@ -52,11 +53,10 @@ class Curve:
 
 
 def points_per_decade(lrs: Sequence[float] | np.ndarray) -> float:
-    """Sweep steps per decade of LR (the median spacing); 0 when the LRs do not rise."""
-    steps = np.diff(np.log10(np.asarray(lrs, dtype=float)))
-    steps = steps[np.isfinite(steps)]
-    spacing = float(np.median(steps)) if len(steps) else 0.0
-    return 1.0 / spacing if spacing > 0 else 0.0
+    """Sweep steps per decade of LR, from the first and last LR of an exponential sweep; 0 when they do not rise."""
+    if len(lrs) < 2 or not 0 < lrs[0] < lrs[-1] < math.inf:
+        return 0.0
+    return (len(lrs) - 1) / math.log10(lrs[-1] / lrs[0])
 
 
 def smooth(losses: Sequence[float], sigma: float | None = None) -> np.ndarray:
@@ -83,7 +83,8 @@ def usable_curve(lrs: Sequence[float], losses: Sequence[float]) -> Curve:
         raise ValueError(f"lrs and losses differ in length ({len(x)} vs {len(y)})")
     bad = np.flatnonzero(~np.isfinite(y) | ~np.isfinite(x) | (x <= 0))
     end, reason = (int(bad[0]), "non-finite loss") if len(bad) else (len(y), "")
-    sigma = _sigma(x[:end])
+    density = points_per_decade(x[:end])
+    sigma = _sigma(density)
     sm = smooth(y[:end], sigma)
     if end:
         best = np.minimum.accumulate(sm)
@@ -91,21 +92,19 @@ def usable_curve(lrs: Sequence[float], losses: Sequence[float]) -> Curve:
         if len(over):
             end, reason = int(over[0]), f"loss above {DIVERGE_FACTOR:g}x its minimum"
             sm = smooth(y[:end], sigma)
-    return Curve(x[:end], y[:end], sm, end, reason)
+    return Curve(x[:end], y[:end], sm, end, reason, density)
 
 
-def _sigma(lrs: np.ndarray) -> float | None:
-    """SMOOTH_DECADES in steps of this sweep (1 at least); None (smooth()'s default) if the LRs do not rise."""
-    density = points_per_decade(lrs)
-    return max(1.0, SMOOTH_DECADES * density) if density else None
+def _sigma(per_decade: float) -> float | None:
+    """SMOOTH_DECADES in steps of a sweep (1 at least); None (smooth()'s default) if its LRs do not rise."""
+    return max(1.0, SMOOTH_DECADES * per_decade) if per_decade else None
 
 
 def _start_level(curve: Curve) -> float:
     """The loss before the sweep moves it: the median of the smoothed curve over its first START_DECADES
     (3 points or more; the first 5% of a sweep whose LRs do not rise)."""
     sm = curve.smoothed
-    density = points_per_decade(curve.lrs)
-    count = int(START_DECADES * density) + 1 if density else len(sm) // 20
+    count = int(START_DECADES * curve.per_decade) + 1 if curve.per_decade else len(sm) // 20
     return float(np.median(sm[: max(3, count)]))
 
 
@@ -124,7 +123,7 @@ def sweep_done(lrs: Sequence[float], losses: Sequence[float]) -> bool:
         i_min = int(np.argmin(curve.smoothed))
         above = np.flatnonzero(curve.smoothed[i_min:] > _start_level(curve))
         end = i_min + int(above[0]) if len(above) else None
-    window = int(3 * (_sigma(curve.lrs) or 1.0))
+    window = int(3 * (_sigma(curve.per_decade) or 1.0))
     return end is not None and len(losses) - 1 - end >= window
 
 

@@ -72,8 +72,7 @@ class _Recorder(pl.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
-        loss, _ = self.inner.loss(batch)
-        return loss
+        return self.inner.loss(batch)
 
     def on_train_batch_end(self, outputs: object, batch: Batch, batch_idx: int) -> None:
         """One host sync a step, as Lightning's own finder makes: the loss the curve needs. With a probe, also
@@ -83,7 +82,7 @@ class _Recorder(pl.LightningModule):
         if self.probe is not None:
             self.inner.eval()
             with torch.no_grad():
-                self.probed.append(float(self.inner.loss(self.probe)[0]))
+                self.probed.append(float(self.inner.loss(self.probe)))
             self.inner.train()
         if self.stop_early and lr_range.sweep_done(self.lrs, self.probed if self.probe is not None else self.raw):
             self.trainer.should_stop = True
