@@ -71,8 +71,8 @@ def sweep_once(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime) -> sweep.
 
 
 def job_steps(curve: sweep.LRCurve) -> int:
-    """How many of the curve's steps the job's sweep runs before lr_range.sweep_done stops it."""
-    done = (k for k in range(1, curve.steps_run + 1) if lr_range.sweep_done(curve.lrs[:k], curve.losses[:k]))
+    """How many of the curve's steps the job's sweep runs before lr_range.stop_reason stops it."""
+    done = (k for k in range(1, curve.steps_run + 1) if lr_range.stop_reason(curve.lrs[:k], curve.losses[:k]))
     return next(done, curve.steps_run)
 
 
@@ -124,8 +124,9 @@ class Cache:
 
 def run_case(
     case: Case, epochs: int, source: data.Source, train_subset: int, cache: Cache, train_seeds: int
-) -> tuple[dict[str, float | None], float]:
-    """Each rule's regret on this case, and the noise of one training (points) measured on the grid."""
+) -> tuple[dict[str, float | None], float, dict[str, float]]:
+    """Each rule's regret on this case, the noise of one training (points) measured on the grid, and each
+    regret's standard error over the training seeds (the best grid LR's mean and the suggestion's)."""
     cfg = config(case, epochs, train_subset=train_subset)
     ds = pipeline.load_data(cfg, source)
     rt = training.detect_runtime(cfg, ds.train.images.numel())
@@ -134,26 +135,36 @@ def run_case(
     found = suggestions(curve, pipeline.fit_steps(cfg, ds))
     seeds = [cfg.replace(seed=42 + k) for k in range(train_seeds)]
 
-    def mean_acc(lr: float) -> float:
-        return float(np.mean([cache.acc(case, c, ds, rt, lr) for c in seeds]))
+    def seed_accs(lr: float) -> np.ndarray:
+        return np.array([cache.acc(case, c, ds, rt, lr) for c in seeds])
 
-    accs = {lr: mean_acc(lr) for lr in GRID}
+    accs = {lr: seed_accs(lr) for lr in GRID}
     noise = float("nan")
     if train_seeds > 1:
-        pairs = [(cache.acc(case, seeds[0], ds, rt, lr), cache.acc(case, seeds[1], ds, rt, lr)) for lr in GRID]
+        pairs = [(a[0], a[1]) for a in accs.values()]
         noise = 100 * float(np.median([abs(a - b) for a, b in pairs if min(a, b) > 0.5]))  # both trained
-    best = max(accs.values())
+    best = accs[max(GRID, key=lambda lr: float(accs[lr].mean()))]
     regrets: dict[str, float | None] = {}
+    errors: dict[str, float] = {}
     for name, lr in found.items():
         if lr is None:
             regrets[name] = None
             continue
-        acc = mean_acc(lr)
-        regrets[name] = 100 * (best - acc)
-        print(f"  {case.name}: {name:9s} lr={lr:.3g} acc={acc:.4f} regret={regrets[name]:.2f}", flush=True)
-    grid = ", ".join(f"{lr:g}:{a:.4f}" for lr, a in accs.items())
+        at = seed_accs(lr)
+        regrets[name] = 100 * float(best.mean() - at.mean())
+        errors[name] = standard_error(best, at)
+        print(f"  {case.name}: {name:9s} lr={lr:.3g} acc={at.mean():.4f} regret={regrets[name]:.2f} "
+              f"± {errors[name]:.2f}", flush=True)  # fmt: skip
+    grid = ", ".join(f"{lr:g}:{a.mean():.4f}" for lr, a in accs.items())
     print(f"  {case.name}: grid {grid}; one training's noise {noise:.2f} points", flush=True)
-    return regrets, noise
+    return regrets, noise, errors
+
+
+def standard_error(best: np.ndarray, at: np.ndarray) -> float:
+    """Standard error (points) of a regret: the difference of two means over the training seeds."""
+    if len(best) < 2:
+        return float("nan")
+    return 100 * math.sqrt((np.var(best, ddof=1) + np.var(at, ddof=1)) / len(best))
 
 
 def spread(case: Case, seeds: int, source: data.Source, epochs: int) -> dict[str, float]:
@@ -193,18 +204,18 @@ def main() -> None:
     chosen = [c for c in CASES if c.name in args.cases.split(",")]
     cache = Cache(args.cache)
     measured = {c.name: run_case(c, args.epochs, source, args.train_subset, cache, args.train_seeds) for c in chosen}
-    results = {name: regrets for name, (regrets, _) in measured.items()}
+    results = {name: regrets for name, (regrets, _, _) in measured.items()}
     names = [*RULES, "lightning"]
     subset = args.train_subset or "all"
     print(f"\nregret in test-accuracy points ({args.epochs} epochs, constant LR, {subset} training samples, "
           f"mean of {args.train_seeds} training seeds)\n")  # fmt: skip
-    print("| case | " + " | ".join(names) + " | noise of one training |")
-    print("|---" * (len(names) + 2) + "|")
-    for case, (regrets, noise) in measured.items():
+    print("| case | " + " | ".join(names) + " | noise of one training | s.e. of combined's regret |")
+    print("|---" * (len(names) + 3) + "|")
+    for case, (regrets, noise, errors) in measured.items():
         cells = [f"{regrets[n]:.2f}" if regrets[n] is not None else "none" for n in names]
-        print(f"| {case} | " + " | ".join(cells) + f" | {noise:.2f} |")
+        print(f"| {case} | " + " | ".join(cells) + f" | {noise:.2f} | {errors.get('combined', math.nan):.2f} |")
     means = [np.mean([r[n] for r in results.values() if r[n] is not None] or [np.nan]) for n in names]
-    print("| mean | " + " | ".join(f"{m:.2f}" for m in means) + " | |")
+    print("| mean | " + " | ".join(f"{m:.2f}" for m in means) + " | | |")
     if args.seeds > 1:
         spreads = spread(chosen[0], args.seeds, source, args.epochs)
         print(f"\nspread over {args.seeds} seeds ({chosen[0].name}), decades: " + ", ".join(

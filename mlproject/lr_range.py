@@ -23,6 +23,11 @@ SHORT_FIT, LONG_FIT = 100, 600  # training steps: at or below SHORT_FIT the comb
 # be: the default sweep (1e-6 .. 1 in 100 steps) has 16.5 points a decade.
 SMOOTH_DECADES = 0.202  # the Gaussian's sigma: 100/30 steps of the default sweep
 START_DECADES = 0.25  # the stretch whose median is the curve's starting level
+# The range test's early stop (stop_reason) on a loss back above its start needs a real descent before it:
+RISE_DROP = 0.2  # the smoothed minimum at least 20% below the start level,
+RISE_NOISE = 3.0  # and that drop at least 3x the raw losses' scatter around the smoothed curve
+CHECKS = 200  # a sweep past 2 * CHECKS steps is checked every len // CHECKS steps: a long sweep stays cheap
+FFT_RADIUS = 100  # smoothing kernels wider than this convolve by FFT (sweeps of thousands of steps)
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class Curve:
     stopped_at: int  # index of the first discarded point (len(input) when none was discarded)
     reason: str  # why points were discarded, or ""
     per_decade: float = 0.0  # sweep steps per decade of LR (0: the LRs do not rise)
+    sigma: float = 1.0  # the smoothing's sigma, in steps
 
     @property
     def log_lrs(self) -> np.ndarray:
@@ -70,9 +76,17 @@ def smooth(losses: Sequence[float], sigma: float | None = None) -> np.ndarray:
     radius = int(3 * sigma)
     offsets = np.arange(-radius, radius + 1)
     kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
-    num = np.convolve(y, kernel, mode="full")[radius : radius + n]
-    den = np.convolve(np.ones(n), kernel, mode="full")[radius : radius + n]  # renormalise at the edges
+    num = _convolve(y, kernel)[radius : radius + n]
+    den = _convolve(np.ones(n), kernel)[radius : radius + n]  # renormalise at the edges
     return num / den
+
+
+def _convolve(y: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    if len(kernel) <= 2 * FFT_RADIUS + 1:
+        return np.convolve(y, kernel, mode="full")
+    size = len(y) + len(kernel) - 1
+    fft = 1 << (size - 1).bit_length()
+    return np.fft.irfft(np.fft.rfft(y, fft) * np.fft.rfft(kernel, fft), fft)[:size]
 
 
 def usable_curve(lrs: Sequence[float], losses: Sequence[float]) -> Curve:
@@ -84,7 +98,7 @@ def usable_curve(lrs: Sequence[float], losses: Sequence[float]) -> Curve:
     bad = np.flatnonzero(~np.isfinite(y) | ~np.isfinite(x) | (x <= 0))
     end, reason = (int(bad[0]), "non-finite loss") if len(bad) else (len(y), "")
     density = points_per_decade(x[:end])
-    sigma = _sigma(density)
+    sigma = _sigma(density, end)
     sm = smooth(y[:end], sigma)
     if end:
         best = np.minimum.accumulate(sm)
@@ -92,12 +106,12 @@ def usable_curve(lrs: Sequence[float], losses: Sequence[float]) -> Curve:
         if len(over):
             end, reason = int(over[0]), f"loss above {DIVERGE_FACTOR:g}x its minimum"
             sm = smooth(y[:end], sigma)
-    return Curve(x[:end], y[:end], sm, end, reason, density)
+    return Curve(x[:end], y[:end], sm, end, reason, density, sigma)
 
 
-def _sigma(per_decade: float) -> float | None:
-    """SMOOTH_DECADES in steps of a sweep (1 at least); None (smooth()'s default) if its LRs do not rise."""
-    return max(1.0, SMOOTH_DECADES * per_decade) if per_decade else None
+def _sigma(per_decade: float, points: int) -> float:
+    """SMOOTH_DECADES in steps of a sweep (1 at least); a thirtieth of the points if its LRs do not rise."""
+    return max(1.0, SMOOTH_DECADES * per_decade if per_decade else points / 30)
 
 
 def _start_level(curve: Curve) -> float:
@@ -108,23 +122,34 @@ def _start_level(curve: Curve) -> float:
     return float(np.median(sm[: max(3, count)]))
 
 
-def sweep_done(lrs: Sequence[float], losses: Sequence[float]) -> bool:
-    """True once the range test may stop: the last loss is not finite, or the curve has a point past which the
-    rules read nothing (the cut at 4x the minimum, or where the smoothed loss, having fallen MIN_DROP below its
-    start, rises back above the start level) and that point is a whole smoothing window behind, so the curve up
-    to it is smoothed exactly as in a sweep that ran on. After that point the network is no better than at the
-    start: there is no minimum, floor or steepest descent left to find.
+def stop_reason(lrs: Sequence[float], losses: Sequence[float]) -> str:
+    """Why a range test may stop after these steps, or "" to go on. It stops at a non-finite loss, and once a
+    whole smoothing window has passed the cut at 4x the minimum or the point where the smoothed loss, after a
+    real descent (RISE_DROP, RISE_NOISE), climbs back above its starting level: the curve up to that point is
+    then smoothed exactly as in a sweep that ran on. This is a heuristic, not a proof: it assumes that a network
+    trained into a loss above the untrained one does not find a deeper minimum at still larger LRs.
     """
-    if len(losses) and not math.isfinite(losses[-1]):
-        return True
+    n = len(losses)
+    if n and not math.isfinite(losses[-1]):
+        return "non-finite loss"
+    if n % max(1, n // CHECKS):
+        return ""
     curve = usable_curve(lrs, losses)
-    end = curve.stopped_at if curve.reason else None
-    if end is None and _descending_part(curve) is not None:
-        i_min = int(np.argmin(curve.smoothed))
-        above = np.flatnonzero(curve.smoothed[i_min:] > _start_level(curve))
-        end = i_min + int(above[0]) if len(above) else None
-    window = int(3 * (_sigma(curve.per_decade) or 1.0))
-    return end is not None and len(losses) - 1 - end >= window
+    end, why = (curve.stopped_at, curve.reason) if curve.reason else (_rise(curve), "loss back above its start")
+    return why if end is not None and n - 1 - end >= int(3 * curve.sigma) else ""
+
+
+def _rise(curve: Curve) -> int | None:
+    """Where the smoothed loss, after a real descent, first climbs back above its starting level (or None)."""
+    if _descending_part(curve) is None:
+        return None
+    sm = curve.smoothed
+    i_min, start = int(np.argmin(sm)), _start_level(curve)
+    scatter = 1.4826 * float(np.median(np.abs(curve.losses[: i_min + 1] - sm[: i_min + 1])))  # robust std
+    if start - sm[i_min] < max(RISE_DROP * start, RISE_NOISE * scatter):
+        return None
+    above = np.flatnonzero(sm[i_min:] > start)
+    return i_min + int(above[0]) if len(above) else None
 
 
 def _descending_part(curve: Curve) -> tuple[int, int] | None:

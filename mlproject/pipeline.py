@@ -131,6 +131,7 @@ def log_range_test(
         "steps_run": curve.steps_run,
         "stopped_on_divergence": curve.stopped_early or bool(usable.reason),
         "divergence": usable.reason or None,
+        "stop_reason": curve.stop_reason or ("Lightning's stop at 4x its best loss" if curve.stopped_early else None),
         "seconds": round(curve.seconds, 3),
         **extra,
     }

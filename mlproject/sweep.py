@@ -27,6 +27,7 @@ class LRCurve:
     losses: list[float]  # raw per-step training losses, NaN/inf kept as they came
     lightning_losses: list[float]  # Lightning's running-average smoothing, for comparison only
     probe_losses: list[float]  # loss on a fixed held-out batch after each step (empty unless probing)
+    stop_reason: str  # why the job's early stop ended the sweep (lr_range.stop_reason), or ""
     lr_min: float
     lr_max: float
     steps_requested: int
@@ -59,7 +60,7 @@ class MemoryCheckpointIO(CheckpointIO):
 
 class _Recorder(pl.LightningModule):
     """Trains a private copy of the classifier and records the LR and raw loss of every sweep step; with
-    `stop_early`, ends the sweep once lr_range.sweep_done says the rest of it cannot change a suggestion."""
+    `stop_early`, ends the sweep once lr_range.stop_reason gives a reason (rank 0 decides for every device)."""
 
     def __init__(self, classifier: Classifier, probe: Batch | None = None, stop_early: bool = True) -> None:
         super().__init__()
@@ -69,6 +70,7 @@ class _Recorder(pl.LightningModule):
         self.lrs: list[float] = []
         self.raw: list[float] = []
         self.probed: list[float] = []
+        self.stop_reason = ""
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -84,8 +86,11 @@ class _Recorder(pl.LightningModule):
             with torch.no_grad():
                 self.probed.append(float(self.inner.loss(self.probe)))
             self.inner.train()
-        if self.stop_early and lr_range.sweep_done(self.lrs, self.probed if self.probe is not None else self.raw):
-            self.trainer.should_stop = True
+        if self.stop_early:
+            read = self.probed if self.probe is not None else self.raw
+            # Lightning's finder has broadcast its own stop already: a device deciding alone would hang the rest.
+            self.stop_reason = self.trainer.strategy.broadcast(lr_range.stop_reason(self.lrs, read))
+            self.trainer.should_stop = self.trainer.should_stop or bool(self.stop_reason)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return make_optimizer(self.parameters(), self.inner.optim.optimizer, lr=1.0)  # lr_find sets the LR
@@ -105,7 +110,7 @@ def range_test(
 
     The global RNG is forked, so running the sweep does not change what the fit afterwards does. With `probe`
     (a fixed held-out batch), the loss on it after every step is recorded too: Smith's validation-based test.
-    With `stop_early`, the sweep ends once the curve has diverged past any use (lr_range.sweep_done), besides
+    With `stop_early`, the sweep ends once the curve has diverged past use (lr_range.stop_reason), besides
     Lightning's own stop at 4x the best running-average loss.
     """
     start = time.perf_counter()
@@ -124,6 +129,7 @@ def range_test(
         losses=recorder.raw[: len(lrs)],
         lightning_losses=[float(v) for v in finder.results["loss"]],
         probe_losses=recorder.probed[: len(lrs)],
+        stop_reason=recorder.stop_reason,
         lr_min=lr_min,
         lr_max=lr_max,
         steps_requested=steps,

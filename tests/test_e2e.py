@@ -106,7 +106,8 @@ def test_run_holds_the_range_test_artifacts(auto_lr_run):
     summary = json.loads((local / "summary.json").read_text())
     assert summary["suggestion"] == pytest.approx(float(run.data.params["lr_suggested"]), rel=1e-3)
     assert summary["steps_requested"] == 100 and 5 <= summary["steps_run"] <= 100
-    assert {"method", "fallback_reason", "lr_min", "lr_max", "stopped_on_divergence", "candidates"} <= set(summary)
+    keys = {"method", "fallback_reason", "lr_min", "lr_max", "stopped_on_divergence", "stop_reason", "candidates"}
+    assert keys <= set(summary)
     rows = (local / "curve.csv").read_text().splitlines()
     assert rows[0] == "step,lr,loss,smoothed_loss" and len(rows) == summary["steps_run"] + 1
     assert not list(REPO.glob(".lr_find_*.ckpt")), "the range test leaves no checkpoint behind"

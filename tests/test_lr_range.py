@@ -164,7 +164,7 @@ def test_smoothing_has_no_phase_lag():
 
 def first_stop(lrs: np.ndarray, losses: np.ndarray) -> int | None:
     """The number of steps after which a sweep of this curve would stop (None: it runs to the end)."""
-    return next((k for k in range(1, len(lrs) + 1) if lr_range.sweep_done(lrs[:k], losses[:k])), None)
+    return next((k for k in range(1, len(lrs) + 1) if lr_range.stop_reason(lrs[:k], losses[:k])), None)
 
 
 def u_curve(rise_at: float = -1.5) -> np.ndarray:
@@ -203,3 +203,36 @@ def test_smoothing_and_start_level_are_set_in_decades_so_a_shorter_sweep_reads_t
     full, cut = lr_range.usable_curve(LRS, losses), lr_range.usable_curve(LRS[:80], losses[:80])
     np.testing.assert_allclose(cut.smoothed[:60], full.smoothed[:60])
     assert lr_range._start_level(cut) == lr_range._start_level(full)
+
+
+@pytest.mark.parametrize("noise", [0.05, 0.10])
+def test_noise_on_the_flat_start_does_not_stop_a_sweep_before_its_descent(noise):
+    rng = np.random.default_rng(1)
+    stopped = 0
+    for _ in range(40):
+        losses = u_curve() * np.exp(rng.normal(0, noise, len(LRS)))
+        k = first_stop(LRS, losses)
+        assert k is None or LRS[k - 1] > 10**-1.5  # never before the climb that starts at 10**-1.5
+        if k is not None:
+            assert suggest(LRS[:k], losses[:k]).lr == pytest.approx(suggest(LRS, losses).lr)
+            stopped += 1
+    assert stopped > 20  # and the climb itself still stops most of them
+
+
+def test_a_spike_above_the_start_before_the_descent_does_not_stop_the_sweep():
+    losses = u_curve()
+    losses[(X > -5.0) & (X < -4.7)] += 0.6  # a burst of bad batches on the plateau, then the real descent
+    k = first_stop(LRS, losses)
+    assert k is not None and LRS[k - 1] > 10**-1.5
+
+
+def test_a_long_sweep_is_checked_sparsely_and_smoothed_by_fft_alike():
+    lrs = np.logspace(-6, 0, 6000)
+    x = np.log10(lrs)
+    losses = 2.3 - 1.8 / (1 + np.exp(-(x + 3) / 0.25)) + np.where(x > -1.5, 2.5 * (x + 1.5), 0.0)
+    k = first_stop(lrs, losses)
+    curve = lr_range.usable_curve(lrs, losses)
+    assert k is not None and lrs[k - 1] > 10**-1.5
+    assert curve.sigma > lr_range.FFT_RADIUS  # this curve went through the FFT path
+    kernel = np.exp(-0.5 * (np.arange(-int(3 * curve.sigma), int(3 * curve.sigma) + 1) / curve.sigma) ** 2)
+    np.testing.assert_allclose(lr_range._convolve(losses, kernel), np.convolve(losses, kernel), rtol=1e-9)
