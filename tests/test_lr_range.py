@@ -143,8 +143,10 @@ def test_divergence_without_nan_cuts_the_curve_at_four_times_the_minimum():
 
 def test_suggestion_range_brackets_the_suggestion():
     found = suggest(LRS, sigmoid_curve())
-    assert found.lr_low < found.lr <= found.lr_high <= 2 * found.lr
+    assert found.lr_low < found.lr <= found.lr_high <= lr_range.PEAK_CAP * found.lr
     assert found.lr_high == pytest.approx(10 * found.lr_low)
+    floor = lr_range.bottom(lr_range.usable_curve(LRS, sigmoid_curve()))
+    assert found.lr_high <= floor / lr_range.PEAK_SAFETY  # the peak keeps its distance from divergence
 
 
 def test_mismatched_lengths_and_unknown_method_are_errors():
