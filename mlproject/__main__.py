@@ -56,7 +56,7 @@ _OPTIONS: list[tuple[str, Any, str]] = [
     ("val_size", click.INT, "Validation samples held out (seeded) from the training set."),
     ("lr_min", click.FLOAT, "Smallest LR of the range test."),
     ("lr_max", click.FLOAT, "Largest LR of the range test."),
-    ("lr_steps", click.INT, "Optimizer steps of the range test, one LR each."),
+    ("lr_steps", click.INT, "Optimizer steps of the range test, one LR each; it stops early once the loss diverged."),
     ("lr_method", click.Choice(C.LR_METHODS), "Rule that turns the range-test curve into an LR."),
     ("lr_probe", TrueFalse(), "Suggest from the loss on a fixed held-out batch after each sweep step (true/false)."),
     ("lr_repeats", click.INT, "Range tests with different seeds; the median suggestion is used, the spread logged."),
