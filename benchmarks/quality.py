@@ -72,8 +72,7 @@ def sweep_once(cfg: JobConfig, ds: data.Dataset, rt: training.Runtime) -> sweep.
 
 def job_steps(curve: sweep.LRCurve) -> int:
     """How many of the curve's steps the job's sweep runs before lr_range.stop_reason stops it."""
-    done = (k for k in range(1, curve.steps_run + 1) if lr_range.stop_reason(curve.lrs[:k], curve.losses[:k]))
-    return next(done, curve.steps_run)
+    return lr_range.stop_step(curve.lrs, curve.losses) or curve.steps_run
 
 
 def lightning_suggestion(curve: sweep.LRCurve) -> float | None:

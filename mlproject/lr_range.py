@@ -143,12 +143,19 @@ def stop_reason(lrs: Sequence[float], losses: Sequence[float]) -> str:
     return why if end is not None and n - 1 - end >= int(3 * curve.sigma) else ""
 
 
+def stop_step(lrs: Sequence[float], losses: Sequence[float]) -> int | None:
+    """After how many steps a range test of this whole curve would stop (stop_reason replayed step by step);
+    None when it runs to the end."""
+    return next((k for k in range(1, len(losses) + 1) if stop_reason(lrs[:k], losses[:k])), None)
+
+
 def _rise(curve: Curve) -> int | None:
     """Where the smoothed loss, after a real descent, first climbs back above its starting level (or None)."""
-    if _descending_part(curve) is None:
+    part = _descending_part(curve)
+    if part is None:
         return None
     sm = curve.smoothed
-    i_min, start = int(np.argmin(sm)), _start_level(curve)
+    i_min, start = part[1], _start_level(curve)
     scatter = 1.4826 * float(np.median(np.abs(curve.losses[: i_min + 1] - sm[: i_min + 1])))  # robust std
     if start - sm[i_min] < max(RISE_DROP * start, RISE_NOISE * scatter):
         return None

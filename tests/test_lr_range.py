@@ -164,9 +164,7 @@ def test_smoothing_has_no_phase_lag():
     assert abs(int(np.argmin(abs(sm - mid))) - int(np.argmin(abs(y - mid)))) <= 1
 
 
-def first_stop(lrs: np.ndarray, losses: np.ndarray) -> int | None:
-    """The number of steps after which a sweep of this curve would stop (None: it runs to the end)."""
-    return next((k for k in range(1, len(lrs) + 1) if lr_range.stop_reason(lrs[:k], losses[:k])), None)
+first_stop = lr_range.stop_step  # after how many steps a sweep of the curve stops
 
 
 def u_curve(rise_at: float = -1.5) -> np.ndarray:
@@ -228,7 +226,7 @@ def test_a_spike_above_the_start_before_the_descent_does_not_stop_the_sweep():
     assert k is not None and LRS[k - 1] > 10**-1.5
 
 
-def test_a_long_sweep_is_checked_sparsely_and_smoothed_by_fft_alike():
+def test_a_long_sweep_stops_after_its_climb_and_its_fft_smoothing_matches_direct_convolution():
     lrs = np.logspace(-6, 0, 6000)
     x = np.log10(lrs)
     losses = 2.3 - 1.8 / (1 + np.exp(-(x + 3) / 0.25)) + np.where(x > -1.5, 2.5 * (x + 1.5), 0.0)
