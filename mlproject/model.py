@@ -18,8 +18,9 @@ FOLD_BELOW_CHANNELS = 16
 class MaxPool2d(nn.MaxPool2d):
     """nn.MaxPool2d; on the CPU, a channels_last input with few channels is pooled with its batch folded into
     the channels, (N, C, H, W) -> (1, N*C, H, W), so the kernel vectorises over N*C. Same windows, same values,
-    same gradients (the same kernel picks the same element); LeNet's training step is ~10% faster for it
-    (README, "Measured"). Anywhere else (a GPU, a contiguous input, many channels) it is nn.MaxPool2d itself."""
+    same gradients (the same kernel picks the same element); without it LeNet's first pool costs more than its
+    convolution (README, "Measured"). Anywhere else (a GPU, a contiguous input, many channels) it is
+    nn.MaxPool2d itself."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._folds(x):
