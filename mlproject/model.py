@@ -10,43 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 NUM_CLASSES = 10
-# ATen's channels_last pooling on the CPU vectorises over channels; with fewer than one AVX-512 vector of fp32
-# lanes it is slow: LeNet's first pool (6 channels) took 0.6-0.9 ms forward, more than its convolution.
-FOLD_BELOW_CHANNELS = 16
-
-
-class MaxPool2d(nn.MaxPool2d):
-    """nn.MaxPool2d; on the CPU, a channels_last input with few channels is pooled with its batch folded into
-    the channels, (N, C, H, W) -> (1, N*C, H, W), so the kernel vectorises over N*C. Same windows, same values,
-    same gradients (the same kernel picks the same element); without it LeNet's first pool costs more than its
-    convolution (README, "Measured"). Anywhere else (a GPU, a contiguous input, many channels) it is
-    nn.MaxPool2d itself."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._folds(x):
-            return super().forward(x)
-        n, c, h, w = x.shape
-        folded = x.permute(2, 3, 0, 1).reshape(1, h, w, n * c).permute(0, 3, 1, 2)  # one copy, to (H, W, N*C)
-        pooled = super().forward(folded)
-        ho, wo = pooled.shape[-2:]
-        out = pooled.permute(0, 2, 3, 1).reshape(ho, wo, n, c).permute(2, 3, 0, 1)
-        return out.contiguous(memory_format=torch.channels_last)
-
-    def _folds(self, x: torch.Tensor) -> bool:
-        return (
-            x.device.type == "cpu"
-            and x.dim() == 4
-            and 1 < x.shape[1] < FOLD_BELOW_CHANNELS
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and not self.return_indices
-        )
 
 
 def lenet() -> nn.Module:
     """LeNet-5 with ReLU and max-pooling, as in the reference experiment."""
     return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), MaxPool2d(2),
+        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(),
         nn.Linear(16 * 5 * 5, 120), nn.ReLU(),
         nn.Linear(120, 84), nn.ReLU(),
@@ -61,8 +31,8 @@ def mlp() -> nn.Module:
 def cnn_bn() -> nn.Module:
     """A small CNN with BatchNorm: its range-test curve is shaped unlike LeNet's."""
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(), MaxPool2d(2),
+        nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(64 * 7 * 7, NUM_CLASSES),
     )  # fmt: skip
 
