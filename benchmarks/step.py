@@ -24,7 +24,6 @@ from mlproject.config import JobConfig
 from mlproject.model import OptimSpec, make_optimizer
 
 WARMUP = 10  # untimed steps at the start of each block
-NVML = "PYTORCH_NVML_BASED_CUDA_CHECK"
 
 
 class StepClock(pl.Callback):
@@ -54,7 +53,7 @@ class Fixed:
 
 
 def lightning_block(cfg: JobConfig, rt: training.Runtime, batches: Fixed, nvml: str) -> float:
-    os.environ[NVML] = nvml
+    os.environ[training.NVML_CHECK] = nvml
     clock = StepClock()
     module = pipeline.build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr))
     training.build_trainer(rt, 1, [clock], limit_val_batches=0).fit(module, train_dataloaders=batches)
@@ -88,7 +87,7 @@ def main() -> None:
     rt = training.detect_runtime(cfg, ds.train.images.numel())
     train, _, _ = pipeline.fit_batches(cfg, ds, rt)
     batches = Fixed(list(train)[: WARMUP + args.steps])
-    job_nvml = os.environ.get(NVML, "")  # what detect_runtime chose for this machine
+    job_nvml = os.environ.get(training.NVML_CHECK, "")  # what detect_runtime chose for this machine
     variants = {
         "this job (Lightning fit)": lambda: lightning_block(cfg, rt, batches, job_nvml),
         "the same, NVML check on": lambda: lightning_block(cfg, rt, batches, "1"),

@@ -24,6 +24,7 @@ EpochSink = Callable[[int, dict[str, float]], None]
 EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "learning_rate")
 # The device path holds a split as uint8 on the device; past this size a DataLoader streams it instead.
 DEVICE_DATA_LIMIT_BYTES = 4 * 2**30
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # torch's switch for an NVML-based torch.cuda.is_available()
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,10 @@ def detect_runtime(cfg: JobConfig, data_bytes: int) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:
-        # Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (so that asking for CUDA does not initialise it
+        # Importing Lightning sets NVML_CHECK=1 (so that asking for CUDA does not initialise it
         # before DataLoader workers fork). Every optimizer step asks, and without a GPU the NVML check loads and
         # fails to load libnvidia-ml each time: 0.15 ms a step, 3-4% of LeNet's. A CPU run has no CUDA to protect.
-        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
+        os.environ[NVML_CHECK] = "0"
     return rt
 
 

@@ -164,9 +164,6 @@ def test_smoothing_has_no_phase_lag():
     assert abs(int(np.argmin(abs(sm - mid))) - int(np.argmin(abs(y - mid)))) <= 1
 
 
-first_stop = lr_range.stop_step  # after how many steps a sweep of the curve stops
-
-
 def u_curve(rise_at: float = -1.5) -> np.ndarray:
     """Falls around 1e-3 like sigmoid_curve, then climbs back to 3.0 (above its start) from 10**rise_at."""
     return sigmoid_curve(blowup_at=10) + np.where(rise_at < X, 2.5 * (X - rise_at), 0.0)
@@ -174,7 +171,7 @@ def u_curve(rise_at: float = -1.5) -> np.ndarray:
 
 def test_a_sweep_stops_a_smoothing_window_after_the_loss_climbs_back_above_its_start():
     losses = u_curve()
-    k = first_stop(LRS, losses)
+    k = lr_range.stop_step(LRS, losses)
     crossing = int(np.argmax((X > -1.5) & (losses > 2.3)))  # the raw curve's crossing of its start level
     window = int(3 * lr_range.SMOOTH_DECADES * lr_range.points_per_decade(LRS))
     assert k is not None and crossing + window - 3 <= k <= crossing + window + 3 < len(LRS)
@@ -184,16 +181,16 @@ def test_a_sweep_stops_a_smoothing_window_after_the_loss_climbs_back_above_its_s
 
 
 def test_a_sweep_that_never_climbs_back_runs_to_the_end():
-    assert first_stop(LRS, sigmoid_curve(blowup_at=10)) is None  # falls and stays down
-    assert first_stop(LRS, np.full(len(LRS), 2.3)) is None  # flat: nothing to stop on
+    assert lr_range.stop_step(LRS, sigmoid_curve(blowup_at=10)) is None  # falls and stays down
+    assert lr_range.stop_step(LRS, np.full(len(LRS), 2.3)) is None  # flat: nothing to stop on
 
 
 def test_a_sweep_stops_at_a_non_finite_loss_and_after_the_four_times_cut():
     losses = sigmoid_curve(blowup_at=10)
     losses[60] = np.inf
-    assert first_stop(LRS, losses) == 61
+    assert lr_range.stop_step(LRS, losses) == 61
     blowup = sigmoid_curve(blowup_at=-1.0)
-    k = first_stop(LRS, blowup)
+    k = lr_range.stop_step(LRS, blowup)
     assert k is not None and k > lr_range.usable_curve(LRS, blowup).stopped_at
     assert suggest(LRS[:k], blowup[:k]).lr == pytest.approx(suggest(LRS, blowup).lr)
 
@@ -211,7 +208,7 @@ def test_noise_on_the_flat_start_does_not_stop_a_sweep_before_its_descent(noise)
     stopped = 0
     for _ in range(40):
         losses = u_curve() * np.exp(rng.normal(0, noise, len(LRS)))
-        k = first_stop(LRS, losses)
+        k = lr_range.stop_step(LRS, losses)
         assert k is None or LRS[k - 1] > 10**-1.5  # never before the climb that starts at 10**-1.5
         if k is not None:
             assert suggest(LRS[:k], losses[:k]).lr == pytest.approx(suggest(LRS, losses).lr)
@@ -222,7 +219,7 @@ def test_noise_on_the_flat_start_does_not_stop_a_sweep_before_its_descent(noise)
 def test_a_spike_above_the_start_before_the_descent_does_not_stop_the_sweep():
     losses = u_curve()
     losses[(X > -5.0) & (X < -4.7)] += 0.6  # a burst of bad batches on the plateau, then the real descent
-    k = first_stop(LRS, losses)
+    k = lr_range.stop_step(LRS, losses)
     assert k is not None and LRS[k - 1] > 10**-1.5
 
 
@@ -230,7 +227,7 @@ def test_a_long_sweep_stops_after_its_climb_and_its_fft_smoothing_matches_direct
     lrs = np.logspace(-6, 0, 6000)
     x = np.log10(lrs)
     losses = 2.3 - 1.8 / (1 + np.exp(-(x + 3) / 0.25)) + np.where(x > -1.5, 2.5 * (x + 1.5), 0.0)
-    k = first_stop(lrs, losses)
+    k = lr_range.stop_step(lrs, losses)
     curve = lr_range.usable_curve(lrs, losses)
     assert k is not None and lrs[k - 1] > 10**-1.5
     assert curve.sigma > lr_range.FFT_RADIUS  # this curve went through the FFT path
