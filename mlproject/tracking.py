@@ -16,9 +16,10 @@ from typing import TypeVar
 import mlflow
 import numpy as np
 import requests
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from mlproject.errors import TrackingError
 
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 OUTAGE = (MlflowException, requests.RequestException, OSError)  # what a down or restarting server raises
 PATIENCE_S = 300.0  # how long a write waits for the tracking server to come back
+# A unique-key violation as the server words it: "(psycopg2.errors.UniqueViolation) duplicate key value ..." on
+# PostgreSQL, "(sqlite3.IntegrityError) UNIQUE constraint failed ..." on sqlite
+DUPLICATE_KEY = re.compile(r"IntegrityError|UniqueViolation")
 T = TypeVar("T")
 
 
@@ -136,12 +140,13 @@ class Tracker:
         with warnings.catch_warnings():  # a local path matches two equivalent source types; either is right
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_numpy(images, targets=labels, source=source, name=name)
+        link = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
         for attempt in range(3):
             try:
-                self.patiently(lambda: mlflow.log_input(dataset, context=context), "logging the dataset")
+                self.patiently(lambda: self.client.log_inputs(self.run_id, datasets=[link]), "logging the dataset")
                 return
             except MlflowException as exc:
-                # Jobs logging the same dataset at once race on the server's insert (IntegrityError on
+                # Jobs logging the same dataset at once race on the server's insert (a unique violation on
                 # PostgreSQL); the loser's retry finds the winner's row and links to it.
                 if attempt == 2 or not _lost_insert_race(exc):
                     raise
@@ -206,7 +211,8 @@ def is_outage(exc: BaseException) -> bool:
 
 
 def _lost_insert_race(exc: MlflowException) -> bool:
-    return exc.error_code == "RESOURCE_ALREADY_EXISTS" or "IntegrityError" in exc.message
+    """The server's insert hit a row another request wrote first; each driver words it differently."""
+    return exc.error_code == "RESOURCE_ALREADY_EXISTS" or DUPLICATE_KEY.search(exc.message) is not None
 
 
 def redact(uri: str) -> str:

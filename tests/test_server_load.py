@@ -1,5 +1,7 @@
 """Eight training jobs at once against `lr-finder server`: on PostgreSQL every row arrives; on sqlite, measured.
 
+Also: writers logging one dataset at the same moment, the race the eight jobs hit on PostgreSQL.
+
 Starts its own PostgreSQL (initdb into a temporary folder, loopback only) and its own servers. The figures go to
 test-artifacts/server-load-*.json and to the output (pytest -s).
 """
@@ -12,6 +14,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,11 +22,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mlproject.tracking import Tracker
 from tests.conftest import REPO, requires_fashion_mnist
 from tests.test_server_cli import free_port, run_jobs, running_server
 
@@ -35,6 +40,8 @@ JOBS_TIMEOUT_S = 600
 # Then a burst well above what training jobs send: WRITERS threads at once, BATCHES log_batch calls of 10 metrics each.
 WRITERS, BATCHES, KEYS = 32, 20, 10
 HTTP_5XX = re.compile(r'HTTP/1\.1" 5\d\d')
+# Jobs that log one dataset at the same moment: RACERS writers released together, ROUNDS times, a new dataset each.
+RACERS, ROUNDS = 12, 6
 
 
 def postgres_bin() -> Path | None:
@@ -190,3 +197,39 @@ def test_sqlite_server_under_the_same_load_never_reports_a_finished_run_with_mis
     load, _ = apply_load(f"sqlite:///{tmp_path}/mlflow.db", "sqlite", tmp_path)
     assert not load.finished_but_incomplete
     assert load.runs_finished == load.jobs_ok, "a job's exit code and its run's status agree"
+
+
+def test_jobs_logging_one_dataset_at_the_same_moment_all_link_to_a_single_row_on_postgresql(tmp_path):
+    """The server checks for the dataset, then inserts it: writers released at once collide on PostgreSQL's key."""
+    with postgres() as uri, running_server(tmp_path, uri) as server:
+        client = MlflowClient(server.url)
+        experiment = client.create_experiment("race")
+        errors: list[str] = []
+        for round_ in range(ROUNDS):
+            images = np.random.default_rng(round_).integers(0, 256, (100, 28, 28), dtype=np.uint8)
+            runs = [client.create_run(experiment).info.run_id for _ in range(RACERS)]
+            errors += log_one_dataset_at_once(server.url, runs, images, np.arange(100) % 10)
+            linked = [client.get_run(r).inputs.dataset_inputs for r in runs]
+            assert all(len(inputs) == 1 for inputs in linked), f"round {round_}: a run lacks its dataset"
+            assert len({inputs[0].dataset.digest for inputs in linked}) == 1
+            assert all(inputs[0].tags[0].value == "testing" for inputs in linked)
+        log = server.log_text()
+    assert not errors, errors[:2]
+    assert "Traceback" not in log
+
+
+def log_one_dataset_at_once(url: str, runs: list[str], images: np.ndarray, labels: np.ndarray) -> list[str]:
+    """Each run's Tracker logs the same dataset, all released by one barrier; returns the errors they raised."""
+    start, errors = threading.Barrier(len(runs)), []
+
+    def race(run_id: str) -> None:
+        tracker = Tracker(MlflowClient(url), run_id)
+        start.wait()
+        try:
+            tracker.log_dataset("test", images, labels, "/data/fashion-mnist", "testing")
+        except MlflowException as exc:
+            errors.append(exc.message[:300])
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        list(pool.map(race, runs))
+    return errors
