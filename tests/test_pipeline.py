@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
 from mlproject import data, pipeline, training
@@ -109,3 +110,25 @@ def test_the_range_test_stops_once_the_curve_has_diverged_and_suggests_what_the_
     assert early.losses == full.losses[: early.steps_run]  # the same sweep, cut short
     assert early_found.lr == pytest.approx(full_found.lr)
     assert early.stop_reason == "loss back above its start" and full.stop_reason == ""
+
+
+@requires_fashion_mnist
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_lenet_pooling_before_relu_gives_the_textbook_order_values_and_gradients_bit_for_bit(precision):
+    """LeNet's blocks pool, then ReLU (cheaper); on real images, with ties at zero, nothing may differ."""
+    net = lenet().to(memory_format=torch.channels_last)
+    textbook = torch.nn.Sequential(*(net[i] for i in (0, 2, 1, 3, 5, 4, *range(6, len(net)))))
+    ds = data.load("fashion-mnist", data.Source((FASHION_DIR,)), 100, 0, seed=0)
+    x = data.normalize(ds.train.images[:256], ds.mean, ds.std).contiguous(memory_format=torch.channels_last)
+    y = ds.train.labels[:256]
+    outputs, grads = [], []
+    for model in (net, textbook):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            logits = model(x)
+        F.cross_entropy(logits.float(), y).backward()
+        outputs.append(logits)
+        grads.append([p.grad.clone() for p in net.parameters()])
+    assert isinstance(net[1], torch.nn.MaxPool2d) and isinstance(net[2], torch.nn.ReLU)
+    assert torch.equal(outputs[0], outputs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
