@@ -36,35 +36,66 @@ class TrueFalse(click.ParamType):
             return value
         word = str(value).strip().lower()
         if word not in ("true", "false"):
-            self.fail(f"{value!r} is not true or false", param, ctx)
+            self.fail(f"{value!r}; expected true or false", param, ctx)
         return word == "true"
+
+
+class Number(click.ParamType):
+    """An int or a float. What cannot be one reads like every other bad value: '<value>; expected an integer'."""
+
+    def __init__(self, kind: type[int] | type[float]) -> None:
+        self.kind = kind
+        self.name = "integer" if kind is int else "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | float:
+        if isinstance(value, self.kind) and not isinstance(value, bool):
+            return value
+        try:
+            return self.kind(str(value).strip())
+        except ValueError:
+            self.fail(f"{value!r}; expected {'an integer' if self.kind is int else 'a number'}", param, ctx)
+
+
+class OneOf(click.Choice):
+    """click.Choice whose error reads like every other bad value: '<value>; expected one of a, b, c'."""
+
+    def get_invalid_choice_message(self, value: Any, ctx: click.Context | None) -> str:
+        return f"{value!r}; expected one of " + ", ".join(map(str, self.choices))
 
 
 # One click option per JobConfig field; the option's name is the field's name with dashes.
 _OPTIONS: list[tuple[str, Any, str]] = [
     ("auto_lr", TrueFalse(), "Run the LR range test and train with its suggestion (true/false)."),
-    ("lr", click.FLOAT, "Learning rate when auto_lr is false; the fallback when the range test finds none."),
-    ("epochs", click.INT, "Training epochs."),
-    ("batch_size", click.INT, "Training batch size (the range test uses it too)."),
-    ("optimizer", click.Choice(C.OPTIMIZERS), "Optimizer (sgd uses momentum 0.9)."),
-    ("schedule", click.Choice(C.SCHEDULES), "LR schedule: constant, or onecycle peaking at the chosen LR."),
-    ("model", click.Choice(C.MODELS), "Network."),
-    ("seed", click.INT, "Seed for weights, hold-out split and batch order."),
-    ("dataset", click.Choice(C.DATASETS), "Dataset (MNIST-format IDX files)."),
+    ("lr", Number(float), "Learning rate when auto_lr is false; the fallback when the range test finds none."),
+    ("epochs", Number(int), "Training epochs."),
+    ("batch_size", Number(int), "Training batch size (the range test uses it too)."),
+    ("optimizer", OneOf(C.OPTIMIZERS), "Optimizer (sgd uses momentum 0.9)."),
+    ("schedule", OneOf(C.SCHEDULES), "LR schedule: constant, or onecycle peaking at the chosen LR."),
+    ("model", OneOf(C.MODELS), "Network."),
+    ("seed", Number(int), "Seed for weights, hold-out split and batch order."),
+    ("dataset", OneOf(C.DATASETS), "Dataset (MNIST-format IDX files)."),
     ("data_dir", click.STRING, "Folder with the four *-ubyte[.gz] files; empty: search (see README)."),
-    ("train_subset", click.INT, "Use only this many training samples; 0 uses all."),
-    ("val_size", click.INT, "Validation samples held out (seeded) from the training set."),
-    ("lr_min", click.FLOAT, "Smallest LR of the range test."),
-    ("lr_max", click.FLOAT, "Largest LR of the range test."),
-    ("lr_steps", click.INT, "Optimizer steps of the range test, one LR each; it stops early once the loss diverged."),
-    ("lr_method", click.Choice(C.LR_METHODS), "Rule that turns the range-test curve into an LR."),
+    ("train_subset", Number(int), "Use only this many training samples; 0 uses all."),
+    ("val_size", Number(int), "Validation samples held out (seeded) from the training set."),
+    ("lr_min", Number(float), "Smallest LR of the range test."),
+    ("lr_max", Number(float), "Largest LR of the range test."),
+    ("lr_steps", Number(int), "Optimizer steps of the range test, one LR each; it stops early once the loss diverged."),
+    ("lr_method", OneOf(C.LR_METHODS), "Rule that turns the range-test curve into an LR."),
     ("lr_probe", TrueFalse(), "Suggest from the loss on a fixed held-out batch after each sweep step (true/false)."),
-    ("lr_repeats", click.INT, "Range tests with different seeds; the median suggestion is used, the spread logged."),
-    ("accelerator", click.Choice(C.ACCELERATORS), "Where to train: auto picks the GPU when there is one."),
-    ("devices", click.INT, "Number of devices."),
-    ("precision", click.Choice(C.PRECISIONS), "Numeric precision; auto: bf16-mixed on a bf16 GPU, else 32-true."),
-    ("data_mode", click.Choice(C.DATA_MODES), "device: data lives on the device; loader: a DataLoader."),
-    ("compile", TrueFalse(), "torch.compile the network for the fit (true/false); pays only on long GPU fits."),
+    ("lr_repeats", Number(int), "Range tests with different seeds; the median suggestion is used, the spread logged."),
+    ("accelerator", OneOf(C.ACCELERATORS), "Where to train: auto picks the GPU when there is one."),
+    ("devices", Number(int), "Number of devices."),
+    (
+        "precision",
+        OneOf(C.PRECISIONS),
+        "Numeric precision; auto: bf16-mixed where the device computes bf16 natively, else 32-true.",
+    ),
+    ("data_mode", OneOf(C.DATA_MODES), "device: data lives on the device; loader: a DataLoader."),
+    (
+        "compile",
+        TrueFalse(),
+        "torch.compile the network for the fit (true/false); off by default: slower for LeNet on a CPU.",
+    ),
     ("resume", click.STRING, "A run id: continue that run from its last checkpoint, with its configuration."),
 ]
 
@@ -160,7 +191,7 @@ def _job(entry: str, cfg: JobConfig, tracker: Any, workdir: Path, lrs: tuple[flo
 
     if cfg.resume:
         cfg = pipeline.resumed_config(tracker, workdir)
-        tracker.log_params({"resume": cfg.resume})
+        tracker.set_tags({"resumed": "true"})  # params are write-once: its resume param keeps the first start's value
     else:
         pipeline.log_config(tracker, cfg, entry)
     tracker.set_tags(_git_tags())
@@ -172,7 +203,8 @@ def _job(entry: str, cfg: JobConfig, tracker: Any, workdir: Path, lrs: tuple[flo
         return
     if entry == "lr-find":
         choice = pipeline.lr_find(cfg, source, tracker)
-        click.echo(f"run {tracker.run_id}: lr_suggested={choice.lr:.4g} ({choice.source})")
+        suggested = choice.suggestion.lr if choice.suggestion else choice.lr
+        click.echo(f"run {tracker.run_id}: lr_suggested={suggested:.4g} lr_used={choice.lr:.4g} ({choice.source})")
         return
     result = pipeline.run(cfg, source, tracker, workdir)
     figures = " ".join(f"{k}={v:.4f}" for k, v in result.final.items())

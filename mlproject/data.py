@@ -25,6 +25,7 @@ FILES = {
 # Per-dataset pixel mean/std of the training split (scaled to [0, 1]).
 NORMALIZATION = {"fashion-mnist": (0.2860, 0.3530), "mnist": (0.1307, 0.3081)}
 SYSTEM_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
+DEBIAN_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}  # Debian packages no MNIST
 TORCHVISION_NAMES = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 NUM_CLASSES = 10
@@ -153,7 +154,9 @@ def locate(dataset: str, candidates: Sequence[Path], download_to: str = "") -> P
     if directory is not None:
         return directory
     tried = ", ".join(str(p) for p in candidates)
-    hint = f"install Debian's dataset-{dataset} package, or pass data_dir=<folder with the four *-ubyte[.gz] files>"
+    hint = "pass data_dir=<folder with the four *-ubyte[.gz] files>"
+    if dataset in DEBIAN_PACKAGES:
+        hint = f"install Debian's {DEBIAN_PACKAGES[dataset]} package, or {hint}"
     if not download_to:
         raise DataError(f"{dataset} not found (tried {tried}); {hint}")
     try:

@@ -140,7 +140,7 @@ def log_range_test(
     )
     tracker.log_files({"curve.csv": curve_csv(curve, smoothed), "loss_vs_lr.png": png}, "lr_find")
     tracker.log_json("summary.json", summary, "lr_find")
-    tracker.log_params({"lr_suggested": f"{found.lr:.6g}", "lr_method": found.method})
+    tracker.log_params({"lr_suggested": f"{found.lr:.6g}"})  # the rule that answered: summary.json's "method"
     spread = float(extra["spread_decades"])  # type: ignore[arg-type]
     tracker.log_metrics({"lr_suggested": float(found.lr or 0), "lr_find_seconds": curve.seconds, "lr_spread": spread})
 

@@ -53,14 +53,17 @@ def resolve_runtime(
     if accelerator == "cpu" and cfg.devices > 1:
         raise HardwareError(f"devices={cfg.devices} needs GPUs; on the CPU use devices=1")
     precision = cfg.precision
+    if accelerator == "cpu" and precision == "16-mixed":  # Lightning would train in bf16 instead, unasked
+        raise HardwareError("precision=16-mixed needs a GPU and none is visible; use auto, bf16-mixed or 32-true")
     if precision == "auto":
         native = gpu_bf16 if accelerator == "gpu" else cpu_bf16
-        # bf16-mixed on this CPU: 4.4 vs 5.9 ms per LeNet step, same accuracy (README, "Measured").
+        # bf16-mixed on a CPU with AVX512-BF16: fp32 is ~30% slower for LeNet's step (README, "Measured").
         precision = "bf16-mixed" if native else "32-true"
     data_mode = cfg.data_mode
     if data_mode == "auto":
         data_mode = "device" if cfg.devices == 1 and data_bytes <= DEVICE_DATA_LIMIT_BYTES else "loader"
-    # channels_last halves LeNet's step time on x86 CPUs (oneDNN); measured in benchmarks/speed.py.
+    # channels_last: LeNet's bf16 step 3.9 vs 5.5 ms without it on a 2-core AVX512-BF16 CPU (first quartiles of
+    # 12 interleaved blocks of bare steps); fp32 without it is 2x slower (README, "Measured").
     channels_last = accelerator == "cpu" and cfg.model != "mlp"
     return Runtime(accelerator, cfg.devices, precision, data_mode, channels_last)
 

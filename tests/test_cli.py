@@ -43,6 +43,7 @@ BAD = [
     (["--auto-lr", "ture"], "auto_lr"),
     (["--auto-lr", ""], "auto_lr"),
     (["--devices", "2", "--data-mode", "device"], "data_mode"),
+    (["--accelerator", "cpu", "--precision", "16-mixed"], "precision"),
 ]
 
 
@@ -60,7 +61,7 @@ def test_bad_parameter_exits_2_with_one_line_naming_it(args, param, tmp_path):
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ") and param in lines[0]
+    assert lines[0].startswith(f"error: invalid value for {param}: ") and "; expected " in lines[0], lines[0]
 
 
 def test_unknown_option_is_a_usage_error(tmp_path):

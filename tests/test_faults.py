@@ -66,7 +66,7 @@ def test_sigterm_keeps_a_checkpoint_ends_killed_and_resume_gives_the_same_result
     code, out, err = finish(job(tmp_path, "--resume", run_id, env=job_env(uri)))
     assert code == 0, err[-2000:]
     resumed = client.get_run(run_id)
-    assert resumed.info.status == "FINISHED"
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["resumed"] == "true"
     assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [0, 1, 2, 3]
 
     code, out, err = finish(job(tmp_path, *SMALL, env=job_env(uri)))  # the same job, never interrupted

@@ -7,6 +7,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mlproject.config import JobConfig
+from mlproject.errors import HardwareError
 from mlproject.training import resolve_runtime
 from tests.conftest import requires_fashion_mnist
 from tests.test_e2e import mlflow_run
@@ -26,6 +27,8 @@ def test_auto_picks_the_gpu_and_bf16_where_supported():
     assert (rt.accelerator, rt.precision, rt.channels_last) == ("cpu", "bf16-mixed", True)
     rt = resolve_runtime(JobConfig(precision="32-true"), False, False, 47_000_000, cpu_bf16=True)
     assert rt.precision == "32-true"
+    with pytest.raises(HardwareError, match="precision=16-mixed needs a GPU"):  # not a silent switch to bf16
+        resolve_runtime(JobConfig(precision="16-mixed"), False, False, 47_000_000, cpu_bf16=True)
 
 
 @pytest.mark.gpu
