@@ -36,7 +36,7 @@ class TrueFalse(click.ParamType):
             return value
         word = str(value).strip().lower()
         if word not in ("true", "false"):
-            self.fail(f"{value!r}; expected true or false", param, ctx)
+            self.fail(C.expected(value, "true or false"), param, ctx)
         return word == "true"
 
 
@@ -53,14 +53,14 @@ class Number(click.ParamType):
         try:
             return self.kind(str(value).strip())
         except ValueError:
-            self.fail(f"{value!r}; expected {'an integer' if self.kind is int else 'a number'}", param, ctx)
+            self.fail(C.expected(value, "an integer" if self.kind is int else "a number"), param, ctx)
 
 
 class OneOf(click.Choice):
     """click.Choice whose error reads like every other bad value: '<value>; expected one of a, b, c'."""
 
     def get_invalid_choice_message(self, value: Any, ctx: click.Context | None) -> str:
-        return f"{value!r}; expected one of " + ", ".join(map(str, self.choices))
+        return C.expected(value, "one of " + ", ".join(map(str, self.choices)))
 
 
 # One click option per JobConfig field; the option's name is the field's name with dashes.

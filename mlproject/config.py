@@ -34,7 +34,12 @@ class ConfigError(ValueError):
         self.param = param
         self.value = value
         self.accepted = accepted
-        super().__init__(f"invalid value for {param}: {value!r}; expected {accepted}")
+        super().__init__(f"invalid value for {param}: {expected(value, accepted)}")
+
+
+def expected(value: object, accepted: str) -> str:
+    """The tail of every bad-value message, here and in the command line's own types."""
+    return f"{value!r}; expected {accepted}"
 
 
 def _positive_finite(name: str, value: float) -> None:
