@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.profilers import PassThroughProfiler
 
 from mlproject import data
 from mlproject.config import JobConfig
@@ -91,6 +93,16 @@ def batches(
     return data.loader_batches(split, batch_size, ds.mean, ds.std, shuffle, seed)
 
 
+class NoProfiler(PassThroughProfiler):
+    """Lightning's default profiler, which records nothing, at a tenth of its cost: PassThroughProfiler.profile
+    builds a generator-based context manager (~0.9 µs) for each of the ~48 hook calls of a training step."""
+
+    _NOTHING = contextlib.nullcontext()
+
+    def profile(self, action_name: str) -> contextlib.nullcontext:  # type: ignore[override]
+        return self._NOTHING
+
+
 def build_trainer(rt: Runtime, max_epochs: int, callbacks: list[pl.Callback], **overrides: object) -> pl.Trainer:
     """A Trainer with Lightning's own logger and checkpoints off: tracking.py owns the run and its keys."""
     kwargs: dict[str, object] = dict(
@@ -104,6 +116,7 @@ def build_trainer(rt: Runtime, max_epochs: int, callbacks: list[pl.Callback], **
         enable_model_summary=False,
         num_sanity_val_steps=0,
         callbacks=callbacks,
+        profiler=NoProfiler(),
     )
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)  # type: ignore[arg-type]
