@@ -12,15 +12,30 @@ from torch import nn
 NUM_CLASSES = 10
 
 
+class CpuFp32MaxPool2d(nn.MaxPool2d):
+    """Max-pooling that pools a CPU's bf16 input in fp32 and hands back bf16: the same values and gradients bit
+    for bit (a max picks one of its inputs, and bf16 -> fp32 -> bf16 is lossless both ways), in less time where
+    the channels are few. ATen's channels_last CPU kernel vectorises over channels, and over LeNet's first 6 it
+    runs bf16 at half its fp32 speed: 0.93 -> 0.66 ms forward and backward with both casts, timed alone on a
+    2-core CPU. Over the second block's 16 channels the casts cost more than they save (0.11 -> 0.13 ms).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+            return super().forward(x)
+        return super().forward(x.float()).to(torch.bfloat16)
+
+
 def lenet() -> nn.Module:
     """LeNet-5 with ReLU and max-pooling, as in the reference experiment.
 
     Each block pools before its ReLU: ReLU is monotonic, so max-pool and ReLU commute, with the same values and
     gradients bit for bit (tests/test_pipeline.py), and the ReLU runs on a quarter of the elements (0.1 ms a
-    step less on a 2-core CPU, timed alone). The parameters keep their positions, so state dicts match either order.
+    step less on a 2-core CPU, timed alone). The first block pools bf16 in fp32 on a CPU (CpuFp32MaxPool2d),
+    also bit for bit. The parameters keep their positions, so state dicts match either order.
     """
     return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Conv2d(1, 6, 5, padding=2), CpuFp32MaxPool2d(2), nn.ReLU(),
         nn.Conv2d(6, 16, 5), nn.MaxPool2d(2), nn.ReLU(),
         nn.Flatten(),
         nn.Linear(16 * 5 * 5, 120), nn.ReLU(),

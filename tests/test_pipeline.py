@@ -114,10 +114,12 @@ def test_the_range_test_stops_once_the_curve_has_diverged_and_suggests_what_the_
 
 @requires_fashion_mnist
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_lenet_pooling_before_relu_gives_the_textbook_order_values_and_gradients_bit_for_bit(precision):
-    """LeNet's blocks pool, then ReLU (cheaper); on real images, with ties at zero, nothing may differ."""
+def test_lenet_pooling_before_relu_and_in_fp32_gives_the_textbook_values_and_gradients_bit_for_bit(precision):
+    """LeNet's blocks pool, then ReLU, and the first pools bf16 in fp32 on the CPU (both cheaper); against
+    the textbook's ReLU, then plain max-pool, on real images with ties at zero, nothing may differ."""
     net = lenet().to(memory_format=torch.channels_last)
-    textbook = torch.nn.Sequential(*(net[i] for i in (0, 2, 1, 3, 5, 4, *range(6, len(net)))))
+    relu, pool = torch.nn.ReLU(), torch.nn.MaxPool2d(2)
+    textbook = torch.nn.Sequential(net[0], relu, pool, net[3], relu, pool, *net[6:])
     ds = data.load("fashion-mnist", data.Source((FASHION_DIR,)), 100, 0, seed=0)
     x = data.normalize(ds.train.images[:256], ds.mean, ds.std).contiguous(memory_format=torch.channels_last)
     y = ds.train.labels[:256]
@@ -130,5 +132,6 @@ def test_lenet_pooling_before_relu_gives_the_textbook_order_values_and_gradients
         outputs.append(logits)
         grads.append([p.grad.clone() for p in net.parameters()])
     assert isinstance(net[1], torch.nn.MaxPool2d) and isinstance(net[2], torch.nn.ReLU)
+    assert type(net[1]) is not type(textbook[2])  # the first block's pooling is the fp32 one
     assert torch.equal(outputs[0], outputs[1])
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
