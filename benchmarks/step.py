@@ -1,25 +1,34 @@
-"""LeNet's training step in this job's Lightning fit, against the same fit with the NVML-based CUDA check left on
-(as importing Lightning leaves it) and against a bare PyTorch loop over the same batches. Interleaved.
+"""LeNet's training step in this job's Lightning fit, against the same fit with one of the job's savings undone and
+against a bare PyTorch loop over the same batches. Interleaved.
+
+The savings undone, one variant each: the NVML-based CUDA check left on (as importing Lightning leaves it);
+Lightning's own per-hook bookkeeping (its PassThroughProfiler and nn.Module.__setattr__ for `_current_fx_name`);
+the first block pooled in bf16 rather than fp32.
 
     python -m benchmarks.step [--data-dir /usr/share/datasets/fashion-mnist] [--blocks 16] [--steps 140]
 
 Each block is `steps` timed steps (after 10 untimed) on the same training batches, with the job's network,
 precision, memory format and optimizer; the variants take turns block by block, so a slow stretch of the
-machine lands on all of them. Prints the fastest block, the first quartile and the median, in ms a step.
+machine lands on all of them. Prints the fastest block, the first quartile and the median, in ms a step, and the
+median over blocks of each variant's time divided by the job's in the same round.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.profilers import PassThroughProfiler
+from torch import nn
 
-from mlproject import data, pipeline, training
+from mlproject import data, model, pipeline, training
 from mlproject.config import JobConfig
 from mlproject.model import OptimSpec, make_optimizer
 
@@ -52,11 +61,45 @@ class Fixed:
         return iter(self.batches)
 
 
-def lightning_block(cfg: JobConfig, rt: training.Runtime, batches: Fixed, nvml: str) -> float:
-    os.environ[training.NVML_CHECK] = nvml
+@contextlib.contextmanager
+def replaced(owner: type, name: str, value: object) -> Iterator[None]:
+    """The class attribute `owner.name` set to `value` for the duration."""
+    before = owner.__dict__[name]
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, before)
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    before = os.environ[name]
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ[name] = before
+
+
+UNDONE: dict[str, Callable[[], list[contextlib.AbstractContextManager]]] = {
+    "this job (Lightning fit)": lambda: [],
+    "the same, NVML check on": lambda: [environment(training.NVML_CHECK, "1")],
+    "the same, Lightning's own per-hook bookkeeping": lambda: [
+        replaced(training.NoProfiler, "profile", PassThroughProfiler.profile),
+        replaced(model.LeanModule, "__setattr__", nn.Module.__setattr__),
+    ],
+    "the same, first block pooled in bf16": lambda: [replaced(model.CpuFp32MaxPool2d, "forward", nn.MaxPool2d.forward)],
+}
+
+
+def lightning_block(cfg: JobConfig, rt: training.Runtime, batches: Fixed, undone: str) -> float:
     clock = StepClock()
-    module = pipeline.build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr))
-    training.build_trainer(rt, 1, [clock], limit_val_batches=0).fit(module, train_dataloaders=batches)
+    with contextlib.ExitStack() as stack:
+        for change in UNDONE[undone]():
+            stack.enter_context(change)
+        module = pipeline.build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr))
+        training.build_trainer(rt, 1, [clock], limit_val_batches=0).fit(module, train_dataloaders=batches)
     return (clock.end - clock.start) / clock.timed * 1e3
 
 
@@ -87,21 +130,18 @@ def main() -> None:
     rt = training.detect_runtime(cfg, ds.train.images.numel())
     train, _, _ = pipeline.fit_batches(cfg, ds, rt)
     batches = Fixed(list(train)[: WARMUP + args.steps])
-    job_nvml = os.environ.get(training.NVML_CHECK, "")  # what detect_runtime chose for this machine
-    variants = {
-        "this job (Lightning fit)": lambda: lightning_block(cfg, rt, batches, job_nvml),
-        "the same, NVML check on": lambda: lightning_block(cfg, rt, batches, "1"),
-        "bare PyTorch loop": lambda: bare_block(cfg, rt, batches),
-    }
+    variants = {name: lambda name=name: lightning_block(cfg, rt, batches, name) for name in UNDONE}
+    variants["bare PyTorch loop"] = lambda: bare_block(cfg, rt, batches)
     ms: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.blocks):
         for name, block in variants.items():
             ms[name].append(block())
+    job = np.array(ms["this job (Lightning fit)"])
     print(f"\nms a training step ({rt.accelerator}, {rt.precision}; {args.blocks} blocks of {args.steps} steps)")
-    print("| variant | fastest block | first quartile | median |\n|---|---|---|---|")
+    print("| variant | fastest block | first quartile | median | / this job, same round |\n|---|---|---|---|---|")
     for name, values in ms.items():
         low, q1, mid = np.percentile(values, [0, 25, 50])
-        print(f"| {name} | {low:.2f} | {q1:.2f} | {mid:.2f} |")
+        print(f"| {name} | {low:.2f} | {q1:.2f} | {mid:.2f} | {np.median(np.array(values) / job):.3f} |")
 
 
 if __name__ == "__main__":
