@@ -10,7 +10,7 @@ Time to target: for the reference, from process start to the end of its first ep
 reaches the target (its per-epoch test passes not counted); for this job, from process start to the moment its
 test accuracy is logged (the timestamp MLflow records for `test_acc`; the test pass counted), for the shortest
 job (epochs = 1, 2, ... default) that reaches it. That job's whole wall time, to exit with the model and
-artifacts logged, is printed too.
+artifacts logged, is printed too. The reference runs first in odd-numbered repeats (1, 3, ...), last in even ones.
 """
 
 from __future__ import annotations
@@ -171,13 +171,23 @@ def table(measured: list[dict[str, tuple[float, float]]]) -> str:
 
 
 def measure_once(args: argparse.Namespace, env: dict[str, str], tmp: Path, root: Path, k: int) -> dict:
-    ref = run_reference(root, f"sqlite:///{tmp}/ref{k}.db", args.max_epochs, args.target, env)
+    """Repeat k + 1, side by side. The reference runs first in odd-numbered repeats and last in even ones, so that
+    the machine's drift within a repeat does not always land on the same side."""
+
+    def reference() -> dict:
+        return run_reference(root, f"sqlite:///{tmp}/ref{k}.db", args.max_epochs, args.target, env)
+
+    ref = reference() if k % 2 == 0 else None
     ours = run_ours(args.data_dir, f"sqlite:///{tmp}/ours{k}.db", env, JobConfig().epochs)
     ours["import_seconds"] = import_seconds(OUR_IMPORTS, env)
     ttt_epochs, reached = time_to_target(args.data_dir, f"sqlite:///{tmp}/ttt{k}.db", env, args.target, ours)
-    print(f"repeat {k + 1}: reference lr={ref['lr']:.3g}, test acc per epoch {[round(a, 4) for a in ref['test_acc']]}")
-    print(f"repeat {k + 1}: this job lr_used={ours['lr']:.3g}, wall {ours['wall']:.1f} s; time to target: "
-          f"the {ttt_epochs}-epoch job, the shortest that reaches {args.target}", flush=True)  # fmt: skip
+    ref = ref or reference()
+    for name, m in (("reference", ref), ("this job", ours)):
+        print(f"repeat {k + 1}: {name} lr={m['lr']:.3g}, range test {m['range_test_seconds']:.3f} s, "
+              f"epochs {np.mean(m['epoch_seconds']):.2f} s")  # fmt: skip
+    print(f"repeat {k + 1}: reference test acc per epoch {[round(a, 4) for a in ref['test_acc']]}; this job wall "
+          f"{ours['wall']:.1f} s, time to target: the {ttt_epochs}-epoch job, the shortest that reaches {args.target}",
+          flush=True)  # fmt: skip
     return rows(ref, ours, args.target, JobConfig().epochs, reached)
 
 
