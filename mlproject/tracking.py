@@ -158,7 +158,14 @@ class Tracker:
         signature = infer_signature(example, output)
         self.patiently(
             lambda: mlflow.pytorch.log_model(  # type: ignore[attr-defined]
-                model, name="model", signature=signature, input_example=example, pip_requirements=requirements
+                model,
+                name="model",
+                signature=signature,
+                input_example=example,
+                pip_requirements=requirements,
+                # torch.export's program, never a pickle (MLflow's default on Databricks): a pickle would need this
+                # package, whose modules the network holds, wherever the model is loaded.
+                serialization_format="pt2",
             ),
             "logging the model",
         )

@@ -126,6 +126,14 @@ def test_run_holds_the_model_and_the_dataset(auto_lr_run):
     assert model.metadata.signature is not None
     out = model.predict(np.zeros((3, 1, 28, 28), dtype=np.float32))
     assert np.asarray(out).shape == (3, 10)
+    # It loads where this package is not installed (a server, a notebook): the network holds a module of ours.
+    elsewhere = (
+        "import sys, mlflow, numpy as np; sys.modules['mlproject'] = None; "
+        f"mlflow.set_tracking_uri('sqlite:///{tmp}/mlflow.db'); m = mlflow.pyfunc.load_model('{models[0].model_uri}'); "
+        "print(np.asarray(m.predict(np.zeros((2, 1, 28, 28), dtype=np.float32))).shape)"
+    )
+    loaded = subprocess.run([sys.executable, "-c", elsewhere], capture_output=True, text=True, cwd=tmp, timeout=300)
+    assert loaded.stdout.strip().endswith("(2, 10)"), loaded.stderr[-2000:]
 
 
 def test_lr_find_entry_point_logs_the_curve_and_trains_nothing(tmp_path):
