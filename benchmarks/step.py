@@ -19,8 +19,9 @@ import argparse
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytorch_lightning as pl
@@ -61,35 +62,16 @@ class Fixed:
         return iter(self.batches)
 
 
-@contextlib.contextmanager
-def replaced(owner: type, name: str, value: object) -> Iterator[None]:
-    """The class attribute `owner.name` set to `value` for the duration."""
-    before = owner.__dict__[name]
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, before)
-
-
-@contextlib.contextmanager
-def environment(name: str, value: str) -> Iterator[None]:
-    before = os.environ[name]
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        os.environ[name] = before
-
-
 UNDONE: dict[str, Callable[[], list[contextlib.AbstractContextManager]]] = {
     "this job (Lightning fit)": lambda: [],
-    "the same, NVML check on": lambda: [environment(training.NVML_CHECK, "1")],
+    "the same, NVML check on": lambda: [mock.patch.dict(os.environ, {training.NVML_CHECK: "1"})],
     "the same, Lightning's own per-hook bookkeeping": lambda: [
-        replaced(training.NoProfiler, "profile", PassThroughProfiler.profile),
-        replaced(model.LeanModule, "__setattr__", nn.Module.__setattr__),
+        mock.patch.object(training.NoProfiler, "profile", PassThroughProfiler.profile),
+        mock.patch.object(model.LeanModule, "__setattr__", nn.Module.__setattr__),
     ],
-    "the same, first block pooled in bf16": lambda: [replaced(model.CpuFp32MaxPool2d, "forward", nn.MaxPool2d.forward)],
+    "the same, first block pooled in bf16": lambda: [
+        mock.patch.object(model.CpuFp32MaxPool2d, "forward", nn.MaxPool2d.forward)
+    ],
 }
 
 

@@ -45,7 +45,7 @@ class Number(click.ParamType):
 
     def __init__(self, kind: type[int] | type[float]) -> None:
         self.kind = kind
-        self.name = "integer" if kind is int else "number"
+        self.name, self.accepted = ("integer", "an integer") if kind is int else ("number", "a number")
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | float:
         if isinstance(value, self.kind) and not isinstance(value, bool):
@@ -53,7 +53,7 @@ class Number(click.ParamType):
         try:
             return self.kind(str(value).strip())
         except ValueError:
-            self.fail(C.expected(value, "an integer" if self.kind is int else "a number"), param, ctx)
+            self.fail(C.expected(value, self.accepted), param, ctx)
 
 
 class OneOf(click.Choice):
