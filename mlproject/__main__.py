@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from mlproject import config as C
+from mlproject import stopping
 from mlproject.config import CHECKPOINT_ARTIFACT, ConfigError, JobConfig, parse_lrs
 from mlproject.errors import DataError, HardwareError, Preempted, TrackingError, TrainingDiverged
 
@@ -170,7 +171,7 @@ def _run_job(entry: str, experiment_name: str, options: dict[str, Any], lrs: str
     _limit_tracking_retries()
     probe(uri)
     tracker = Tracker.open(uri, cfg.resume or run_id, experiment_name)
-    _stop_on_signals()
+    stopping.install()
     try:
         with tempfile.TemporaryDirectory(prefix="mlproject-") as tmp:
             _job(entry, cfg, tracker, Path(tmp), study_lrs)
@@ -209,18 +210,6 @@ def _job(entry: str, cfg: JobConfig, tracker: Any, workdir: Path, lrs: tuple[flo
     result = pipeline.run(cfg, source, tracker, workdir)
     figures = " ".join(f"{k}={v:.4f}" for k, v in result.final.items())
     click.echo(f"run {tracker.run_id}: lr_used={result.choice.lr:.4g} ({result.choice.source}) {figures}")
-
-
-def _stop_on_signals() -> None:
-    """SIGTERM (docker stop, a preempted spot VM, a cancelled CI job) and SIGINT stop the job cleanly, once."""
-
-    def handler(signum: int, frame: object) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_IGN)  # a second signal must not interrupt the clean-up
-        raise Preempted(signal.Signals(signum).name)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
 
 
 def _limit_tracking_retries() -> None:

@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.profilers import PassThroughProfiler
 
-from mlproject import data
+from mlproject import data, stopping
 from mlproject.config import JobConfig
 from mlproject.errors import HardwareError, TrainingDiverged
 
@@ -123,10 +123,16 @@ def build_trainer(rt: Runtime, max_epochs: int, callbacks: list[pl.Callback], **
 
 
 class EpochReporter(pl.Callback):
-    """Hands each epoch's aggregates to a sink: one host sync per epoch, not per step."""
+    """At the end of every epoch, writes `last.ckpt` if the epoch's loss was finite (the last good state), then
+    hands the epoch's aggregates to a sink: one host sync per epoch, not per step.
 
-    def __init__(self, sink: EpochSink) -> None:
+    The two happen under stopping.held(): a SIGTERM between them would leave a run that shows an epoch it has
+    no checkpoint of, or a checkpoint of an epoch it never showed (which a resume would then skip).
+    """
+
+    def __init__(self, sink: EpochSink, checkpoint: Path) -> None:
         self.sink = sink
+        self.checkpoint = checkpoint
         self.history: list[dict[str, float]] = []
         self.started = 0.0
 
@@ -138,17 +144,19 @@ class EpochReporter(pl.Callback):
         metrics = {k: float(found[k]) for k in EPOCH_METRICS if k in found}
         metrics["epoch_seconds"] = time.perf_counter() - self.started  # training and validation
         self.history.append(metrics)
-        self.sink(trainer.current_epoch, metrics)
+        with stopping.held():
+            if math.isfinite(metrics.get("train_loss", 0.0)):
+                trainer.save_checkpoint(self.checkpoint)
+            self.sink(trainer.current_epoch, metrics)
 
 
 class EpochGuard(pl.Callback):
-    """Keeps training honest and resumable: pins the shuffle to the epoch, stops on a non-finite loss,
-    and writes `last.ckpt` at the end of every epoch whose loss was finite (the last good state)."""
+    """Keeps training honest and resumable: pins the shuffle to the epoch, and stops on a non-finite loss
+    (after the reporter has shown that epoch; its checkpoint is the epoch before)."""
 
     CHECK_EVERY = 25  # batches between finiteness checks: each check is one host sync
 
-    def __init__(self, checkpoint: Path, train: object) -> None:
-        self.checkpoint = checkpoint
+    def __init__(self, train: object) -> None:
         self.train = train
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -166,7 +174,6 @@ class EpochGuard(pl.Callback):
         loss = trainer.callback_metrics.get("train_loss")
         if loss is not None:
             self._check(float(loss), trainer, "the epoch's mean")
-        trainer.save_checkpoint(self.checkpoint)
 
     def _check(self, loss: float, trainer: pl.Trainer, where: str) -> None:
         if not math.isfinite(loss):
@@ -195,8 +202,8 @@ def fit_and_test(
     resume_from: Path | None = None,
 ) -> FitResult:
     """Fit (from `resume_from` when given), then test; `checkpoint` holds the last good epoch's state."""
-    reporter = EpochReporter(sink)
-    trainer = build_trainer(rt, epochs, [reporter, EpochGuard(checkpoint, train)])
+    reporter = EpochReporter(sink, checkpoint)
+    trainer = build_trainer(rt, epochs, [reporter, EpochGuard(train)])
     trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=resume_from)
     results = trainer.test(module, dataloaders=test, verbose=False)
     return FitResult(reporter.history, {k: float(v) for k, v in results[0].items()})

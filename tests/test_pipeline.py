@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from mlproject import data, pipeline, training
+from mlproject import data, pipeline, stopping, training
 from mlproject.config import JobConfig
-from mlproject.errors import TrainingDiverged
+from mlproject.errors import Preempted, TrainingDiverged
 from mlproject.lr_range import suggest
 from mlproject.model import lenet
 from mlproject.tracking import Tracker
@@ -22,13 +24,13 @@ from tests.conftest import FASHION_DIR, requires_fashion_mnist
 SMALL = dict(dataset="fashion-mnist", val_size=100, batch_size=32, lr_steps=20, accelerator="cpu", seed=7)
 
 
-def run_job(tmp: Path, folder: Path, **changes) -> tuple[pipeline.JobResult, dict]:
+def run_job(tmp: Path, folder: Path, tracker: type[Tracker] = Tracker, **changes) -> tuple[pipeline.JobResult, dict]:
     uri = f"sqlite:///{tmp}/mlflow.db"
     client = MlflowClient(uri)
     if client.get_experiment_by_name("pipe") is None:
         client.create_experiment("pipe", artifact_location=str(tmp / "artifacts"))
     cfg = JobConfig(data_dir=str(folder), **{**SMALL, **changes})
-    tracker = Tracker.open(uri, "", "pipe")
+    tracker = tracker.open(uri, "", "pipe")
     try:
         work = tmp / tracker.run_id
         work.mkdir()
@@ -43,6 +45,36 @@ def test_the_range_test_does_not_change_what_fit_does(tmp_path, tiny_data):
     assert params["lr_source"] == "finder"
     fixed, _ = run_job(tmp_path, tiny_data, auto_lr=False, lr=found.choice.lr, schedule="constant", epochs=2)
     assert fixed.final == found.final
+
+
+class SignalledAsTheFirstEpochShows(Tracker):
+    """A real SIGTERM to this process, the moment the job starts to show its first finished epoch."""
+
+    def log_metrics(self, metrics, step=0):
+        if "epoch_seconds" in metrics and step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        super().log_metrics(metrics, step=step)
+
+
+@pytest.fixture
+def stop_signals():
+    """The job's SIGTERM and SIGINT handlers, for one test; pytest's own come back afterwards."""
+    saved = {sig: signal.getsignal(sig) for sig in stopping.STOP_SIGNALS}
+    stopping.install()
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def test_a_sigterm_as_an_epoch_shows_lets_its_report_and_checkpoint_land_whole(tmp_path, tiny_data, stop_signals):
+    with pytest.raises(Preempted, match="SIGTERM"):
+        run_job(tmp_path, tiny_data, SignalledAsTheFirstEpochShows, schedule="constant", epochs=3)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("pipe").experiment_id])
+    for key in ("epoch_seconds", "val_acc", "train_loss"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0], key
+    local = client.download_artifacts(run.info.run_id, "checkpoints/last.ckpt", str(tmp_path))
+    assert torch.load(local, weights_only=False)["epoch"] == 0
 
 
 def test_flat_sweep_falls_back_to_lr_and_records_why(tmp_path, tiny_data):

@@ -1,0 +1,42 @@
+"""SIGTERM and SIGINT as a clean stop: the signal raises Preempted, except inside held(), which it waits for."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator
+
+from mlproject.errors import Preempted
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_held = {"depth": 0, "pending": ""}  # how deep in held() the job is; the signal that arrived there
+
+
+def install() -> None:
+    """Stop on the first SIGTERM (docker stop, a preempted spot VM, a cancelled CI job) or SIGINT; ignore the rest,
+    so that a second signal cannot interrupt the clean-up."""
+
+    def handler(signum: int, frame: object) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        name = signal.Signals(signum).name
+        if _held["depth"]:
+            _held["pending"] = name
+            return
+        raise Preempted(name)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """A stop that arrives inside waits until the block is done, so that what it writes lands whole."""
+    _held["depth"] += 1
+    try:
+        yield
+    finally:
+        _held["depth"] -= 1
+    if not _held["depth"] and _held["pending"]:
+        name, _held["pending"] = _held["pending"], ""
+        raise Preempted(name)
