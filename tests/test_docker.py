@@ -331,7 +331,7 @@ def test_a_signal_stops_and_removes_the_container_and_the_run_ends_killed(
         if process.poll() is None:
             process.kill()
     assert code == 128 + sig
-    assert time.monotonic() - began < 30
+    assert time.monotonic() - began < 45  # docker's 10 s stop timeout at most, removal, the run's record
     assert not engine.containers.list(all=True, filters={"name": "lrf-test-stopped"}), "the container is removed"
     (run,) = runs(tracking, experiment)
     assert run.info.status == "KILLED"

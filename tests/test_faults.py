@@ -55,7 +55,8 @@ def test_sigterm_keeps_a_checkpoint_ends_killed_and_resume_gives_the_same_result
     code, _, err = finish(proc, timeout=60)
     stopped_in = time.monotonic() - sent
     assert code == 128 + signal.SIGTERM, err[-2000:]
-    assert stopped_in < 10
+    assert stopped_in < 30  # the wind-down: checkpoint upload, ending the run, interpreter exit
+    assert len(client.get_metric_history(run_id, "val_acc")) < 4  # it stopped before the job's last epoch
     assert "SIGTERM" in err.strip().splitlines()[-1]
     run = client.get_run(run_id)
     assert run.info.status == "KILLED"
@@ -81,7 +82,7 @@ def test_unreachable_tracking_server_fails_fast_naming_it(tmp_path):
     start = time.monotonic()
     code, _, err = finish(job(tmp_path, env=job_env(uri)), timeout=120)
     assert code == 1
-    assert time.monotonic() - start < 30
+    assert time.monotonic() - start < 60  # the 20 s probe, plus interpreter start and imports on a loaded machine
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: tracking server http://127.0.0.1:9 unreachable")
 

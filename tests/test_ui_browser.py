@@ -135,6 +135,14 @@ def row_text(page, run_id: str) -> str:
     return " | ".join(page.locator(f'[role=row][row-id="{run_id}"]').all_inner_texts())
 
 
+def row_showing(page, run_id: str, texts: list[str], timeout: float = 15) -> str:
+    """The run's row once it shows all of `texts` (cells may render a frame after the row), or as it is then."""
+    deadline = time.monotonic() + timeout
+    while not all(text in (shown := row_text(page, run_id)) for text in texts) and time.monotonic() < deadline:
+        page.wait_for_timeout(200)
+    return shown
+
+
 def test_run_list_shows_each_child_runs_lr_choice_and_test_accuracy(study, page):
     began = time.monotonic()
     open_page(page, f"{study.url}/#/experiments/{study.experiment_id}/runs", f"{1 + len(study.children)} matching runs")
@@ -148,14 +156,14 @@ def test_run_list_shows_each_child_runs_lr_choice_and_test_accuracy(study, page)
     parent_row.locator("button[data-component-id*=runnamecellrenderer]").click()  # expand the study
     page.locator(f'[role=row][row-id="{study.finder_id}"]').first.wait_for()
     for _, name in COLUMNS:
-        assert page.get_by_role("columnheader", name=name).first.is_visible(), name
+        playwright_api.expect(page.get_by_role("columnheader", name=name).first).to_be_visible()
     for run in study.children:
-        shown, params = row_text(page, run.info.run_id), run.data.params
-        assert run.info.run_name in shown
-        assert params["lr_source"] in shown and params["lr_used"] in shown
-        assert repr(run.data.metrics["test_acc"]) in shown
+        params = run.data.params
+        expected = [run.info.run_name, params["lr_source"], params["lr_used"], repr(run.data.metrics["test_acc"])]
         if params["lr_source"] == "finder":
-            assert params["lr_suggested"] in shown
+            expected.append(params["lr_suggested"])
+        shown = row_showing(page, run.info.run_id, expected)
+        assert all(text in shown for text in expected), (expected, shown)
     shot(page, "runs")
     print(f"\nrun list checked in {time.monotonic() - began:.1f} s")
 
