@@ -112,6 +112,10 @@ def mirror_url() -> Iterator[str]:
     cmd = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(folder)]
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        deadline = time.monotonic() + 30
+        while _port_free(port):  # nothing listens yet
+            assert process.poll() is None and time.monotonic() < deadline, "the package mirror never listened"
+            time.sleep(0.1)
         yield f"http://127.0.0.1:{port}/simple"
     finally:
         process.terminate()

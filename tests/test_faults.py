@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO, requires_fashion_mnist
+from tests.test_server_cli import free_port
 
 pytestmark = [pytest.mark.slow, requires_fashion_mnist]
 SMALL = ["--train-subset", "20000", "--val-size", "2000", "--epochs", "4", "--lr-steps", "30", "--auto-lr", "true"]
@@ -126,18 +127,10 @@ def wait_healthy(port: int, timeout: float = 120) -> None:
     raise AssertionError("mlflow server never answered")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_server_down_mid_run_loses_no_metric(tmp_path):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = start_server(tmp_path, port)
+    server, proc = start_server(tmp_path, port), None
     try:
         wait_healthy(port)
         proc = job(tmp_path, *SMALL, env=job_env(uri))
@@ -158,3 +151,5 @@ def test_server_down_mid_run_loses_no_metric(tmp_path):
             assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1, 2, 3], key
     finally:
         os.killpg(server.pid, signal.SIGKILL)
+        if proc is not None and proc.poll() is None:  # a failed check must not leave the job retrying for minutes
+            proc.kill()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,9 +34,16 @@ AUTH_ENV = {S.AUTH_SECRET_ENV: "test-secret", S.AUTH_PASSWORD_ENV: "Admin-pass-2
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port free now, below Linux's ephemeral range (32768 up): a server binds it seconds later, and
+    meanwhile no outgoing connection can be handed it as its source port."""
+    for port in random.Random().sample(range(20000, 32768), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free loopback port in 20000-32767")
 
 
 @dataclass(frozen=True)
