@@ -9,16 +9,22 @@ from collections.abc import Iterator
 from mlproject.errors import Preempted
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_held = {"depth": 0, "pending": ""}  # how deep in held() the job is; the signal that arrived there
+# How deep in held() the job is, the signal that arrived there, and whether a stop has begun.
+_held: dict = {"depth": 0, "pending": "", "stopping": False}
 
 
 def install() -> None:
     """Stop on the first SIGTERM (docker stop, a preempted spot VM, a cancelled CI job) or SIGINT; ignore the rest,
-    so that a second signal cannot interrupt the clean-up."""
+    so that a second signal cannot interrupt the clean-up. The handler itself ignores them too, not only the
+    SIG_IGN it sets: a Trainer puts back the handlers it found when its fit began, this one included."""
+    _held["stopping"] = False
 
     def handler(signum: int, frame: object) -> None:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
+        if _held["stopping"]:
+            return
+        _held["stopping"] = True
         name = signal.Signals(signum).name
         if _held["depth"]:
             _held["pending"] = name

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,14 @@ def test_a_sigterm_as_an_epoch_shows_lets_its_report_and_checkpoint_land_whole(t
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0], key
     local = client.download_artifacts(run.info.run_id, "checkpoints/last.ckpt", str(tmp_path))
     assert torch.load(local, weights_only=False)["epoch"] == 0
+
+
+def test_a_second_signal_after_the_stop_does_not_interrupt_the_clean_up(tmp_path, tiny_data, stop_signals):
+    with pytest.raises(Preempted, match="SIGTERM"):
+        run_job(tmp_path, tiny_data, SignalledAsTheFirstEpochShows, schedule="constant", epochs=3)
+    os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C, while the job would be logging its checkpoint
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)  # nothing raised: the clean-up would carry on
 
 
 def test_flat_sweep_falls_back_to_lr_and_records_why(tmp_path, tiny_data):
