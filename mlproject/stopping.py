@@ -10,24 +10,24 @@ from mlproject.errors import Preempted
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # How deep in held() the job is, the signal that arrived there, and whether a stop has begun.
-_held: dict = {"depth": 0, "pending": "", "stopping": False}
+_state: dict = {"depth": 0, "pending": "", "stopping": False}
 
 
 def install() -> None:
     """Stop on the first SIGTERM (docker stop, a preempted spot VM, a cancelled CI job) or SIGINT; ignore the rest,
     so that a second signal cannot interrupt the clean-up. The handler itself ignores them too, not only the
     SIG_IGN it sets: a Trainer puts back the handlers it found when its fit began, this one included."""
-    _held["stopping"] = False
+    _state["stopping"] = False
 
     def handler(signum: int, frame: object) -> None:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
-        if _held["stopping"]:
+        if _state["stopping"]:
             return
-        _held["stopping"] = True
+        _state["stopping"] = True
         name = signal.Signals(signum).name
-        if _held["depth"]:
-            _held["pending"] = name
+        if _state["depth"]:
+            _state["pending"] = name
             return
         raise Preempted(name)
 
@@ -38,11 +38,11 @@ def install() -> None:
 @contextlib.contextmanager
 def held() -> Iterator[None]:
     """A stop that arrives inside waits until the block is done, so that what it writes lands whole."""
-    _held["depth"] += 1
+    _state["depth"] += 1
     try:
         yield
     finally:
-        _held["depth"] -= 1
-    if not _held["depth"] and _held["pending"]:
-        name, _held["pending"] = _held["pending"], ""
+        _state["depth"] -= 1
+    if not _state["depth"] and _state["pending"]:
+        name, _state["pending"] = _state["pending"], ""
         raise Preempted(name)
