@@ -15,13 +15,11 @@ _state: dict = {"depth": 0, "pending": "", "stopping": False}
 
 def install() -> None:
     """Stop on the first SIGTERM (docker stop, a preempted spot VM, a cancelled CI job) or SIGINT; ignore the rest,
-    so that a second signal cannot interrupt the clean-up. The handler itself ignores them too, not only the
-    SIG_IGN it sets: a Trainer puts back the handlers it found when its fit began, this one included."""
+    so that a second signal cannot interrupt the clean-up. The handler ignores them itself rather than switching
+    to SIG_IGN: a Trainer puts back the handlers it found when its fit began, this one included."""
     _state["stopping"] = False
 
     def handler(signum: int, frame: object) -> None:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
         if _state["stopping"]:
             return
         _state["stopping"] = True
