@@ -30,6 +30,9 @@ AUTH_SECRET_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"
 AUTH_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"
 AUTH_CONFIG_ENV = "MLFLOW_AUTH_CONFIG_PATH"
 JOBS_ENV = "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
+POOL_SIZE_ENV, MAX_OVERFLOW_ENV = "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"
+# The connections a server's workers may open together: PostgreSQL's default max_connections is 100.
+PG_CONNECTIONS = 80
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -84,6 +87,8 @@ def plan(options: ServerOptions, environ: Mapping[str, str], mlflow_exe: str = "
     argv += ["--host", options.host, "--port", str(options.port), "--workers", str(options.workers)]
     if options.allowed_hosts:
         argv += ["--allowed-hosts", options.allowed_hosts]
+    if scheme != "sqlite":
+        env.update(_pool_env(options.workers, environ))
     if options.app_name:
         env.update(_auth_env(options, environ))
         argv += ["--app-name", options.app_name]
@@ -120,6 +125,16 @@ def _auth_env(options: ServerOptions, environ: Mapping[str, str]) -> dict[str, s
             f"basic-auth needs the first admin's password: set {AUTH_PASSWORD_ENV} or admin_password in --auth-config"
         )
     return {AUTH_CONFIG_ENV: str(Path(options.auth_config).resolve())} if options.auth_config else {}
+
+
+def _pool_env(workers: int, environ: Mapping[str, str]) -> dict[str, str]:
+    """Each worker's database connections on PostgreSQL: 5 kept open, and overflow up to its share of PG_CONNECTIONS.
+
+    SQLAlchemy's default, 5 + 10, is fewer than the requests a worker serves at once, and a request that waits 30 s
+    for a connection fails (MLflow answers 400): under a burst of writers on a small machine, rows were lost that
+    way. A variable the team set itself is kept."""
+    wanted = {POOL_SIZE_ENV: "5", MAX_OVERFLOW_ENV: str(max(10, PG_CONNECTIONS // max(1, workers) - 5))}
+    return {key: value for key, value in wanted.items() if not environ.get(key)}
 
 
 def _warnings(options: ServerOptions, scheme: str) -> list[str]:

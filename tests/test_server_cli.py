@@ -152,6 +152,19 @@ def test_sqlite_for_a_server_others_reach_warns_and_postgresql_does_not():
     assert pg.argv[pg.argv.index("--workers") + 1] == "8"
 
 
+def test_postgresql_workers_share_eighty_connections_and_a_teams_own_pool_setting_wins():
+    pg = "postgresql://mlflow@db:5432/mlflow"
+    assert S.plan(S.ServerOptions(backend_store_uri=pg, workers=4), {}).env == {
+        S.JOBS_ENV: "false",
+        S.POOL_SIZE_ENV: "5",
+        S.MAX_OVERFLOW_ENV: "15",  # 4 x (5 + 15) = 80
+    }
+    assert S.plan(S.ServerOptions(backend_store_uri=pg, workers=1), {}).env[S.MAX_OVERFLOW_ENV] == "75"
+    assert S.plan(S.ServerOptions(backend_store_uri=pg, workers=16), {}).env[S.MAX_OVERFLOW_ENV] == "10"
+    own = S.plan(S.ServerOptions(backend_store_uri=pg), {S.MAX_OVERFLOW_ENV: "50"}).env
+    assert S.MAX_OVERFLOW_ENV not in own and own[S.POOL_SIZE_ENV] == "5"
+
+
 def test_password_in_the_backend_uri_never_shows():
     plan = S.plan(S.ServerOptions(backend_store_uri="postgresql://mlflow:s3cret@db:5432/mlflow"), {})
     shown = S.display_argv(plan.argv)
