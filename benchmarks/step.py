@@ -3,7 +3,8 @@ against a bare PyTorch loop over the same batches. Interleaved.
 
 The savings undone, one variant each: the NVML-based CUDA check left on (as importing Lightning leaves it);
 Lightning's own per-hook bookkeeping (its PassThroughProfiler and nn.Module.__setattr__ for `_current_fx_name`);
-the first block pooled in bf16 rather than fp32.
+the first block pooled in bf16 rather than fp32. And two loops without Lightning's Trainer: Lightning Fabric's (its
+precision plugin and backward, the loop written out) and a bare PyTorch one.
 
     python -m benchmarks.step [--data-dir /usr/share/datasets/fashion-mnist] [--blocks 16] [--steps 140]
 
@@ -26,6 +27,8 @@ from unittest import mock
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
+from lightning_fabric import Fabric
 from pytorch_lightning.profilers import PassThroughProfiler
 from torch import nn
 
@@ -101,6 +104,22 @@ def bare_block(cfg: JobConfig, rt: training.Runtime, batches: Fixed) -> float:
     return (time.perf_counter() - start) / (len(batches) - WARMUP) * 1e3
 
 
+def fabric_block(cfg: JobConfig, rt: training.Runtime, batches: Fixed) -> float:
+    """The same step in a loop written against Lightning Fabric: its precision plugin (autocast) and backward,
+    no Trainer, hooks or callbacks."""
+    fabric = Fabric(accelerator=rt.accelerator, devices=1, precision=rt.precision)  # type: ignore[arg-type]
+    module = pipeline.build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr))
+    net, optimizer = fabric.setup(module, make_optimizer(module.parameters(), cfg.optimizer, cfg.lr))
+    for i, (x, y) in enumerate(batches):
+        if i == WARMUP:
+            start = time.perf_counter()
+        loss = F.cross_entropy(net(x), y)  # the forward under Fabric's autocast; logits handed back in fp32
+        optimizer.zero_grad()
+        fabric.backward(loss)
+        optimizer.step()
+    return (time.perf_counter() - start) / (len(batches) - WARMUP) * 1e3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
@@ -113,6 +132,7 @@ def main() -> None:
     train, _, _ = pipeline.fit_batches(cfg, ds, rt)
     batches = Fixed(list(train)[: WARMUP + args.steps])
     variants = {name: lambda name=name: lightning_block(cfg, rt, batches, name) for name in UNDONE}
+    variants["Lightning Fabric loop"] = lambda: fabric_block(cfg, rt, batches)
     variants["bare PyTorch loop"] = lambda: bare_block(cfg, rt, batches)
     ms: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.blocks):
