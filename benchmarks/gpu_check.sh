@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU-specific check and timing in one go, for a machine with an NVIDIA GPU:
 #   bash benchmarks/gpu_check.sh        (after bash .ci/setup)
-# Prints the device, runs the gpu-marked tests, then times the default job in bf16 and fp32, and with compile.
+# Prints the device, runs the gpu-marked tests, times the default job in bf16 and fp32 and with compile, then
+# the training step alone (benchmarks/step.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -25,3 +26,5 @@ for run in c.search_runs([c.get_experiment_by_name("gpu-timing").experiment_id])
     print(run.data.tags["precision"], "compile", run.data.params["compile"], "range test", round(run.data.metrics["lr_find_seconds"], 2), "s;",
           "epochs", [round(e, 2) for e in epochs], "s; test_acc", round(run.data.metrics["test_acc"], 4))
 PYEOF
+# The step alone, interleaved: the job's Lightning fit against channels_last flipped, a Fabric loop and a bare loop.
+$PY -m benchmarks.step --blocks 8

@@ -3,8 +3,10 @@ against a bare PyTorch loop over the same batches. Interleaved.
 
 The savings undone, one variant each: the NVML-based CUDA check left on (as importing Lightning leaves it);
 Lightning's own per-hook bookkeeping (its PassThroughProfiler and nn.Module.__setattr__ for `_current_fx_name`);
-the first block pooled in bf16 rather than fp32. And two loops without Lightning's Trainer: Lightning Fabric's (its
-precision plugin and backward, the loop written out) and a bare PyTorch one.
+the first block pooled in bf16 rather than fp32 (the last two only on a CPU, where they apply). The same fit with
+channels_last flipped (on by default on a CPU, off on a GPU). And two loops without Lightning's Trainer: Lightning
+Fabric's (its precision plugin and backward, the loop written out) and a bare PyTorch one. On a GPU the clock
+waits for the device at both ends of a block.
 
     python -m benchmarks.step [--data-dir /usr/share/datasets/fashion-mnist] [--blocks 16] [--steps 140]
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -37,6 +40,14 @@ from mlproject.config import JobConfig
 from mlproject.model import OptimSpec, make_optimizer
 
 WARMUP = 10  # untimed steps at the start of each block
+JOB = "this job (Lightning fit)"
+
+
+def now(device: torch.device) -> float:
+    """The time once the device has finished what it was given (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 class StepClock(pl.Callback):
@@ -46,10 +57,10 @@ class StepClock(pl.Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
         if batch_idx == WARMUP:
-            self.start = time.perf_counter()
+            self.start = now(pl_module.device)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
-        self.end, self.timed = time.perf_counter(), batch_idx + 1 - WARMUP
+        self.end, self.timed = now(pl_module.device), batch_idx + 1 - WARMUP
 
 
 class Fixed:
@@ -66,7 +77,7 @@ class Fixed:
 
 
 UNDONE: dict[str, Callable[[], list[contextlib.AbstractContextManager]]] = {
-    "this job (Lightning fit)": lambda: [],
+    JOB: lambda: [],
     "the same, NVML check on": lambda: [mock.patch.dict(os.environ, {training.NVML_CHECK: "1"})],
     "the same, Lightning's own per-hook bookkeeping": lambda: [
         mock.patch.object(training.NoProfiler, "profile", PassThroughProfiler.profile),
@@ -76,6 +87,7 @@ UNDONE: dict[str, Callable[[], list[contextlib.AbstractContextManager]]] = {
         mock.patch.object(model.CpuFp32MaxPool2d, "forward", nn.MaxPool2d.forward)
     ],
 }
+CPU_ONLY = {"the same, NVML check on", "the same, first block pooled in bf16"}
 
 
 def lightning_block(cfg: JobConfig, rt: training.Runtime, batches: Fixed, undone: str) -> float:
@@ -90,18 +102,18 @@ def lightning_block(cfg: JobConfig, rt: training.Runtime, batches: Fixed, undone
 
 def bare_block(cfg: JobConfig, rt: training.Runtime, batches: Fixed) -> float:
     """forward, backward and the optimizer step, nothing else (CPU autocast when the job uses bf16)."""
-    module = pipeline.build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr))
+    module = pipeline.build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr)).to(rt.device)
     optimizer = make_optimizer(module.parameters(), cfg.optimizer, cfg.lr)
     bf16 = rt.precision == "bf16-mixed"
     for i, batch in enumerate(batches):
         if i == WARMUP:
-            start = time.perf_counter()
+            start = now(rt.device)
         with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = module.loss(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return (time.perf_counter() - start) / (len(batches) - WARMUP) * 1e3
+    return (now(rt.device) - start) / (len(batches) - WARMUP) * 1e3
 
 
 def fabric_block(cfg: JobConfig, rt: training.Runtime, batches: Fixed) -> float:
@@ -112,12 +124,12 @@ def fabric_block(cfg: JobConfig, rt: training.Runtime, batches: Fixed) -> float:
     net, optimizer = fabric.setup(module, make_optimizer(module.parameters(), cfg.optimizer, cfg.lr))
     for i, (x, y) in enumerate(batches):
         if i == WARMUP:
-            start = time.perf_counter()
+            start = now(rt.device)
         loss = F.cross_entropy(net(x), y)  # the forward under Fabric's autocast; logits handed back in fp32
         optimizer.zero_grad()
         fabric.backward(loss)
         optimizer.step()
-    return (time.perf_counter() - start) / (len(batches) - WARMUP) * 1e3
+    return (now(rt.device) - start) / (len(batches) - WARMUP) * 1e3
 
 
 def main() -> None:
@@ -131,14 +143,19 @@ def main() -> None:
     rt = training.detect_runtime(cfg, ds.train.images.numel())
     train, _, _ = pipeline.fit_batches(cfg, ds, rt)
     batches = Fixed(list(train)[: WARMUP + args.steps])
-    variants = {name: lambda name=name: lightning_block(cfg, rt, batches, name) for name in UNDONE}
+    undone = [name for name in UNDONE if rt.accelerator == "cpu" or name not in CPU_ONLY]
+    variants = {name: lambda name=name: lightning_block(cfg, rt, batches, name) for name in undone}
+    flipped = dataclasses.replace(rt, channels_last=not rt.channels_last)
+    variants[f"the same, channels_last {'on' if flipped.channels_last else 'off'}"] = lambda: lightning_block(
+        cfg, flipped, batches, JOB
+    )
     variants["Lightning Fabric loop"] = lambda: fabric_block(cfg, rt, batches)
     variants["bare PyTorch loop"] = lambda: bare_block(cfg, rt, batches)
     ms: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.blocks):
         for name, block in variants.items():
             ms[name].append(block())
-    job = np.array(ms["this job (Lightning fit)"])
+    job = np.array(ms[JOB])
     print(f"\nms a training step ({rt.accelerator}, {rt.precision}; {args.blocks} blocks of {args.steps} steps)")
     print("| variant | fastest block | first quartile | median | / this job, same round |\n|---|---|---|---|---|")
     for name, values in ms.items():
