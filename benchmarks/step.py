@@ -40,6 +40,7 @@ from mlproject.config import JobConfig
 from mlproject.model import OptimSpec, make_optimizer
 
 WARMUP = 10  # untimed steps at the start of each block
+Batch = tuple[torch.Tensor, torch.Tensor]
 JOB = "this job (Lightning fit)"
 
 
@@ -100,20 +101,29 @@ def lightning_block(cfg: JobConfig, rt: training.Runtime, batches: Fixed, undone
     return (clock.end - clock.start) / clock.timed * 1e3
 
 
+def timed_loop(device: torch.device, batches: Fixed, step: Callable[[Batch], None]) -> float:
+    """Run `step` on every batch; ms a step after the first WARMUP."""
+    for i, batch in enumerate(batches):
+        if i == WARMUP:
+            start = now(device)
+        step(batch)
+    return (now(device) - start) / (len(batches) - WARMUP) * 1e3
+
+
 def bare_block(cfg: JobConfig, rt: training.Runtime, batches: Fixed) -> float:
     """forward, backward and the optimizer step, nothing else (CPU autocast when the job uses bf16)."""
     module = pipeline.build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr)).to(rt.device)
     optimizer = make_optimizer(module.parameters(), cfg.optimizer, cfg.lr)
     bf16 = rt.precision == "bf16-mixed"
-    for i, batch in enumerate(batches):
-        if i == WARMUP:
-            start = now(rt.device)
+
+    def step(batch: Batch) -> None:
         with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = module.loss(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    return (now(rt.device) - start) / (len(batches) - WARMUP) * 1e3
+
+    return timed_loop(rt.device, batches, step)
 
 
 def fabric_block(cfg: JobConfig, rt: training.Runtime, batches: Fixed) -> float:
@@ -122,14 +132,15 @@ def fabric_block(cfg: JobConfig, rt: training.Runtime, batches: Fixed) -> float:
     fabric = Fabric(accelerator=rt.accelerator, devices=1, precision=rt.precision)  # type: ignore[arg-type]
     module = pipeline.build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr))
     net, optimizer = fabric.setup(module, make_optimizer(module.parameters(), cfg.optimizer, cfg.lr))
-    for i, (x, y) in enumerate(batches):
-        if i == WARMUP:
-            start = now(rt.device)
+
+    def step(batch: Batch) -> None:
+        x, y = batch
         loss = F.cross_entropy(net(x), y)  # the forward under Fabric's autocast; logits handed back in fp32
         optimizer.zero_grad()
         fabric.backward(loss)
         optimizer.step()
-    return (now(rt.device) - start) / (len(batches) - WARMUP) * 1e3
+
+    return timed_loop(rt.device, batches, step)
 
 
 def main() -> None:
