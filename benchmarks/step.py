@@ -77,12 +77,22 @@ class Fixed:
         return iter(self.batches)
 
 
+def textbook_lenet() -> nn.Module:
+    net = model.lenet()
+    return nn.Sequential(net[0], nn.ReLU(), net[1], net[3], nn.ReLU(), net[4], *net[6:])
+
+
 UNDONE: dict[str, Callable[[], list[contextlib.AbstractContextManager]]] = {
     JOB: lambda: [],
     "the same, NVML check on": lambda: [mock.patch.dict(os.environ, {training.NVML_CHECK: "1"})],
-    "the same, Lightning's own per-hook bookkeeping": lambda: [
+    "the same, Lightning's own profiler": lambda: [
         mock.patch.object(training.NoProfiler, "profile", PassThroughProfiler.profile),
+    ],
+    "the same, nn.Module.__setattr__ for _current_fx_name": lambda: [
         mock.patch.object(model.LeanModule, "__setattr__", nn.Module.__setattr__),
+    ],
+    "the same, ReLU before pooling (textbook order)": lambda: [
+        mock.patch.dict(model.NETS, {"lenet": textbook_lenet}),
     ],
     "the same, first block pooled in bf16": lambda: [
         mock.patch.object(model.CpuFp32MaxPool2d, "forward", nn.MaxPool2d.forward)
@@ -148,6 +158,7 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     parser.add_argument("--blocks", type=int, default=16)
     parser.add_argument("--steps", type=int, default=140, help="timed steps a block")
+    parser.add_argument("--only", default="", help="comma-separated words: time only the variants that name one")
     args = parser.parse_args()
     cfg = JobConfig(epochs=1)
     ds = pipeline.load_data(cfg, data.Source((args.data_dir,)))
@@ -162,6 +173,9 @@ def main() -> None:
     )
     variants["Lightning Fabric loop"] = lambda: fabric_block(cfg, rt, batches)
     variants["bare PyTorch loop"] = lambda: bare_block(cfg, rt, batches)
+    if args.only:
+        words = [w.strip() for w in args.only.split(",") if w.strip()]
+        variants = {n: v for n, v in variants.items() if n == JOB or any(w in n for w in words)}
     ms: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.blocks):
         for name, block in variants.items():
