@@ -9,33 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NUM_CLASSES = 10
-
-
-class CpuFp32MaxPool2d(nn.MaxPool2d):
-    """Max-pooling that pools a CPU's bf16 input in fp32 and hands back bf16: the same values and gradients bit
-    for bit (a max picks one of its inputs, and bf16 -> fp32 -> bf16 is lossless both ways), in less time where
-    the channels are few. ATen's channels_last CPU kernel vectorises over channels, and over LeNet's first 6 it
-    runs bf16 at half its fp32 speed: 0.93 -> 0.66 ms forward and backward with both casts, timed alone on a
-    2-core CPU. Over the second block's 16 channels the casts cost more than they save (0.11 -> 0.13 ms).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu":
-            return super().forward(x)
-        return super().forward(x.float()).to(torch.bfloat16)
+from mlproject.catalog import NUM_CLASSES
 
 
 def lenet() -> nn.Module:
     """LeNet-5 with ReLU and max-pooling, as in the reference experiment.
 
-    Each block pools before its ReLU: ReLU is monotonic, so max-pool and ReLU commute, with the same values and
-    gradients bit for bit (tests/test_pipeline.py), and the ReLU runs on a quarter of the elements (0.1 ms a
-    step less on a 2-core CPU, timed alone). The first block pools bf16 in fp32 on a CPU (CpuFp32MaxPool2d),
-    also bit for bit. The parameters keep their positions, so state dicts match either order.
+    Each block pools before its ReLU: the two commute (ReLU is monotonic), so values and gradients are the
+    textbook order's bit for bit, and the ReLU runs on a quarter of the elements (benchmarks/RESULTS.md).
     """
     return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2), CpuFp32MaxPool2d(2), nn.ReLU(),
+        nn.Conv2d(1, 6, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(),
         nn.Conv2d(6, 16, 5), nn.MaxPool2d(2), nn.ReLU(),
         nn.Flatten(),
         nn.Linear(16 * 5 * 5, 120), nn.ReLU(),
@@ -72,8 +56,7 @@ class OptimSpec:
 
 
 def make_optimizer(params: object, optimizer: str, lr: float) -> torch.optim.Optimizer:
-    """fused=True: one kernel per parameter instead of a Python loop of small ops; on the CPU it halves
-    Adam's step (0.50 -> 0.24 ms for LeNet), on a GPU it saves launches."""
+    """fused=True: one kernel per parameter instead of a Python loop of small ops (on a CPU too)."""
     if optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, fused=True)  # type: ignore[arg-type]
     if optimizer == "adamw":
@@ -82,26 +65,11 @@ def make_optimizer(params: object, optimizer: str, lr: float) -> torch.optim.Opt
     return torch.optim.SGD(params, lr=lr, momentum=0.9, fused=True)  # type: ignore[arg-type]
 
 
-class LeanModule(pl.LightningModule):
-    """A LightningModule whose per-hook bookkeeping skips nn.Module.__setattr__.
-
-    Lightning sets `_current_fx_name` before and after every hook it calls on the module, ~46 times a training
-    step; nn.Module's checks for parameters, buffers and submodules make each set cost ~1.2 µs, a plain
-    attribute ~0.1 µs. The name is never a tensor or a module, so storing it plainly changes nothing else.
-    """
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if name == "_current_fx_name":
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
-
-
-class Classifier(LeanModule):
+class Classifier(pl.LightningModule):
     """Cross-entropy classification; logs epoch aggregates of loss and accuracy per stage.
 
     The training loss is summed on the device and logged once, at the epoch's last batch: a self.log() call
-    per step costs Lightning ~0.8 ms (about 15% of a LeNet step on the CPU).
+    per step costs more than LeNet's arithmetic on a CPU.
     """
 
     def __init__(self, net: nn.Module, optim: OptimSpec, channels_last: bool = False) -> None:

@@ -9,12 +9,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins import CheckpointIO
 from pytorch_lightning.tuner import Tuner
 
 from mlproject import lr_range
-from mlproject.model import Classifier, LeanModule, make_optimizer
+from mlproject.model import Classifier, make_optimizer
 from mlproject.training import Runtime, build_trainer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -57,7 +58,7 @@ class MemoryCheckpointIO(CheckpointIO):
         self.store.pop(str(path), None)
 
 
-class _Recorder(LeanModule):
+class _Recorder(pl.LightningModule):
     """Trains a private copy of the classifier and records the LR and raw loss of every sweep step; with
     `stop_early`, ends the sweep once lr_range.stop_reason gives a reason (rank 0 decides for every device)."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -14,7 +13,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.profilers import PassThroughProfiler
 
 from mlproject import data, stopping
 from mlproject.config import JobConfig
@@ -59,13 +57,12 @@ def resolve_runtime(
         raise HardwareError("precision=16-mixed needs a GPU and none is visible; use auto, bf16-mixed or 32-true")
     if precision == "auto":
         native = gpu_bf16 if accelerator == "gpu" else cpu_bf16
-        # bf16-mixed on a CPU with AVX512-BF16: fp32 is ~30% slower for LeNet's step (README, "Measured").
+        # bf16-mixed on a CPU with native bf16: fp32 is slower for LeNet's step (benchmarks/RESULTS.md).
         precision = "bf16-mixed" if native else "32-true"
     data_mode = cfg.data_mode
     if data_mode == "auto":
         data_mode = "device" if cfg.devices == 1 and data_bytes <= DEVICE_DATA_LIMIT_BYTES else "loader"
-    # channels_last: LeNet's bf16 step 3.9 vs 5.5 ms without it on a 2-core AVX512-BF16 CPU (first quartiles of
-    # 12 interleaved blocks of bare steps); fp32 without it is 2x slower (README, "Measured").
+    # channels_last: convolutions on a CPU are markedly faster in it (benchmarks/RESULTS.md).
     channels_last = accelerator == "cpu" and cfg.model != "mlp"
     return Runtime(accelerator, cfg.devices, precision, data_mode, channels_last)
 
@@ -78,9 +75,9 @@ def detect_runtime(cfg: JobConfig, data_bytes: int) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:
-        # Importing Lightning sets NVML_CHECK=1 (so that asking for CUDA does not initialise it
-        # before DataLoader workers fork). Every optimizer step asks, and without a GPU the NVML check loads and
-        # fails to load libnvidia-ml each time: 0.15 ms a step, 3-4% of LeNet's. A CPU run has no CUDA to protect.
+        # Importing Lightning sets NVML_CHECK=1 (so that asking for CUDA does not initialise it before DataLoader
+        # workers fork). Every optimizer step asks, and without a GPU the check tries to load libnvidia-ml each
+        # time, a measurable share of LeNet's step. A CPU run has no CUDA to protect.
         os.environ[NVML_CHECK] = "0"
     return rt
 
@@ -91,16 +88,6 @@ def batches(
     if rt.data_mode == "device":
         return data.DeviceBatches(split.to(rt.device), batch_size, ds.mean, ds.std, shuffle, seed)
     return data.loader_batches(split, batch_size, ds.mean, ds.std, shuffle, seed)
-
-
-class NoProfiler(PassThroughProfiler):
-    """Lightning's default profiler, which records nothing, at a tenth of its cost: PassThroughProfiler.profile
-    builds a generator-based context manager (~0.9 µs) for each of the ~48 hook calls of a training step."""
-
-    _NOTHING = contextlib.nullcontext()
-
-    def profile(self, action_name: str) -> contextlib.nullcontext:  # type: ignore[override]
-        return self._NOTHING
 
 
 def build_trainer(rt: Runtime, max_epochs: int, callbacks: list[pl.Callback], **overrides: object) -> pl.Trainer:
@@ -116,7 +103,6 @@ def build_trainer(rt: Runtime, max_epochs: int, callbacks: list[pl.Callback], **
         enable_model_summary=False,
         num_sanity_val_steps=0,
         callbacks=callbacks,
-        profiler=NoProfiler(),
     )
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)  # type: ignore[arg-type]
