@@ -8,20 +8,25 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from mlproject import config as C
-from mlproject import stopping
+from mlproject import config, stopping
+from mlproject.catalog import BUILTIN_DATASETS, ENV_DIRS
 from mlproject.config import CHECKPOINT_ARTIFACT, ConfigError, JobConfig, parse_lrs
 from mlproject.errors import DataError, HardwareError, Preempted, TrackingError, TrainingDiverged
+from mlproject.provenance import git_commit
+from mlproject.tracking_env import configure_client
+
+if TYPE_CHECKING:
+    from mlproject.data import Source
+    from mlproject.tracking import Tracker
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 log = logging.getLogger("mlproject")
@@ -37,7 +42,7 @@ class TrueFalse(click.ParamType):
             return value
         word = str(value).strip().lower()
         if word not in ("true", "false"):
-            self.fail(C.expected(value, "true or false"), param, ctx)
+            self.fail(config.expected(value, "true or false"), param, ctx)
         return word == "true"
 
 
@@ -54,14 +59,14 @@ class Number(click.ParamType):
         try:
             return self.kind(str(value).strip())
         except ValueError:
-            self.fail(C.expected(value, self.accepted), param, ctx)
+            self.fail(config.expected(value, self.accepted), param, ctx)
 
 
 class OneOf(click.Choice):
     """click.Choice whose error reads like every other bad value: '<value>; expected one of a, b, c'."""
 
     def get_invalid_choice_message(self, value: Any, ctx: click.Context | None) -> str:
-        return C.expected(value, "one of " + ", ".join(map(str, self.choices)))
+        return config.expected(value, "one of " + ", ".join(map(str, self.choices)))
 
 
 # One click option per JobConfig field; the option's name is the field's name with dashes.
@@ -70,28 +75,28 @@ _OPTIONS: list[tuple[str, Any, str]] = [
     ("lr", Number(float), "Learning rate when auto_lr is false; the fallback when the range test finds none."),
     ("epochs", Number(int), "Training epochs."),
     ("batch_size", Number(int), "Training batch size (the range test uses it too)."),
-    ("optimizer", OneOf(C.OPTIMIZERS), "Optimizer (sgd uses momentum 0.9)."),
-    ("schedule", OneOf(C.SCHEDULES), "LR schedule: constant, or onecycle peaking at the chosen LR."),
-    ("model", OneOf(C.MODELS), "Network."),
+    ("optimizer", OneOf(config.OPTIMIZERS), "Optimizer (sgd uses momentum 0.9)."),
+    ("schedule", OneOf(config.SCHEDULES), "LR schedule: constant, or onecycle peaking at the chosen LR."),
+    ("model", OneOf(config.MODELS), "Network."),
     ("seed", Number(int), "Seed for weights, hold-out split and batch order."),
-    ("dataset", OneOf(C.DATASETS), "Dataset (MNIST-format IDX files)."),
+    ("dataset", OneOf(BUILTIN_DATASETS), "Dataset (MNIST-format IDX files)."),
     ("data_dir", click.STRING, "Folder with the four *-ubyte[.gz] files; empty: search (see README)."),
     ("train_subset", Number(int), "Use only this many training samples; 0 uses all."),
     ("val_size", Number(int), "Validation samples held out (seeded) from the training set."),
     ("lr_min", Number(float), "Smallest LR of the range test."),
     ("lr_max", Number(float), "Largest LR of the range test."),
     ("lr_steps", Number(int), "Optimizer steps of the range test, one LR each; it stops early once the loss diverged."),
-    ("lr_method", OneOf(C.LR_METHODS), "Rule that turns the range-test curve into an LR."),
+    ("lr_method", OneOf(config.LR_METHODS), "Rule that turns the range-test curve into an LR."),
     ("lr_probe", TrueFalse(), "Suggest from the loss on a fixed held-out batch after each sweep step (true/false)."),
     ("lr_repeats", Number(int), "Range tests with different seeds; the median suggestion is used, the spread logged."),
-    ("accelerator", OneOf(C.ACCELERATORS), "Where to train: auto picks the GPU when there is one."),
+    ("accelerator", OneOf(config.ACCELERATORS), "Where to train: auto picks the GPU when there is one."),
     ("devices", Number(int), "Number of devices."),
     (
         "precision",
-        OneOf(C.PRECISIONS),
+        OneOf(config.PRECISIONS),
         "Numeric precision; auto: bf16-mixed where the device computes bf16 natively, else 32-true.",
     ),
-    ("data_mode", OneOf(C.DATA_MODES), "device: data lives on the device; loader: a DataLoader."),
+    ("data_mode", OneOf(config.DATA_MODES), "device: data lives on the device; loader: a DataLoader."),
     (
         "compile",
         TrueFalse(),
@@ -138,14 +143,30 @@ def cli(verbose: bool) -> None:
 @job_options(JobConfig())
 def train_command(experiment_name: str, **options: Any) -> None:
     """Range test (when --auto-lr true), then fit and test: the `main` entry point."""
-    _run_job("train", experiment_name, options)
+
+    def train(cfg: JobConfig, tracker: Tracker, workdir: Path, source: Source) -> None:
+        from mlproject import pipeline
+
+        result = pipeline.run(cfg, source, tracker, workdir)
+        figures = " ".join(f"{k}={v:.4f}" for k, v in result.final.items())
+        click.echo(f"run {tracker.run_id}: lr_used={result.choice.lr:.4g} ({result.choice.source}) {figures}")
+
+    _run_job(JobConfig(**options), experiment_name, "train", train)
 
 
 @cli.command("lr-find")
 @job_options(JobConfig())
 def lr_find_command(experiment_name: str, **options: Any) -> None:
     """The range test alone: logs the curve and the suggestion, trains nothing."""
-    _run_job("lr-find", experiment_name, options)
+
+    def lr_find(cfg: JobConfig, tracker: Tracker, workdir: Path, source: Source) -> None:
+        from mlproject import pipeline
+
+        choice = pipeline.lr_find(cfg, source, tracker)
+        suggested = choice.suggestion.lr if choice.suggestion else choice.lr
+        click.echo(f"run {tracker.run_id}: lr_suggested={suggested:.4g} lr_used={choice.lr:.4g} ({choice.source})")
+
+    _run_job(JobConfig(**options), experiment_name, "lr-find", lr_find)
 
 
 @cli.command("compare")
@@ -155,26 +176,39 @@ def lr_find_command(experiment_name: str, **options: Any) -> None:
 @job_options(JobConfig(auto_lr=True))
 def compare_command(experiment_name: str, lrs: str, **options: Any) -> None:
     """The LR study: one parent run, a child run per LR in --lrs and one at the finder's LR (--auto-lr true)."""
-    _run_job("compare", experiment_name, options, lrs)
+    study_lrs = parse_lrs(lrs)
+
+    def compare(cfg: JobConfig, tracker: Tracker, workdir: Path, source: Source) -> None:
+        from mlproject import study
+
+        tracker.log_params({"lrs": ",".join(f"{lr:g}" for lr in study_lrs)})
+        members = study.run_study(cfg, study_lrs, source, tracker, workdir)
+        click.echo(f"study {tracker.run_id}:\n{study.summary(members)}", nl=False)
+
+    _run_job(JobConfig(**options), experiment_name, "compare", compare)
 
 
-def _run_job(entry: str, experiment_name: str, options: dict[str, Any], lrs: str = "") -> None:
-    cfg = JobConfig(**options)
-    study_lrs = parse_lrs(lrs) if entry == "compare" else ()
-    uri, run_id = os.environ.get("MLFLOW_TRACKING_URI", ""), os.environ.get("MLFLOW_RUN_ID", "")
+JobBody = Callable[[JobConfig, "Tracker", Path, "Source"], None]
+
+
+def _run_job(cfg: JobConfig, experiment_name: str, entry: str, body: JobBody) -> None:
+    """Attach to the run, record the configuration, run the command's body; end the run as the body ended."""
+    run_id = os.environ.get("MLFLOW_RUN_ID", "")
     if cfg.resume and entry != "train":
         raise ConfigError("resume", cfg.resume, "nothing: only the train command resumes")
     if cfg.resume and run_id and run_id != cfg.resume:
         raise ConfigError("resume", cfg.resume, f"the run id given to `mlflow run --run-id` (here {run_id})")
     from mlproject.tracking import Tracker, probe  # heavy imports only once the options are valid
 
-    _limit_tracking_retries()
+    configure_client()
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     probe(uri)
     tracker = Tracker.open(uri, cfg.resume or run_id, experiment_name)
     stopping.install()
     try:
         with tempfile.TemporaryDirectory(prefix="mlproject-") as tmp:
-            _job(entry, cfg, tracker, Path(tmp), study_lrs)
+            cfg = _record_config(cfg, tracker, Path(tmp), entry)
+            body(cfg, tracker, Path(tmp), _data_source(cfg))
     except Preempted as exc:
         tracker.end("KILLED", error=f"{exc}; continue it with resume={tracker.run_id}")
         raise
@@ -184,57 +218,29 @@ def _run_job(entry: str, experiment_name: str, options: dict[str, Any], lrs: str
     tracker.end("FINISHED")
 
 
-def _job(entry: str, cfg: JobConfig, tracker: Any, workdir: Path, lrs: tuple[float, ...]) -> None:
-    from mlproject import data, pipeline, study
+def _record_config(cfg: JobConfig, tracker: Tracker, workdir: Path, entry: str) -> JobConfig:
+    """The configuration to run: the interrupted run's own when resuming, else cfg, logged as params."""
+    from mlproject import pipeline
 
     for noisy in ("pytorch_lightning", "lightning", "lightning_fabric", "mlflow", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)  # after their import: Lightning sets its own level
-
     if cfg.resume:
         cfg = pipeline.resumed_config(tracker, workdir)
         tracker.set_tags({"resumed": "true"})  # params are write-once: its resume param keeps the first start's value
     else:
         pipeline.log_config(tracker, cfg, entry)
-    tracker.set_tags(_git_tags())
-    source = data.search_order(cfg.dataset, cfg.data_dir, _dataset_env(cfg.dataset), str(_cache_dir()))
-    if entry == "compare":
-        tracker.log_params({"lrs": ",".join(f"{lr:g}" for lr in lrs)})
-        members = study.run_study(cfg, lrs, source, tracker, workdir)
-        click.echo(f"study {tracker.run_id}:\n{study.markdown(members)}", nl=False)
-        return
-    if entry == "lr-find":
-        choice = pipeline.lr_find(cfg, source, tracker)
-        suggested = choice.suggestion.lr if choice.suggestion else choice.lr
-        click.echo(f"run {tracker.run_id}: lr_suggested={suggested:.4g} lr_used={choice.lr:.4g} ({choice.source})")
-        return
-    result = pipeline.run(cfg, source, tracker, workdir)
-    figures = " ".join(f"{k}={v:.4f}" for k, v in result.final.items())
-    click.echo(f"run {tracker.run_id}: lr_used={result.choice.lr:.4g} ({result.choice.source}) {figures}")
+    commit = git_commit(Path(__file__).parent)  # `mlflow run` tags its own as mlflow.source.git.commit
+    if commit:
+        tracker.set_tags({"git_commit": commit})
+    return cfg
 
 
-def _limit_tracking_retries() -> None:
-    """MLflow retries a failed request 7 times with backoff (minutes); the job buffers metrics itself instead."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+def _data_source(cfg: JobConfig) -> Source:
+    from mlproject import data
 
-
-def _dataset_env(dataset: str) -> str:
-    return os.environ.get("FASHION_MNIST_DIR" if dataset == "fashion-mnist" else "MNIST_DIR", "")
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlproject"
-
-
-def _git_tags() -> dict[str, str]:
-    """The commit when the code runs from a git checkout (`mlflow run` tags its own as mlflow.source.git.commit)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"git_commit": out.stdout.strip()} if out.returncode == 0 else {}
+    env_dir = os.environ.get(ENV_DIRS[cfg.dataset], "")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlproject"
+    return data.search_order(cfg.dataset, cfg.data_dir, env_dir, str(cache))
 
 
 def _param_name(exc: click.exceptions.BadParameter) -> str:

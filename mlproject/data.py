@@ -12,23 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mlproject.catalog import DEBIAN_PACKAGES, IDX_FILES, NORMALIZATION, NUM_CLASSES, SYSTEM_DIRS, TORCHVISION_NAMES
 from mlproject.errors import DataError
 
 log = logging.getLogger(__name__)
 
-FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-# Per-dataset pixel mean/std of the training split (scaled to [0, 1]).
-NORMALIZATION = {"fashion-mnist": (0.2860, 0.3530), "mnist": (0.1307, 0.3081)}
-SYSTEM_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
-DEBIAN_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}  # Debian packages no MNIST
-TORCHVISION_NAMES = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
 IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
-NUM_CLASSES = 10
 
 
 @dataclass(frozen=True)
@@ -85,7 +74,7 @@ def find_dir(candidates: Sequence[Path]) -> Path | None:
     """The first candidate (or its torchvision raw/ subfolder) holding all four files."""
     for base in candidates:
         for directory in (base, *(base / name / "raw" for name in TORCHVISION_NAMES.values())):
-            if all(_locate(directory, stem) for stem in FILES.values()):
+            if all(_locate(directory, stem) for stem in IDX_FILES.values()):
                 return directory
     return None
 
@@ -116,10 +105,10 @@ def download(dataset: str, cache_dir: str) -> Path:
 
 
 def read_split(directory: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
-    images_path = _locate(directory, FILES[f"{prefix}_images"])
-    labels_path = _locate(directory, FILES[f"{prefix}_labels"])
+    images_path = _locate(directory, IDX_FILES[f"{prefix}_images"])
+    labels_path = _locate(directory, IDX_FILES[f"{prefix}_labels"])
     if images_path is None or labels_path is None:
-        raise DataError(f"{directory} lacks the {prefix} images or labels ({FILES[f'{prefix}_images']}[.gz])")
+        raise DataError(f"{directory} lacks the {prefix} images or labels ({IDX_FILES[f'{prefix}_images']}[.gz])")
     images = read_idx(images_path, IMAGE_MAGIC)
     labels = read_idx(labels_path, LABEL_MAGIC)
     if images.ndim != 3 or images.shape[1:] != (28, 28):

@@ -17,8 +17,8 @@ MIN_POINTS = 10  # fewer usable points than this and no curve shape can be trust
 MIN_DROP = 0.02  # a smoothed loss that never falls 2% below its start is "flat"
 DIVERGE_FACTOR = 4.0  # as Lightning's early stop: past 4x the best loss the sweep has diverged
 SAFETY = 2.0  # never suggest within this factor of the floor of the curve: divergence is near
-# The one-cycle peak may sit closer: its warm-up (from a tenth of it) protects it (Smith 2018). On the default
-# job, floor/1.5 beat floor/2 by ~0.2 points of test accuracy after 2 and 4 epochs (README, "The suggestion").
+# The one-cycle peak may sit closer: its warm-up (from a tenth of it) protects it (Smith 2018); floor/1.5 beat
+# floor/2 on the default job (docs/suggestion.md).
 PEAK_SAFETY = 1.5
 PEAK_CAP = 3.0  # ... and it stays within 3x the suggestion
 BOTTOM_TOLERANCE = 0.2  # the floor: within 20% of the drop from the smoothed minimum

@@ -1,4 +1,4 @@
-"""One job: seed -> data -> range test -> fit -> test -> log. Reads like the README's "what a run contains"."""
+"""One job: seed -> data -> range test -> fit -> test -> log, as the README's "What a run contains" lists it."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from mlproject import data, lr_range, plots, sweep, training
 from mlproject.config import CHECKPOINT_ARTIFACT, JobConfig
 from mlproject.errors import Preempted, TrainingDiverged
 from mlproject.model import NETS, Classifier, OptimSpec
-from mlproject.tracking import Tracker
+from mlproject.tracking import MLFLOW_VERSION, Tracker
 
 log = logging.getLogger(__name__)
 SPREAD_WARNING = 0.3  # decades between repeated range tests beyond which the suggestion is called uncertain
@@ -157,13 +157,11 @@ def curve_csv(curve: sweep.LRCurve, smoothed: list[float]) -> str:
 
 
 def system_tags(rt: training.Runtime) -> dict[str, str]:
-    import mlflow  # only for its version string; tracking.py does all the logging
-
     device = torch.cuda.get_device_name(0) if rt.accelerator == "gpu" else _cpu_model()
     return {
         "torch_version": torch.__version__,
         "lightning_version": pl.__version__,
-        "mlflow_version": mlflow.__version__,
+        "mlflow_version": MLFLOW_VERSION,
         "device": device,
         "precision": rt.precision,
         "data_mode": rt.data_mode,

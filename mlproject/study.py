@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlproject import data, pipeline, plots
+from mlproject import data, markdown, pipeline, plots
 from mlproject.config import JobConfig
 from mlproject.errors import Preempted
 from mlproject.tracking import Tracker
@@ -83,10 +83,9 @@ def rows(members: list[Member]) -> list[list[str]]:
     ]  # fmt: skip
 
 
-def markdown(members: list[Member]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows(members)]
-    return "\n".join(lines) + "\n"
+def summary(members: list[Member]) -> str:
+    """The comparison as a markdown table."""
+    return markdown.table(COLUMNS, [[markdown.cell(text) for text in row] for row in rows(members)])
 
 
 def log_comparison(parent: Tracker, members: list[Member]) -> None:
@@ -96,7 +95,7 @@ def log_comparison(parent: Tracker, members: list[Member]) -> None:
     writer.writerows(rows(members))
     curves = {m.label: m.history for m in members if m.history}
     finder = next((m.label for m in members if m.lr_source in ("finder", "fallback")), "")
-    files: dict[str, bytes | str] = {"comparison.csv": buf.getvalue(), "comparison.md": markdown(members)}
+    files: dict[str, bytes | str] = {"comparison.csv": buf.getvalue(), "comparison.md": summary(members)}
     if curves:
         files["comparison.png"] = plots.comparison(curves, highlight=finder)
     parent.log_files(files)

@@ -1,4 +1,4 @@
-"""The only mlflow import: attach to (or start) the run; write the run contract (params, metrics, artifacts, tags)."""
+"""Attach to (or start) the run and write the run contract (params, metrics, artifacts, tags) through MLflow."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from mlproject.errors import TrackingError
+from mlproject.tracking_env import redact
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ PATIENCE_S = 300.0  # how long a write waits for the tracking server to come bac
 # PostgreSQL, "(sqlite3.IntegrityError) UNIQUE constraint failed ..." on sqlite
 DUPLICATE_KEY = re.compile(r"IntegrityError|UniqueViolation")
 T = TypeVar("T")
+MLFLOW_VERSION = mlflow.__version__
 
 
 class Tracker:
@@ -220,11 +222,6 @@ def is_outage(exc: BaseException) -> bool:
 def _lost_insert_race(exc: MlflowException) -> bool:
     """The server's insert hit a row another request wrote first; each driver words it differently."""
     return exc.error_code == "RESOURCE_ALREADY_EXISTS" or DUPLICATE_KEY.search(exc.message) is not None
-
-
-def redact(uri: str) -> str:
-    """The URI without user:password@, for messages."""
-    return re.sub(r"//[^/@]*@", "//***@", uri)
 
 
 def fail_run(tracking_uri: str, run_id: str, error: str) -> None:

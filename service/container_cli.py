@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,11 +10,13 @@ from typing import Any
 
 import click
 
-from service import launcher as L
-from service import spec as S
+from mlproject.catalog import FASHION_MNIST_DIR
+from mlproject.provenance import git_commit
+from mlproject.tracking_env import configure_client, run_url
+from service import launcher, spec
 
 DEFAULT_IMAGE = "lr-finder:latest"
-DEBIAN_DATASET = Path("/usr/share/datasets/fashion-mnist")
+DEBIAN_DATASET = Path(FASHION_MNIST_DIR)
 
 
 def _fail(message: str, code: int = 1) -> click.ClickException:
@@ -43,9 +44,9 @@ def _container_options(func: Callable[..., Any]) -> Callable[..., Any]:
         ),
         click.option(
             "--tracking-uri",
-            envvar=S.TRACKING_ENV,
+            envvar=spec.TRACKING_ENV,
             default="",
-            help=f"MLflow tracking server as the container reaches it [default: ${S.TRACKING_ENV}]; never printed.",
+            help=f"MLflow tracking server as the container reaches it [default: ${spec.TRACKING_ENV}]; never printed.",
         ),
         click.option(
             "--env",
@@ -75,17 +76,17 @@ def _plan(
     network: str,
     shm_size: str,
     **job: Any,
-) -> tuple[S.LaunchSpec, dict[str, str]]:
-    """The spec and the values of its environment (read here, at the command line, and only passed on)."""
+) -> tuple[spec.LaunchSpec, dict[str, str]]:
+    """The launch spec and the values of its environment (read here, at the command line, and only passed on)."""
     if data.startswith("/") and not Path(data).is_dir():
         raise _fail(f"--data {data}: no such folder on this machine", 2)
-    environ = {**os.environ, S.TRACKING_ENV: tracking_uri}
+    environ = {**os.environ, spec.TRACKING_ENV: tracking_uri}
     try:
-        names = S.env_names(environ, env_extra)
-        spec = S.launch_spec(image, gpus, shm_size, data, cache, names, network, **job)
-    except S.SpecError as exc:
+        names = spec.env_names(environ, env_extra)
+        job_spec = spec.launch_spec(image, gpus, shm_size, data, cache, names, network, **job)
+    except spec.SpecError as exc:
         raise _fail(str(exc), 2) from exc
-    return spec, {n: environ[n] for n in names}
+    return job_spec, {n: environ[n] for n in names}
 
 
 @click.command("build")
@@ -100,7 +101,7 @@ def _plan(
 @click.option("--base-image", default="", help="BASE_IMAGE [default: the Dockerfile's nvidia/cuda image].")
 @click.option(
     "--torch-variant",
-    type=click.Choice(S.TORCH_VARIANTS),
+    type=click.Choice(spec.TORCH_VARIANTS),
     default=None,
     help="torch wheel build (driver needed: see README) [default: pypi].",
 )
@@ -126,26 +127,18 @@ def build_command(
     if not (context / "Dockerfile").is_file():
         raise _fail(f"no Dockerfile in {context}: run from the project folder or pass --context", 2)
     try:
-        args = S.build_args(pairs, base_image, torch_variant or "", _git_revision(context))
-    except S.SpecError as exc:
+        args = spec.build_args(pairs, base_image, torch_variant or "", git_commit(context) or "unknown")
+    except spec.SpecError as exc:
         raise _fail(str(exc), 2) from exc
     start = time.monotonic()
     try:
-        client = L.connect()
-        for line in L.build(client, context, tag, args, network, no_cache):
+        client = launcher.connect()
+        for line in launcher.build(client, context, tag, args, network, no_cache):
             click.echo(line, nl=False)
-        info = L.image_info(client, tag)
-    except L.LaunchError as exc:
+        info = launcher.image_info(client, tag)
+    except launcher.LaunchError as exc:
         raise _fail(str(exc)) from exc
     click.echo(f"lr-finder: built {tag} ({info.id[:19]}) in {time.monotonic() - start:.0f} s")
-
-
-def _git_revision(context: Path) -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=context, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
 @click.command("run")
@@ -184,34 +177,32 @@ def run_command(
 
     Ctrl-C or SIGTERM stops and removes the container, and the run ends KILLED.
     """
-    problem = S.tracking_problem(options["tracking_uri"])
+    problem = spec.tracking_problem(options["tracking_uri"])
     if problem:
         raise _fail(problem, 2)
-    spec, env = _plan(**options, params=params, entry_point=entry_point, experiment=experiment_name, name=name)
+    job_spec, env = _plan(**options, params=params, entry_point=entry_point, experiment=experiment_name, name=name)
     try:
-        client = L.connect()
-        info = L.image_info(client, spec.image)
-        for line in spec.describe():
+        client = launcher.connect()
+        info = launcher.image_info(client, job_spec.image)
+        for line in job_spec.describe():
             click.echo(f"lr-finder: {line}", err=True)
         secrets = list(env.values())
-        outcome = L.supervise(
-            client, spec, env, stop_timeout, lambda line: click.echo(S.scrub(line, secrets), nl=False)
+        outcome = launcher.supervise(
+            client, job_spec, env, stop_timeout, lambda line: click.echo(spec.scrub(line, secrets), nl=False)
         )
-    except L.LaunchError as exc:
+    except launcher.LaunchError as exc:
         raise _fail(str(exc)) from exc
-    run_id = S.find_run_id(outcome.log)
+    run_id = spec.find_run_id(outcome.log)
     if run_id:
-        _record(options["tracking_uri"], run_id, outcome.stopped, spec.image, info, ui_url, summary)
+        _record(options["tracking_uri"], run_id, outcome.stopped, job_spec.image, info, ui_url, summary)
     ctx.exit(outcome.code)
 
 
 def _record(
-    uri: str, run_id: str, stopped: bool, image: str, info: L.ImageInfo, ui_url: str, summary: Path | None
+    uri: str, run_id: str, stopped: bool, image: str, info: launcher.ImageInfo, ui_url: str, summary: Path | None
 ) -> None:
     """From this machine: a stopped run ends KILLED; tag the image; print the link; write the summary."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a cancelled CI job has seconds left
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    os.environ.update(S.QUIET_ENV)
+    configure_client()
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
@@ -226,40 +217,40 @@ def _record(
             client.set_tag(run_id, key, value)
         run = client.get_run(run_id)
     except MlflowException as exc:
-        reason = S.scrub(exc.message, [uri])
+        reason = spec.scrub(exc.message, [uri])
         click.echo(f"lr-finder: run {run_id}: cannot reach the tracking server from here: {reason}", err=True)
         return
-    link = S.run_link(ui_url, run.info.experiment_id, run_id)
+    link = run_url(ui_url, run.info.experiment_id, run_id)
     where = link or f"(experiment {run.info.experiment_id}; --ui-url for a link)"
     click.echo(f"lr-finder: run {run_id} {run.info.status} {where}", err=True)
     if summary is not None:
         figures = {**run.data.params, **{k: f"{v:.4g}" for k, v in run.data.metrics.items()}}
         with summary.open("a") as out:
-            out.write(S.summary_markdown(run_id, run.info.status, link, figures))
+            out.write(spec.summary_markdown(run_id, run.info.status, link, figures))
 
 
 @click.command("doctor")
 @_container_options
 def doctor_command(**options: Any) -> None:
     """Check the Docker engine, a GPU in a container, the tracking server and the dataset; exit 1 if any fails."""
-    spec, env = _plan(**options)
+    job_spec, env = _plan(**options)
     try:
-        client = L.connect()
-    except L.LaunchError as exc:
-        _report([("docker engine", False, str(exc), S.ENGINE_HINT)])
-    results = [("docker engine", True, L.engine_version(client), "")]
+        client = launcher.connect()
+    except launcher.LaunchError as exc:
+        _report([("docker engine", False, str(exc), spec.ENGINE_HINT)])
+    results = [("docker engine", True, launcher.engine_version(client), "")]
     try:
-        info = L.image_info(client, spec.image)
-    except L.LaunchError as exc:
-        _report([*results, ("image", False, str(exc), f"lr-finder build --tag {spec.image}")])
-    results.append(("image", True, f"{spec.image} ({info.id[:19]}, user {info.user})", ""))
-    problem = S.tracking_problem(options["tracking_uri"])
-    for probe in S.doctor_probes(spec):
+        info = launcher.image_info(client, job_spec.image)
+    except launcher.LaunchError as exc:
+        _report([*results, ("image", False, str(exc), f"lr-finder build --tag {job_spec.image}")])
+    results.append(("image", True, f"{job_spec.image} ({info.id[:19]}, user {info.user})", ""))
+    problem = spec.tracking_problem(options["tracking_uri"])
+    for probe in spec.doctor_probes(job_spec):
         if probe.name == "tracking server" and problem:
             results.append((probe.name, False, problem, probe.hint))
             continue
-        ok, answer = L.probe(client, spec, env, probe)
-        results.append((probe.name, ok, S.scrub(answer, env.values()), probe.hint))
+        ok, answer = launcher.probe(client, job_spec, env, probe)
+        results.append((probe.name, ok, spec.scrub(answer, env.values()), probe.hint))
     _report(results)
 
 

@@ -18,7 +18,8 @@ from docker.models.containers import Container
 from docker.types import DeviceRequest
 from docker.types import Mount as DockerMount
 
-from service.spec import LABEL, QUIET_ENV, GpuRequest, LaunchSpec, Probe
+from mlproject.tracking_env import QUIET
+from service.spec import LABEL, GpuRequest, LaunchSpec, Probe
 
 log = logging.getLogger(__name__)
 # A probe must answer quickly: MLflow's default retries take minutes against a server that is down.
@@ -125,7 +126,7 @@ def _create(
             spec.image,
             command=command,
             entrypoint=entrypoint,
-            environment={**environment, **QUIET_ENV},
+            environment={**environment, **QUIET},
             device_requests=_device_requests(spec.gpus) if gpus else [],
             shm_size=spec.shm_size,
             mounts=mounts,

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mlproject import markdown
+from mlproject.tracking_env import run_url
+
 if TYPE_CHECKING:
     from mlflow.entities import Run
 
@@ -93,31 +96,29 @@ def _number(text: str | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def markdown(experiment: str, table: Sequence[ReportRow], ui_url: str = "") -> str:
-    """The summary line and the table; the best finished test_acc is bold. No ui_url: run ids instead of links."""
+def render(experiment: str, table: Sequence[ReportRow], ui_url: str = "") -> str:
+    """The summary line and the table; the best finished test_acc is bold. No ui_url: run ids instead of links.
+
+    Names, params and statuses are whatever a run was given: escaped, so that none can inject markup."""
     finished = [r for r in table if r.status == "FINISHED" and r.test_acc is not None]
     best = max(finished, key=lambda r: r.test_acc or 0.0) if finished else None
-    lines = [f"### Experiment `{_cell(experiment)}`: {len(table)} runs, {len(finished)} finished with test_acc", ""]
+    lines = [f"### Experiment {markdown.cell(experiment)}: {len(table)} runs, {len(finished)} finished with test_acc"]
     if best is not None:
-        lines += [f"Best: **{_cell(best.name)}**, test_acc {best.test_acc:.4f} at lr_used {_lr(best.lr_used)}", ""]
-    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        name, acc = markdown.cell(best.name), f"{best.test_acc:.4f}"
+        lines += ["", f"Best: **{name}**, test_acc {acc} at lr_used {_lr(best.lr_used)}"]
+    rows = []
     for r in table:
         acc = _acc(r.test_acc)
-        cells = [
-            ("↳ " * r.depth) + _cell(r.name),
-            _cell(r.lr_source) or "-",
+        rows.append([
+            ("↳ " * r.depth) + markdown.cell(r.name),
+            markdown.cell(r.lr_source) or "-",
             _lr(r.lr_used),
             _lr(r.lr_suggested),
             f"**{acc}**" if r is best else acc,
-            r.status,
+            markdown.cell(r.status),
             _link(r, ui_url),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
-    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        ])  # fmt: skip
+    return "\n".join(lines) + "\n\n" + markdown.table(COLUMNS, rows)
 
 
 def _link(row: ReportRow, ui_url: str) -> str:
@@ -130,8 +131,3 @@ def _lr(value: float | None) -> str:
 
 def _acc(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
-
-
-def _cell(text: str) -> str:
-    """Markdown-safe table cell: a pipe would split it, a newline would end the row."""
-    return text.replace("|", "\\|").replace("\n", " ")

@@ -13,7 +13,9 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from mlproject.tracking_env import redact
 
 log = logging.getLogger(__name__)
 
@@ -152,15 +154,6 @@ def _warnings(options: ServerOptions, scheme: str) -> list[str]:
 
 def _bracket(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def redact(uri: str) -> str:
-    """The URI without its password, for logs and messages."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def display_argv(argv: Sequence[str]) -> str:

@@ -11,10 +11,9 @@ from types import FrameType
 
 import click
 
-from service import report as R
-from service import server as S
+from service import report, server
 
-DEFAULTS = S.ServerOptions()
+DEFAULTS = server.ServerOptions()
 
 
 @click.command("server")
@@ -39,9 +38,9 @@ DEFAULTS = S.ServerOptions()
 )
 @click.option(
     "--app-name",
-    type=click.Choice(S.APP_NAMES),
+    type=click.Choice(server.APP_NAMES),
     default=None,
-    help=f"basic-auth: users and passwords (needs {S.AUTH_SECRET_ENV} and {S.AUTH_PASSWORD_ENV}).",
+    help=f"basic-auth: users and passwords (needs {server.AUTH_SECRET_ENV} and {server.AUTH_PASSWORD_ENV}).",
 )
 @click.option(
     "--auth-config",
@@ -77,7 +76,7 @@ def server_command(
     wait_s: float,
 ) -> None:
     """Start the team's MLflow tracking server, print its URL once it answers, and run until Ctrl-C."""
-    options = S.ServerOptions(
+    options = server.ServerOptions(
         backend_store_uri=backend_store_uri,
         artifacts_destination=artifacts_destination,
         host=host,
@@ -89,27 +88,28 @@ def server_command(
         job_execution=job_execution,
     )
     try:
-        plan = S.plan(options, os.environ, _mlflow_exe())
-    except S.ServerConfigError as exc:
+        plan = server.plan(options, os.environ, _mlflow_exe())
+    except server.ServerConfigError as exc:
         raise click.UsageError(str(exc)) from exc
-    missing = sorted(pip for module, pip in S.needed_modules(options).items() if not importlib.util.find_spec(module))
+    needed = server.needed_modules(options)
+    missing = sorted(pip for module, pip in needed.items() if not importlib.util.find_spec(module))
     if missing:
         raise click.ClickException(f"this server needs {', '.join(missing)}: pip install 'lr-finder[service]'")
     for warning in plan.warnings:
         click.echo(f"warning: {warning}", err=True)
-    click.echo(f"starting: {S.display_argv(plan.argv)}", err=True)
+    click.echo(f"starting: {server.display_argv(plan.argv)}", err=True)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server as cleanly as Ctrl-C
-    process = S.start(plan, os.environ)
+    process = server.start(plan, os.environ)
     try:
-        seconds = S.wait_healthy(process, plan.health_url, wait_s)
+        seconds = server.wait_healthy(process, plan.health_url, wait_s)
         click.echo(f"lr-finder server: ready at {plan.url} after {seconds:.0f} s")
         click.echo(f"  clients: export MLFLOW_TRACKING_URI={plan.url}")
         code = process.wait()
-    except S.ServerStartError as exc:
-        S.stop(process)
+    except server.ServerStartError as exc:
+        server.stop(process)
         raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:
-        code = S.stop(process)
+        code = server.stop(process)
         click.echo(f"lr-finder server: stopped (exit {code})", err=True)
         return
     if code != 0:
@@ -143,10 +143,10 @@ def report_command(experiment: str, tracking_uri: str, ui_url: str) -> None:
     if not ui_url and tracking_uri.startswith(("http://", "https://")):
         ui_url = tracking_uri
     try:
-        runs = R.experiment_runs(tracking_uri, experiment)
-    except R.ReportError as exc:
+        runs = report.experiment_runs(tracking_uri, experiment)
+    except report.ReportError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(R.markdown(experiment, R.rows(runs), ui_url), nl=False)
+    click.echo(report.render(experiment, report.rows(runs), ui_url), nl=False)
 
 
 server_commands: list[click.Command] = [server_command, report_command]

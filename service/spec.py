@@ -5,23 +5,17 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from mlproject import markdown
+from mlproject.catalog import IDX_FILES
+from mlproject.tracking_env import CREDENTIAL_ENV
 
 DATA_TARGET = "/data"  # the image's dataset volume (FASHION_MNIST_DIR)
 CACHE_TARGET = "/home/lrfinder/.cache"  # the job downloads into ~/.cache/mlproject when /data is empty
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
-# Passed by name whenever the caller's environment has them; their values are never printed.
-CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
-# Set in every container, and on this side before MLflow calls: MLflow would print run links that hold the URI.
-QUIET_ENV = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 LABEL = "org.lr-finder.job"  # marks containers this service launched
 ENGINE_HINT = "install Docker (apt-get install docker.io) and start it (systemctl start docker), or set DOCKER_HOST"
-DATASET_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
 _RUN_ID = re.compile(r"in run with ID '([0-9a-f]{32})'")  # `mlflow run` logs this line before it starts the job
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -235,7 +229,7 @@ def doctor_probes(spec: LaunchSpec) -> list[Probe]:
         ),
         Probe(
             "dataset",
-            _DATASET_CODE.format(names=repr(DATASET_FILES), dirs=repr(dirs)),
+            _DATASET_CODE.format(names=repr(tuple(IDX_FILES.values())), dirs=repr(dirs)),
             gpus=False,
             hint="pass --data DIR with the four *-ubyte[.gz] files (Debian's dataset-fashion-mnist: "
             "/usr/share/datasets/fashion-mnist), or --cache VOLUME and let a first run download it",
@@ -253,24 +247,14 @@ def doctor_probes(spec: LaunchSpec) -> list[Probe]:
     return probes
 
 
-def run_link(ui_url: str, experiment_id: str, run_id: str) -> str:
-    """The run's page in the MLflow UI at ui_url, credentials dropped; '' without one (the tracking URI is secret)."""
-    if not ui_url:
-        return ""
-    parts = urlsplit(ui_url)
-    base = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-
-
 SUMMARY_FIGURES = ("lr_suggested", "lr_used", "lr_source", "test_acc", "test_loss", "final_val_acc", "final_val_loss")
 
 
 def summary_markdown(run_id: str, status: str, link: str, figures: Mapping[str, str]) -> str:
     """A CI job summary: the run, its link, the suggested and used LR and the final metrics ('-' when absent)."""
     title = f"[`{run_id}`]({link})" if link else f"`{run_id}`"
-    header = "| " + " | ".join(SUMMARY_FIGURES) + " |"
-    row = "| " + " | ".join(figures.get(k, "-") or "-" for k in SUMMARY_FIGURES) + " |"
-    return f"### lr-finder run {title}: {status}\n\n{header}\n|{'---|' * len(SUMMARY_FIGURES)}\n{row}\n"
+    row = [markdown.cell(figures.get(k, "") or "-") for k in SUMMARY_FIGURES]
+    return f"### lr-finder run {title}: {markdown.cell(status)}\n\n" + markdown.table(SUMMARY_FIGURES, [row])
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:
