@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from mlproject.__main__ import cli
 from mlproject.config import JobConfig, field_names
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())
 ENTRY_POINTS = MLPROJECT["entry_points"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mlproject import data
-from tests.conftest import idx_bytes, write_dataset, write_idx
+from tests.helpers import idx_bytes, write_dataset, write_idx
 
 
 def load(folder: Path, val_size: int = 50, train_subset: int = 0) -> data.Dataset:

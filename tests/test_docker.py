@@ -24,20 +24,28 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import FASHION_DIR, REPO, requires_fashion_mnist
-from tests.test_server_cli import AUTH_ENV, free_port, running_server
-from tests.test_server_cli import S as server
+from service import server
+from tests.helpers import (
+    AUTH_ENV,
+    BIN,
+    FASHION_DIR,
+    REPO,
+    as_mlflow_params,
+    free_port,
+    requires_fashion_mnist,
+    running_server,
+    small_job,
+)
 
 docker = pytest.importorskip("docker", reason="the docker SDK is not installed (pip install -e '.[test]')")
 
 pytestmark = [pytest.mark.docker, requires_fashion_mnist]
-BIN = Path(sys.executable).parent
 BASE_IMAGE = "lr-finder-test-base:bookworm"
 IMAGE = "lr-finder:test"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lr-finder-tests"
 MIRROR_PORT = 38417  # fixed: the port is part of a build arg, so a new one would rebuild torch's layer
 PASSWORD = "pw-LRF-visible-nowhere-4711"  # recognisable: no output may contain it
-JOB = ["-P", "epochs=1", "-P", "train_subset=2000", "-P", "lr_steps=50", "-P", "auto_lr=true"]
+JOB = [arg for param in as_mlflow_params(small_job(lr_steps=50)) for arg in ("-P", param)]
 
 
 def _engine() -> docker.DockerClient:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mlproject.lr_range import PEAK_CAP
-from tests.conftest import REPO, requires_fashion_mnist
+from tests.helpers import REPO, artifact_paths, mlflow_run, requires_fashion_mnist, runs_of
 
 pytestmark = [pytest.mark.slow, requires_fashion_mnist]
 MAIN_PARAMS = [
@@ -22,33 +21,6 @@ MAIN_PARAMS = [
     "train_subset", "val_size", "lr_min", "lr_max", "lr_steps", "lr_method", "accelerator", "devices", "precision",
     "data_mode",
 ]  # fmt: skip
-
-
-def mlflow_run(tmp: Path, experiment: str, *params: str, entry: str = "main") -> subprocess.CompletedProcess:
-    """`mlflow run` as a user types it, with the venv's bin first on PATH so MLproject's `python` is ours."""
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    client = MlflowClient(uri)
-    if client.get_experiment_by_name(experiment) is None:  # keep artifacts out of the repository
-        client.create_experiment(experiment, artifact_location=str(tmp / "artifacts" / experiment))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # nothing left by another test
-    env.update(MLFLOW_TRACKING_URI=uri, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    args = [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", entry, "--env-manager", "local"]
-    args += ["--experiment-name", experiment]
-    for p in params:
-        args += ["-P", p]
-    return subprocess.run(args, cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
-
-
-def runs_of(tmp: Path, experiment: str) -> list:
-    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
-    return client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-
-
-def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
-    found = set()
-    for item in client.list_artifacts(run_id, path):
-        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +32,7 @@ def auto_lr_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproc
 def test_one_epoch_with_the_finder_finishes_one_run_above_85_percent(auto_lr_run):
     tmp, result = auto_lr_run
     assert result.returncode == 0, result.stderr[-3000:]
-    runs = runs_of(tmp, "e2e")
+    runs = runs_of(f"sqlite:///{tmp}/mlflow.db", "e2e")
     assert len(runs) == 1, "exactly one run per invocation (no orphan run from Lightning)"
     run = runs[0]
     assert run.info.status == "FINISHED"
@@ -70,7 +42,7 @@ def test_one_epoch_with_the_finder_finishes_one_run_above_85_percent(auto_lr_run
 
 def test_run_holds_every_param_and_the_chosen_lr(auto_lr_run):
     tmp, _ = auto_lr_run
-    params = runs_of(tmp, "e2e")[0].data.params
+    params = runs_of(f"sqlite:///{tmp}/mlflow.db", "e2e")[0].data.params
     assert set(MAIN_PARAMS) <= set(params)
     assert params["auto_lr"] == "TRUE"  # as typed: MLflow logs -P values verbatim and params are write-once
     assert params["lr_source"] == "finder"
@@ -83,7 +55,7 @@ def test_run_holds_every_param_and_the_chosen_lr(auto_lr_run):
 
 def test_run_holds_epoch_metrics_final_metrics_and_tags(auto_lr_run):
     tmp, _ = auto_lr_run
-    run = runs_of(tmp, "e2e")[0]
+    run = runs_of(f"sqlite:///{tmp}/mlflow.db", "e2e")[0]
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     for key in ("train_loss", "val_loss", "val_acc", "learning_rate"):
         history = client.get_metric_history(run.info.run_id, key)
@@ -98,7 +70,7 @@ def test_run_holds_epoch_metrics_final_metrics_and_tags(auto_lr_run):
 
 def test_run_holds_the_range_test_artifacts(auto_lr_run):
     tmp, _ = auto_lr_run
-    run = runs_of(tmp, "e2e")[0]
+    run = runs_of(f"sqlite:///{tmp}/mlflow.db", "e2e")[0]
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
     paths = artifact_paths(client, run.info.run_id)
     assert {"config.json", "lr_find/loss_vs_lr.png", "lr_find/curve.csv", "lr_find/summary.json"} <= paths
@@ -116,7 +88,7 @@ def test_run_holds_the_range_test_artifacts(auto_lr_run):
 
 def test_run_holds_the_model_and_the_dataset(auto_lr_run):
     tmp, _ = auto_lr_run
-    run = runs_of(tmp, "e2e")[0]
+    run = runs_of(f"sqlite:///{tmp}/mlflow.db", "e2e")[0]
     contexts = {i.tags[0].value for i in run.inputs.dataset_inputs}
     assert contexts == {"training", "validation", "test"}
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
@@ -139,7 +111,7 @@ def test_run_holds_the_model_and_the_dataset(auto_lr_run):
 def test_lr_find_entry_point_logs_the_curve_and_trains_nothing(tmp_path):
     result = mlflow_run(tmp_path, "find", "train_subset=3000", entry="lr_find")
     assert result.returncode == 0, result.stderr[-3000:]
-    (run,) = runs_of(tmp_path, "find")
+    (run,) = runs_of(f"sqlite:///{tmp_path}/mlflow.db", "find")
     assert run.info.status == "FINISHED"
     assert "lr_suggested" in run.data.params and "test_acc" not in run.data.metrics
     paths = artifact_paths(MlflowClient(f"sqlite:///{tmp_path}/mlflow.db"), run.info.run_id)
@@ -153,7 +125,7 @@ def test_bad_parameter_through_mlflow_run_ends_the_run_failed_with_the_reason(tm
     result = mlflow_run(tmp_path, "bad", param)
     assert result.returncode != 0
     assert f"error: invalid value for {expect}" in result.stderr
-    (run,) = runs_of(tmp_path, "bad")
+    (run,) = runs_of(f"sqlite:///{tmp_path}/mlflow.db", "bad")
     assert run.info.status == "FAILED"
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     error = Path(client.download_artifacts(run.info.run_id, "error.txt", str(tmp_path / "dl"))).read_text()

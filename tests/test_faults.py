@@ -12,45 +12,31 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, requires_fashion_mnist
-from tests.test_server_cli import free_port
+from tests.helpers import (
+    as_options,
+    finish,
+    free_port,
+    job_env,
+    requires_fashion_mnist,
+    small_job,
+    start_job,
+    wait_for_metric,
+)
 
 pytestmark = [pytest.mark.slow, requires_fashion_mnist]
-SMALL = ["--train-subset", "20000", "--val-size", "2000", "--epochs", "4", "--lr-steps", "30", "--auto-lr", "true"]
-
-
-def job_env(uri: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    return {**env, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO), **extra}
+# Four epochs of a few seconds each: time to stop one midway.
+FOUR_EPOCHS = as_options(small_job(train_subset=20000, val_size=2000, epochs=4, lr_steps=30))
 
 
 def job(tmp: Path, *args: str, env: dict[str, str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "mlproject", "train", "--experiment-name", "faults", *args]
-    return subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=timeout)
-    return proc.returncode, out, err
-
-
-def wait_for_epoch(client: MlflowClient, timeout: float = 300) -> str:
-    """The run id, once the job has finished its first epoch (and so written its first checkpoint)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        experiment = client.get_experiment_by_name("faults")
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        if runs and client.get_metric_history(runs[0].info.run_id, "epoch_seconds"):
-            return runs[0].info.run_id
-        time.sleep(0.2)
-    raise AssertionError("the job never finished an epoch")
+    return start_job(tmp, "train", *args, env=env, experiment="faults")
 
 
 def test_sigterm_keeps_a_checkpoint_ends_killed_and_resume_gives_the_same_result(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    proc = job(tmp_path, *SMALL, env=job_env(uri))
-    run_id = wait_for_epoch(client)
+    proc = job(tmp_path, *FOUR_EPOCHS, env=job_env(uri))
+    run_id = wait_for_metric(client, "faults", "epoch_seconds")
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     code, _, err = finish(proc, timeout=60)
@@ -71,7 +57,7 @@ def test_sigterm_keeps_a_checkpoint_ends_killed_and_resume_gives_the_same_result
     assert resumed.info.status == "FINISHED" and resumed.data.tags["resumed"] == "true"
     assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [0, 1, 2, 3]
 
-    code, out, err = finish(job(tmp_path, *SMALL, env=job_env(uri)))  # the same job, never interrupted
+    code, out, err = finish(job(tmp_path, *FOUR_EPOCHS, env=job_env(uri)))  # the same job, never interrupted
     assert code == 0, err[-2000:]
     straight = client.get_run(out.split()[1].rstrip(":"))
     for key in ("test_acc", "test_loss", "final_val_acc", "final_val_loss", "lr_used"):
@@ -92,8 +78,7 @@ def test_tracking_credentials_appear_nowhere(tmp_path):
     secret = "s3cret-Pa55-4711"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = job_env(uri, MLFLOW_TRACKING_USERNAME="team", MLFLOW_TRACKING_PASSWORD=secret, MLFLOW_TRACKING_TOKEN=secret)
-    small = ["--train-subset", "2000", "--val-size", "500", "--epochs", "1", "--lr-steps", "20", "--auto-lr", "true"]
-    code, out, err = finish(job(tmp_path, *small, env=env))
+    code, out, err = finish(job(tmp_path, *as_options(small_job()), env=env))
     assert code == 0, err[-2000:]
     assert secret not in out + err
     client = MlflowClient(uri)
@@ -133,8 +118,8 @@ def test_server_down_mid_run_loses_no_metric(tmp_path):
     server, proc = start_server(tmp_path, port), None
     try:
         wait_healthy(port)
-        proc = job(tmp_path, *SMALL, env=job_env(uri))
-        run_id = wait_for_epoch(MlflowClient(uri))
+        proc = job(tmp_path, *FOUR_EPOCHS, env=job_env(uri))
+        run_id = wait_for_metric(MlflowClient(uri), "faults", "epoch_seconds")
         epoch = MlflowClient(uri).get_metric_history(run_id, "epoch_seconds")[0].value
         os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, without warning
         server.wait()

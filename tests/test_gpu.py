@@ -9,8 +9,7 @@ from mlflow.tracking import MlflowClient
 from mlproject.config import JobConfig
 from mlproject.errors import HardwareError
 from mlproject.training import resolve_runtime
-from tests.conftest import requires_fashion_mnist
-from tests.test_e2e import mlflow_run
+from tests.helpers import mlflow_run, requires_fashion_mnist
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible on this machine")
 

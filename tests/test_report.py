@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from click.testing import CliRunner
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from service import report as R
+from service import report
 from service.cli import cli
 
 START_MS = itertools.count(1_790_000_000_000, 1000)
@@ -42,7 +43,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
         params = {"lr_source": source, "lr_used": used, "test_acc": str(acc)}
         if suggested:
             params["lr_suggested"] = suggested
-        child = log_run(client, exp, name, params, {"test_acc": acc}, **{R.PARENT_TAG: parent})
+        child = log_run(client, exp, name, params, {"test_acc": acc}, **{report.PARENT_TAG: parent})
         client.set_terminated(child, "FINISHED")
     client.set_terminated(parent, "FINISHED")
     failed = log_run(client, exp, "bad|run", {"lr_source": "fixed", "lr_used": "1"}, {})
@@ -55,7 +56,7 @@ def table_lines(text: str) -> list[str]:
 
 
 def test_study_is_the_parent_then_its_four_child_runs_with_their_lr_choice(store):
-    rows = R.rows(R.experiment_runs(store, "study"))
+    rows = report.rows(report.experiment_runs(store, "study"))
     assert [r.name for r in rows] == ["compare", *(s[0] for s in STUDY), "bad|run"]
     assert [r.depth for r in rows] == [0, 1, 1, 1, 1, 0]
     finder = rows[3]
@@ -68,7 +69,7 @@ def test_study_is_the_parent_then_its_four_child_runs_with_their_lr_choice(store
 
 
 def test_markdown_table_has_the_columns_the_values_and_the_best_run_in_bold(store):
-    text = R.markdown("study", R.rows(R.experiment_runs(store, "study")), "http://127.0.0.1:5000/")
+    text = report.render("study", report.rows(report.experiment_runs(store, "study")), "http://127.0.0.1:5000/")
     assert "| run | lr_source | lr_used | lr_suggested | test_acc | status | link |" in text
     assert "Best: **lr=finder**, test_acc 0.9020 at lr_used 0.00396" in text
     lines = table_lines(text)
@@ -79,7 +80,7 @@ def test_markdown_table_has_the_columns_the_values_and_the_best_run_in_bold(stor
 
 
 def test_failed_run_shows_dashes_and_its_status_and_a_pipe_in_a_name_keeps_the_row(store):
-    lines = table_lines(R.markdown("study", R.rows(R.experiment_runs(store, "study"))))
+    lines = table_lines(report.render("study", report.rows(report.experiment_runs(store, "study"))))
     failed = lines[-1]
     assert failed.startswith("| bad\\|run | fixed | 1 | - | - | FAILED | `")
     assert failed.replace("\\|", "").count("|") == 8  # seven cells
@@ -88,7 +89,7 @@ def test_failed_run_shows_dashes_and_its_status_and_a_pipe_in_a_name_keeps_the_r
 def test_cli_prints_the_table_with_run_ids_for_a_database_uri(store):
     result = CliRunner().invoke(cli, ["report", "--experiment", "study", "--tracking-uri", store])
     assert result.exit_code == 0, result.output
-    assert result.output.startswith("### Experiment `study`: 6 runs, 4 finished with test_acc")
+    assert result.output.startswith("### Experiment study: 6 runs, 4 finished with test_acc")
     assert "[open](" not in result.output  # a database has no UI to link to
 
 
@@ -109,3 +110,16 @@ def test_cli_refuses_a_database_file_that_does_not_exist(tmp_path: Path):
     result = CliRunner().invoke(cli, ["report", "--experiment", "study", "--tracking-uri", uri])
     assert result.exit_code == 1 and "no database at" in result.output
     assert not (tmp_path / "nothing.db").exists()
+
+
+def test_names_and_params_cannot_inject_markup_into_the_summary(tmp_path: Path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("x", artifact_location=str(tmp_path / "artifacts"))
+    hostile = "<img src=x onerror=alert(1)> [click](javascript:alert(1)) **bold**\nnext"
+    log_run(client, exp, hostile, {"lr_source": "<script>x</script>", "lr_used": "0.1"}, {"test_acc": 0.5})
+    text = report.render("x", report.rows(report.experiment_runs(uri, "x")))
+    (row,) = table_lines(text)
+    assert "<img" not in text and "<script>" not in text and "**bold**" not in text
+    assert not re.search(r"(?<!\\)\]\(", text), "an unescaped link"
+    assert "&lt;img src=x onerror=alert(1)&gt; \\[click\\](javascript:alert(1)) \\*\\*bold\\*\\* next" in row

@@ -29,12 +29,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlproject.tracking import Tracker
-from tests.conftest import REPO, requires_fashion_mnist
-from tests.test_server_cli import free_port, run_jobs, running_server
+from tests.helpers import REPO, as_options, free_port, requires_fashion_mnist, run_jobs, running_server, small_job
 
 pytestmark = [pytest.mark.slow, requires_fashion_mnist]
 JOBS, EPOCHS = 8, 2
-JOB = ["train", "--train-subset", "1000", "--epochs", str(EPOCHS), "--lr-steps", "20", "--val-size", "500"]
+JOB = ["train", *as_options(small_job(train_subset=1000, epochs=EPOCHS, val_size=500))]
 EPOCH_METRICS = ("train_loss", "val_loss", "val_acc")
 JOBS_TIMEOUT_S = 600
 # Then a burst well above what training jobs send: WRITERS threads at once, BATCHES log_batch calls of 10 metrics each.
@@ -106,7 +105,7 @@ def apply_load(backend_uri: str, label: str, folder: Path) -> tuple[Load, str]:
     """Start the server, run JOBS jobs at once into a fresh experiment, count what arrived."""
     with running_server(folder, backend_uri) as server:
         began = time.monotonic()
-        jobs = [[*JOB, "--seed", str(seed), "--auto-lr", "true"] for seed in range(JOBS)]
+        jobs = [[*JOB, "--seed", str(seed)] for seed in range(JOBS)]
         results = run_jobs(server.url, "load", jobs, folder / "jobs", JOBS_TIMEOUT_S)
         seconds = time.monotonic() - began
         client = MlflowClient(server.url)

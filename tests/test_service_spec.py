@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from service import spec as S
+from mlproject.catalog import IDX_FILES
+from mlproject.tracking_env import run_url
+from service import spec
 from service.cli import cli
 
 RUN_LOG = (
@@ -19,10 +21,10 @@ RUN_LOG = (
 )
 
 
-def spec(**overrides) -> S.LaunchSpec:
+def launch(**overrides) -> spec.LaunchSpec:
     options = dict(image="lr-finder:latest", gpus="all", shm_size="2g", data="/srv/fashion", cache="", network="")
     options |= overrides
-    return S.launch_spec(names=(S.TRACKING_ENV,), **options)
+    return spec.launch_spec(names=(spec.TRACKING_ENV,), **options)
 
 
 @pytest.mark.parametrize(
@@ -30,59 +32,59 @@ def spec(**overrides) -> S.LaunchSpec:
     [("all", -1, ()), ("ALL", -1, ()), ("2", 2, ()), ("none", 0, ()), ("device=0,2", 0, ("0", "2"))],
 )
 def test_gpus_follow_dockers_syntax(value, count, ids):
-    request = S.parse_gpus(value)
+    request = spec.parse_gpus(value)
     assert (request.count, request.device_ids) == (count, ids)
     assert request.wanted == (value != "none")
 
 
 @pytest.mark.parametrize("value", ["two", "device=", "-1", ""])
 def test_bad_gpus_name_the_option_and_the_accepted_forms(value):
-    with pytest.raises(S.SpecError, match=r"--gpus .*all, a count"):
-        S.parse_gpus(value)
+    with pytest.raises(spec.SpecError, match=r"--gpus .*all, a count"):
+        spec.parse_gpus(value)
 
 
 def test_the_job_gets_the_entry_point_experiment_and_params_through_mlflow_run():
-    launched = spec(params=["auto_lr=true", "lr=1e-3"], entry_point="lr_find", experiment="nightly")
+    launched = launch(params=["auto_lr=true", "lr=1e-3"], entry_point="lr_find", experiment="nightly")
     assert launched.args == ("-e", "lr_find", "--experiment-name", "nightly", "-P", "auto_lr=true", "-P", "lr=1e-3")
 
 
 @pytest.mark.parametrize("param", ["auto_lr", "=true", ""])
 def test_a_param_without_key_and_value_is_refused(param):
-    with pytest.raises(S.SpecError, match="expected key=value"):
-        spec(params=[param])
+    with pytest.raises(spec.SpecError, match="expected key=value"):
+        launch(params=[param])
 
 
 def test_dataset_is_mounted_read_only_at_data_and_the_cache_writable():
-    launched = spec(data="/srv/fashion", cache="lr-finder-cache")
+    launched = launch(data="/srv/fashion", cache="lr-finder-cache")
     data, cache = launched.mounts
     assert (data.source, data.target, data.read_only, data.is_bind) == ("/srv/fashion", "/data", True, True)
     assert (cache.target, cache.read_only, cache.is_bind) == ("/home/lrfinder/.cache", False, False)
-    assert spec(data="").mounts == ()
+    assert launch(data="").mounts == ()
 
 
 @pytest.mark.parametrize("size", ["2g", "512m", "1073741824"])
 def test_shared_memory_takes_dockers_sizes(size):
-    assert spec(shm_size=size).shm_size == size
+    assert launch(shm_size=size).shm_size == size
 
 
 def test_bad_shared_memory_size_is_refused():
-    with pytest.raises(S.SpecError, match="--shm-size"):
-        spec(shm_size="two gigs")
+    with pytest.raises(spec.SpecError, match="--shm-size"):
+        launch(shm_size="two gigs")
 
 
 def test_credentials_pass_by_name_when_set_and_extra_names_must_exist():
     env = {"MLFLOW_TRACKING_URI": "http://x", "MLFLOW_TRACKING_PASSWORD": "p", "MLFLOW_TRACKING_USERNAME": "u"}
-    names = S.env_names({**env, "HOME": "/root"}, ["HOME"])
+    names = spec.env_names({**env, "HOME": "/root"}, ["HOME"])
     assert names == ("HOME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME")
     assert "MLFLOW_TRACKING_TOKEN" not in names
-    with pytest.raises(S.SpecError, match="--env NOT_SET: not set"):
-        S.env_names(env, ["NOT_SET"])
-    with pytest.raises(S.SpecError, match="pass a variable name"):
-        S.env_names(env, ["A=b"])
+    with pytest.raises(spec.SpecError, match="--env NOT_SET: not set"):
+        spec.env_names(env, ["NOT_SET"])
+    with pytest.raises(spec.SpecError, match="pass a variable name"):
+        spec.env_names(env, ["A=b"])
 
 
 def test_describe_lists_names_never_values():
-    launched = S.launch_spec("img", "1", "2g", "/d", "", ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"), "host")
+    launched = spec.launch_spec("img", "1", "2g", "/d", "", ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"), "host")
     text = "\n".join(launched.describe())
     assert "environment (values hidden): MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_URI" in text
     assert "gpus 1" in text and "network host" in text and "/d -> /data (ro)" in text
@@ -90,71 +92,71 @@ def test_describe_lists_names_never_values():
 
 @pytest.mark.parametrize("uri", ["", "sqlite:///secret-folder/mlflow.db", "file:///secret-folder", "secret-folder"])
 def test_local_tracking_stores_are_refused_without_showing_the_uri(uri):
-    problem = S.tracking_problem(uri)
+    problem = spec.tracking_problem(uri)
     assert problem and "secret-folder" not in problem
 
 
 @pytest.mark.parametrize("uri", ["http://mlflow:5000", "https://u:p@mlflow.example", "databricks"])
 def test_servers_are_accepted(uri):
-    assert S.tracking_problem(uri if uri != "databricks" else "databricks://profile") is None
+    assert spec.tracking_problem(uri if uri != "databricks" else "databricks://profile") is None
 
 
 def test_the_run_id_comes_from_mlflow_runs_log():
-    assert S.find_run_id("noise\n" + RUN_LOG) == "483290941e434eb48b25f1c38a2a3fd7"
-    assert S.find_run_id("error: cannot import torch\n") is None
+    assert spec.find_run_id("noise\n" + RUN_LOG) == "483290941e434eb48b25f1c38a2a3fd7"
+    assert spec.find_run_id("error: cannot import torch\n") is None
 
 
 def test_run_link_drops_credentials_and_needs_a_ui_url():
-    link = S.run_link("https://ci:token@mlflow.example/", "3", "abc")
+    link = run_url("https://ci:token@mlflow.example/", "3", "abc")
     assert link == "https://mlflow.example/#/experiments/3/runs/abc"
-    assert S.run_link("", "3", "abc") == ""
+    assert run_url("", "3", "abc") == ""
 
 
 def test_summary_holds_the_link_the_lrs_and_the_final_metrics():
     figures = {"lr_suggested": "0.0017", "lr_used": "0.0052", "lr_source": "finder", "test_acc": "0.9021"}
-    text = S.summary_markdown("abc", "FINISHED", "https://m/#/experiments/1/runs/abc", figures)
+    text = spec.summary_markdown("abc", "FINISHED", "https://m/#/experiments/1/runs/abc", figures)
     assert text.startswith("### lr-finder run [`abc`](https://m/#/experiments/1/runs/abc): FINISHED")
     assert "| 0.0017 | 0.0052 | finder | 0.9021 | - | - | - |" in text
-    assert "`abc`: FAILED" in S.summary_markdown("abc", "FAILED", "", {})
+    assert "`abc`: FAILED" in spec.summary_markdown("abc", "FAILED", "", {})
 
 
 def test_scrub_masks_every_secret_value():
-    assert S.scrub("to http://u:pw@h:5000 as pw-42", ["http://u:pw@h:5000", "pw-42", "u"]) == "to *** as ***"
+    assert spec.scrub("to http://u:pw@h:5000 as pw-42", ["http://u:pw@h:5000", "pw-42", "u"]) == "to *** as ***"
 
 
 def test_build_args_carry_provenance_and_explicit_pairs_win():
-    args = S.build_args(["TORCH_VARIANT=cpu", "PIP_INDEX_URL=http://m/simple"], "debian:12", "cu126", "abc")
+    args = spec.build_args(["TORCH_VARIANT=cpu", "PIP_INDEX_URL=http://m/simple"], "debian:12", "cu126", "abc")
     assert args == {
         "VCS_REF": "abc",
         "BASE_IMAGE": "debian:12",
         "TORCH_VARIANT": "cpu",
         "PIP_INDEX_URL": "http://m/simple",
     }
-    with pytest.raises(S.SpecError, match="--build-arg"):
-        S.build_args(["NOEQUALS"], "", "", "abc")
+    with pytest.raises(spec.SpecError, match="--build-arg"):
+        spec.build_args(["NOEQUALS"], "", "", "abc")
 
 
 def test_doctor_checks_the_gpu_only_when_one_is_asked_for():
-    assert [p.name for p in S.doctor_probes(spec())] == ["GPU in a container", "tracking server", "dataset"]
-    assert [p.name for p in S.doctor_probes(spec(gpus="none"))] == ["tracking server", "dataset"]
-    assert all(p.hint for p in S.doctor_probes(spec()))
+    assert [p.name for p in spec.doctor_probes(launch())] == ["GPU in a container", "tracking server", "dataset"]
+    assert [p.name for p in spec.doctor_probes(launch(gpus="none"))] == ["tracking server", "dataset"]
+    assert all(p.hint for p in spec.doctor_probes(launch()))
 
 
 def _run_dataset_probe(folder: Path) -> subprocess.CompletedProcess:
-    (probe,) = [p for p in S.doctor_probes(spec(gpus="none")) if p.name == "dataset"]
-    code = probe.code.replace(repr(S.DATA_TARGET), repr(str(folder)))
+    (probe,) = [p for p in spec.doctor_probes(launch(gpus="none")) if p.name == "dataset"]
+    code = probe.code.replace(repr(spec.DATA_TARGET), repr(str(folder)))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
 
 
 def test_dataset_probe_finds_the_four_files_gzipped_or_not(tmp_path):
-    for i, name in enumerate(S.DATASET_FILES):
+    for i, name in enumerate(IDX_FILES.values()):
         (tmp_path / (name + (".gz" if i % 2 else ""))).write_bytes(b"x")
     result = _run_dataset_probe(tmp_path)
     assert result.returncode == 0 and "four IDX files in" in result.stdout
 
 
 def test_dataset_probe_fails_when_a_file_is_missing(tmp_path):
-    for name in S.DATASET_FILES[:3]:
+    for name in list(IDX_FILES.values())[:3]:
         (tmp_path / name).write_bytes(b"x")
     result = _run_dataset_probe(tmp_path)
     assert result.returncode == 1 and "no Fashion-MNIST IDX files" in result.stdout

@@ -11,12 +11,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import requires_fashion_mnist
-from tests.test_e2e import mlflow_run
-from tests.test_faults import job_env
+from tests.helpers import as_mlflow_params, as_options, job_env, mlflow_run, requires_fashion_mnist, small_job
 
 pytestmark = [pytest.mark.slow, requires_fashion_mnist]
-QUICK = ["train_subset=2000", "val_size=1000", "epochs=1", "lr_steps=20"]
 
 
 def family(client: MlflowClient, experiment: str) -> tuple[object, list]:
@@ -27,7 +24,7 @@ def family(client: MlflowClient, experiment: str) -> tuple[object, list]:
 
 
 def test_compare_makes_one_child_per_lr_plus_the_finder_with_main_run_keys(tmp_path):
-    result = mlflow_run(tmp_path, "study", "lrs=1e-4,1e-1", *QUICK, entry="compare")
+    result = mlflow_run(tmp_path, "study", "lrs=1e-4,1e-1", *as_mlflow_params(small_job()), entry="compare")
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     parent, children = family(client, "study")
@@ -52,8 +49,8 @@ def test_compare_makes_one_child_per_lr_plus_the_finder_with_main_run_keys(tmp_p
 
 def test_a_failing_member_ends_failed_and_the_study_finishes(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = ["--train-subset", "2000", "--val-size", "1000", "--epochs", "1", "--optimizer", "sgd"]
-    cmd = [sys.executable, "-m", "mlproject", "compare", "--experiment-name", "study", "--auto-lr", "false"]
+    args = as_options(small_job(auto_lr=False, optimizer="sgd"))
+    cmd = [sys.executable, "-m", "mlproject", "compare", "--experiment-name", "study"]
     result = subprocess.run(
         [*cmd, *args, "--lrs", "0.01,10000"], cwd=tmp_path, env=job_env(uri), capture_output=True, text=True
     )

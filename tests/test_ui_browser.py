@@ -19,8 +19,7 @@ from urllib.parse import quote
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, requires_fashion_mnist
-from tests.test_server_cli import running_server
+from tests.helpers import REPO, as_options, requires_fashion_mnist, running_server, small_job
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
@@ -32,7 +31,7 @@ playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright m
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 CHROMIUM_ARGS += ["--no-first-run"]
-STUDY = ["--train-subset", "3000", "--epochs", "2", "--lr-steps", "30", "--val-size", "1000"]
+STUDY = as_options(small_job(train_subset=3000, epochs=2, lr_steps=30))
 COLUMNS = [
     ("Parameters", "lr_source"),
     ("Parameters", "lr_used"),
