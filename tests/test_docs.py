@@ -23,7 +23,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "RESULTS.md"]
 SHELL_FENCES = ("", "sh", "bash", "shell", "console")
@@ -362,6 +362,11 @@ def test_the_help_of_every_command_the_doc_runs_works(doc):
         command, _, _, _ = resolve(click_group(module), list(path))
         result = CliRunner().invoke(command, ["--help"])
         assert result.exit_code == 0 and "Usage:" in result.output, (module, path, result.output)
+
+
+def test_the_readme_stays_a_page_for_users():
+    size = len((REPO / "README.md").read_bytes())
+    assert size <= 15_000, f"README.md is {size} bytes: move the detail to docs/ or benchmarks/RESULTS.md"
 
 
 def test_the_readme_keeps_the_two_quickstart_commands():
