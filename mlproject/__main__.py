@@ -80,7 +80,7 @@ _OPTIONS: list[tuple[str, Any, str]] = [
     ("model", OneOf(config.MODELS), "Network."),
     ("seed", Number(int), "Seed for weights, hold-out split and batch order."),
     ("dataset", OneOf(BUILTIN_DATASETS), "Dataset (MNIST-format IDX files)."),
-    ("data_dir", click.STRING, "Folder with the four *-ubyte[.gz] files; empty: search (README, "Data")."),
+    ("data_dir", click.STRING, "Folder with the four *-ubyte[.gz] files; empty: search (README's Data section)."),
     ("train_subset", Number(int), "Use only this many training samples; 0 uses all."),
     ("val_size", Number(int), "Validation samples held out (seeded) from the training set."),
     ("lr_min", Number(float), "Smallest LR of the range test."),
