@@ -6,19 +6,23 @@ Field names are the contract: MLproject parameter = click option = this field = 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from mlproject.catalog import BUILTIN_DATASETS
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "onecycle")
-MODELS = ("lenet", "mlp", "cnn_bn")
+SCHEDULES = ("auto", "onecycle", "constant", "module")
+BUILTIN_MODELS = ("lenet", "mlp", "cnn_bn")
+IMAGE_FOLDER = "imagefolder"
 LR_METHODS = ("combined", "steepest", "valley", "minimum")
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 DATA_MODES = ("auto", "device", "loader")
+MONITOR_MODES = ("min", "max")
 
 CHECKPOINT_ARTIFACT = "checkpoints/last.ckpt"  # what a failed or preempted run keeps, and resume reads
 
@@ -26,6 +30,10 @@ CHECKPOINT_ARTIFACT = "checkpoints/last.ckpt"  # what a failed or preempted run 
 MAX_EPOCHS = 10_000
 MAX_BATCH_SIZE = 65_536
 MAX_LR_STEPS = 100_000
+
+_CLASS_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_METRIC = re.compile(r"[\w./-]+")
 
 
 class ConfigError(ValueError):
@@ -58,6 +66,34 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(name, value, "one of " + ", ".join(choices))
 
 
+def json_object(name: str, text: str) -> dict[str, Any]:
+    """A `*_args` parameter: a JSON object, as LightningCLI's init_args; '' reads as {}."""
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(name, text, f'a JSON object, e.g. {{"hidden": 64}} ({exc.msg})') from exc
+    if not isinstance(value, dict):
+        raise ConfigError(name, text, 'a JSON object, e.g. {"hidden": 64}')
+    return value
+
+
+def channel_stats(name: str, text: str) -> tuple[float, ...]:
+    """image_mean / image_std: '' (computed from the training images) or one number per channel."""
+    if not text.strip():
+        return ()
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ConfigError(name, text, "one number per channel, e.g. 0.5 or 0.485,0.456,0.406")
+    return values
+
+
+def is_class_path(name: str) -> bool:
+    return bool(_CLASS_PATH.fullmatch(name))
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """Everything one job needs. Defaults reproduce the reference experiment (LeNet, Fashion-MNIST, batch 64)."""
@@ -65,15 +101,30 @@ class JobConfig:
     auto_lr: bool = False
     lr: float = 1e-3  # used when auto_lr is false, and as the fallback when the range test gives no answer
     epochs: int = 4  # with the finder's one-cycle, beats the reference's accuracy (benchmarks/RESULTS.md)
-    batch_size: int = 64
-    optimizer: str = "adam"
-    schedule: str = "onecycle"
+    batch_size: int = 64  # per device
+    optimizer: str = "adam"  # the built-in classifier's; a user module's configure_optimizers decides its own
+    # auto: onecycle for built-in and torchvision models, the module's own schedule for a user module
+    schedule: str = "auto"
+    # A built-in network, a torchvision classification model by name, or a LightningModule's class path.
     model: str = "lenet"
+    model_args: str = "{}"  # JSON init arguments of the model (LightningCLI's init_args)
     seed: int = 42
+    # A built-in dataset, imagefolder (data_dir/train/<class>/...) or a LightningDataModule's class path.
     dataset: str = "fashion-mnist"
-    data_dir: str = ""  # empty: search FASHION_MNIST_DIR / MNIST_DIR, Debian's package, the cache, then download
+    dataset_args: str = "{}"
+    data_dir: str = ""  # built-in data: empty searches FASHION_MNIST_DIR / MNIST_DIR, Debian's package, the cache
+    config: str = ""  # a LightningCLI YAML file; values given explicitly win over it
+    code: str = ""  # a folder put on the import path before class paths are resolved
+    lr_attr: str = ""  # the module's LR attribute; empty: lr or learning_rate, as Lightning looks for it
+    monitor: str = "val_loss"  # the figure studies and reports rank by
+    monitor_mode: str = "min"
     train_subset: int = 0  # 0: the whole training split
-    val_size: int = 5000  # seeded hold-out from the 60k training images
+    val_size: int = 5000  # seeded hold-out from the training split, where the data has no validation split
+    image_size: int = 64  # image folders: every image is resized to image_size x image_size
+    image_mean: str = ""  # image folders: per-channel mean; empty: computed from the training images
+    image_std: str = ""
+    augment: bool = False  # image data: random crops and horizontal flips while training
+    num_workers: int = -1  # DataLoader workers of the loader path; -1: one per core, at most 8
     # The sweep: Smith's range test from lr_min to lr_max, exponentially, in lr_steps optimizer steps.
     lr_min: float = 1e-6
     lr_max: float = 1.0
@@ -101,21 +152,57 @@ class JobConfig:
         _int_in("seed", self.seed, 0, 2**32 - 1)
         _int_in("train_subset", self.train_subset, 0, 10_000_000)
         _int_in("val_size", self.val_size, 1, 10_000_000)
+        _int_in("image_size", self.image_size, 8, 4096)
+        _int_in("num_workers", self.num_workers, -1, 256)
         _int_in("devices", self.devices, 1, 64)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
-        _choice("model", self.model, MODELS)
-        _choice("dataset", self.dataset, BUILTIN_DATASETS)
         _choice("lr_method", self.lr_method, LR_METHODS)
         _choice("accelerator", self.accelerator, ACCELERATORS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("data_mode", self.data_mode, DATA_MODES)
+        _choice("monitor_mode", self.monitor_mode, MONITOR_MODES)
+        self._check_names()
+        json_object("model_args", self.model_args)
+        json_object("dataset_args", self.dataset_args)
+        channel_stats("image_mean", self.image_mean)
+        channel_stats("image_std", self.image_std)
         if self.resume and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.resume):
             raise ConfigError("resume", self.resume, "an MLflow run id (letters and digits)")
         if self.accelerator == "cpu" and self.precision == "16-mixed":  # fp16 autocast is a GPU feature
             raise ConfigError("precision", self.precision, "auto, 32-true or bf16-mixed with accelerator=cpu")
-        if self.devices > 1 and self.data_mode == "device":
-            raise ConfigError("data_mode", self.data_mode, "auto or loader when devices > 1")
+
+    def _check_names(self) -> None:
+        if not (self.model in BUILTIN_MODELS or _NAME.fullmatch(self.model) or is_class_path(self.model)):
+            raise ConfigError(
+                "model",
+                self.model,
+                f"a built-in network ({', '.join(BUILTIN_MODELS)}), a torchvision classification model "
+                "(e.g. resnet18) or a LightningModule's class path (package.module.Class)",
+            )
+        if not (self.dataset in (*BUILTIN_DATASETS, IMAGE_FOLDER) or is_class_path(self.dataset)):
+            raise ConfigError(
+                "dataset",
+                self.dataset,
+                f"{', '.join(BUILTIN_DATASETS)}, {IMAGE_FOLDER} or a LightningDataModule's class path "
+                "(package.module.Class)",
+            )
+        if self.lr_attr and not re.fullmatch(r"[A-Za-z_]\w*", self.lr_attr):
+            raise ConfigError("lr_attr", self.lr_attr, "an attribute name, e.g. lr")
+        if not _METRIC.fullmatch(self.monitor):
+            raise ConfigError("monitor", self.monitor, "a metric name the module logs, e.g. val_loss")
+
+    @property
+    def user_module(self) -> bool:
+        """The model is a class path: the user's LightningModule, with its own optimizers and loss."""
+        return is_class_path(self.model)
+
+    @property
+    def resolved_schedule(self) -> str:
+        """auto: onecycle for the built-in classifier, the module's own for a user module."""
+        if self.schedule != "auto":
+            return self.schedule
+        return "module" if self.user_module else "onecycle"
 
     def as_params(self) -> dict[str, str]:
         """The MLflow params: one string per field, in a stable spelling."""
@@ -127,6 +214,9 @@ class JobConfig:
         parse = {"bool": lambda v: v == "true", "float": float, "int": int, "str": str}
         fields = {f.name: f.type for f in dataclasses.fields(cls)}
         return cls(**{k: parse[str(fields[k])](v) for k, v in params.items() if k in fields})  # type: ignore[operator]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
     def replace(self, **changes: object) -> JobConfig:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""Find, verify and load the MNIST-format datasets; serve batches from device-resident tensors or a DataLoader."""
+"""Images in memory: the built-in IDX datasets found, verified and loaded; batches served from device-resident
+tensors (sharded across ranks) or a DataLoader."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
 
 @dataclass(frozen=True)
 class Split:
-    images: torch.Tensor  # uint8, (N, 28, 28)
+    images: torch.Tensor  # uint8, (N, C, H, W)
     labels: torch.Tensor  # int64, (N,)
 
     def __len__(self) -> int:
@@ -33,14 +34,34 @@ class Split:
 
 
 @dataclass(frozen=True)
-class Dataset:
+class ImageData:
+    """A classification dataset held in memory as uint8, normalised per channel when served."""
+
     name: str
-    source: Path
+    source: str  # where it was read from: a run input's source
     train: Split
     val: Split
-    test: Split
-    mean: float
-    std: float
+    test: Split | None  # None: the data has no test split
+    mean: tuple[float, ...]  # per channel, of pixels scaled to [0, 1]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train.images.shape[-1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def nbytes(self) -> int:
+        splits = (self.train, self.val) + ((self.test,) if self.test is not None else ())
+        return sum(s.images.numel() for s in splits)
 
 
 def read_idx(path: Path, magic: int) -> np.ndarray:
@@ -77,6 +98,14 @@ def find_dir(candidates: Sequence[Path]) -> Path | None:
             if all(_locate(directory, stem) for stem in IDX_FILES.values()):
                 return directory
     return None
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where to look, in order, and where a download may go (empty: never download)."""
+
+    candidates: tuple[Path, ...]
+    download_to: str = ""
 
 
 def search_order(dataset: str, data_dir: str, env_dir: str, cache_dir: str) -> Source:
@@ -120,21 +149,18 @@ def read_split(directory: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def split_train(
-    images: np.ndarray, labels: np.ndarray, val_size: int, train_subset: int, seed: int
-) -> tuple[Split, Split]:
+def hold_out(train: Split, val_size: int, train_subset: int, seed: int) -> tuple[Split, Split]:
     """A seeded hold-out of val_size samples, then the first train_subset of the rest (0 = all)."""
-    available = len(labels) - val_size
+    available = len(train) - val_size
     if available < 1:
-        raise DataError(f"val_size={val_size} leaves no training data ({len(labels)} samples in all)")
+        raise DataError(f"val_size={val_size} leaves no training data ({len(train)} samples in all)")
     if train_subset > available:
         raise DataError(f"train_subset={train_subset} exceeds the {available} training samples left after val_size")
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = order[:val_size], order[val_size:]
     if train_subset:
         train_idx = train_idx[:train_subset]
-    x, y = torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
-    return Split(x[train_idx], y[train_idx]), Split(x[val_idx], y[val_idx])
+    return Split(train.images[train_idx], train.labels[train_idx]), Split(train.images[val_idx], train.labels[val_idx])
 
 
 def locate(dataset: str, candidates: Sequence[Path], download_to: str = "") -> Path:
@@ -154,38 +180,49 @@ def locate(dataset: str, candidates: Sequence[Path], download_to: str = "") -> P
         raise DataError(f"{dataset} not found (tried {tried}) and {exc}; {hint}") from exc
 
 
-@dataclass(frozen=True)
-class Source:
-    """Where to look, in order, and where a download may go (empty: never download)."""
-
-    candidates: tuple[Path, ...]
-    download_to: str = ""
+def _split(images: np.ndarray, labels: np.ndarray) -> Split:
+    return Split(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
 
 
-def load(dataset: str, source: Source, val_size: int, train_subset: int, seed: int) -> Dataset:
+def load(dataset: str, source: Source, val_size: int, train_subset: int, seed: int) -> ImageData:
+    """A built-in dataset: its training split less a seeded hold-out, and its test split."""
     directory = locate(dataset, source.candidates, source.download_to)
     log.info("reading %s from %s", dataset, directory)
-    train_images, train_labels = read_split(directory, "train")
-    test_images, test_labels = read_split(directory, "test")
-    train, val = split_train(train_images, train_labels, val_size, train_subset, seed)
-    test = Split(torch.from_numpy(test_images.copy()), torch.from_numpy(test_labels.astype(np.int64)))
+    train, val = hold_out(_split(*read_split(directory, "train")), val_size, train_subset, seed)
+    test = _split(*read_split(directory, "test"))
     mean, std = NORMALIZATION[dataset]
-    return Dataset(dataset, directory, train, val, test, mean, std)
+    classes = tuple(str(k) for k in range(NUM_CLASSES))
+    return ImageData(dataset, str(directory), train, val, test, (mean,), (std,), classes)
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float, zero mean and unit variance per channel over the training split."""
+    x = images.float().div_(255.0)
+    if len(mean) == 1:  # a scalar is cheaper than a broadcast tensor, and LeNet's step is small
+        return x.sub_(mean[0]).div_(std[0])
+    shape = (1, len(mean), 1, 1)
+    return x.sub_(torch.tensor(mean, device=x.device).view(shape)).div_(torch.tensor(std, device=x.device).view(shape))
 
 
 class DeviceBatches:
     """Batches cut from one uint8 tensor on the device: normalised, shuffled and sliced there, no per-sample Python.
 
     Shuffling uses its own generator seeded by (seed, epoch), so the batch order never depends on global RNG state.
+    Across ranks (shard()), each global batch of world x batch_size samples is cut into one slice per rank, so that
+    N ranks at batch b see exactly the samples one process sees at batch N x b.
     """
 
-    def __init__(self, split: Split, batch_size: int, mean: float, std: float, shuffle: bool, seed: int) -> None:
+    def __init__(self, split: Split, batch_size: int, data: ImageData, shuffle: bool, seed: int) -> None:
         self.images, self.labels = split.images, split.labels  # already on the device: see Split.to
-        self.batch_size, self.mean, self.std = batch_size, mean, std
+        self.batch_size, self.mean, self.std = batch_size, data.mean, data.std
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.rank, self.world = 0, 1
+
+    def shard(self, rank: int, world: int) -> None:
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
+        return math.ceil(len(self.labels) / (self.batch_size * self.world))
 
     def set_epoch(self, epoch: int) -> None:
         """Pin the next pass's shuffle to `epoch`, e.g. when a fit resumes from a checkpoint."""
@@ -197,23 +234,28 @@ class DeviceBatches:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(n, generator=gen).to(self.images.device)
             self.epoch += 1
-        for start in range(0, n, self.batch_size):
-            end = start + self.batch_size
+        step = self.batch_size * self.world
+        for start in range(0, n, step):
+            lo, hi = _slice(min(step, n - start), self.rank, self.world)
             if self.shuffle:  # index_select: a tenth of the time of images[idx] for a batch of rows
-                idx = order[start:end]
+                idx = order[start + lo : start + hi]
                 images, labels = self.images.index_select(0, idx), self.labels.index_select(0, idx)
             else:
-                images, labels = self.images[start:end], self.labels[start:end]
+                images, labels = self.images[start + lo : start + hi], self.labels[start + lo : start + hi]
             yield normalize(images, self.mean, self.std), labels
 
 
-def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float (N, 1, 28, 28), zero mean and unit variance over the training split."""
-    return images.unsqueeze(1).float().div_(255.0).sub_(mean).div_(std)
+def _slice(size: int, rank: int, world: int) -> tuple[int, int]:
+    """This rank's part of a global batch of `size`: equal parts, the first `size % world` ranks one larger."""
+    base, extra = divmod(size, world)
+    if base == 0 and rank >= extra:  # fewer samples than ranks: a rank repeats the first, as DistributedSampler pads
+        return 0, 1
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)
 
 
 class _NormalizedSplit(torch.utils.data.Dataset):
-    def __init__(self, split: Split, mean: float, std: float) -> None:
+    def __init__(self, split: Split, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         self.split, self.mean, self.std = split, mean, std
 
     def __len__(self) -> int:
@@ -224,14 +266,13 @@ class _NormalizedSplit(torch.utils.data.Dataset):
 
 
 def loader_batches(
-    split: Split, batch_size: int, mean: float, std: float, shuffle: bool, seed: int, workers: int = 0
+    split: Split, batch_size: int, data: ImageData, shuffle: bool, seed: int
 ) -> torch.utils.data.DataLoader:
-    """The DataLoader path, for data that should not live on the device (or several devices sharding it)."""
+    """The DataLoader path, for data that should not live on the device. Indexing a tensor in memory is cheap, so
+    no workers: they would only add the copies between processes. Several ranks get Lightning's sampler."""
     return torch.utils.data.DataLoader(
-        _NormalizedSplit(split, mean, std),
+        _NormalizedSplit(split, data.mean, data.std),
         batch_size=batch_size,
         shuffle=shuffle,
         generator=torch.Generator().manual_seed(seed),
-        num_workers=workers,
-        persistent_workers=workers > 0,
     )

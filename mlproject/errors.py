@@ -24,5 +24,10 @@ class Preempted(BaseException):
         super().__init__(f"stopped by {signal_name}")
 
 
+class UserCodeError(RuntimeError):
+    """The user's LightningModule or data module broke Lightning's contract during the job (a training_step that
+    returns no loss, a data module without a training loader); the message names the class and the fix."""
+
+
 class TrackingError(RuntimeError):
     """The tracking server cannot be reached or refuses the job's writes."""

@@ -1,58 +1,92 @@
-"""The networks and the LightningModule that trains them; it only calls self.log() and knows nothing of MLflow."""
+"""The networks the job builds itself (three of its own, any torchvision classifier) and the LightningModule that
+trains them; it only calls self.log() and knows nothing of MLflow."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlproject.catalog import NUM_CLASSES
+from mlproject.config import BUILTIN_MODELS, ConfigError
+from mlproject.lightning_api import Lightning
 
 
-def lenet() -> nn.Module:
+def lenet(channels: int = 1, classes: int = 10, size: int = 28) -> nn.Module:
     """LeNet-5 with ReLU and max-pooling, as in the reference experiment.
 
     Each block pools before its ReLU: the two commute (ReLU is monotonic), so values and gradients are the
     textbook order's bit for bit, and the ReLU runs on a quarter of the elements (benchmarks/RESULTS.md).
     """
+    side = (size // 2 - 4) // 2
     return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(),
+        nn.Conv2d(channels, 6, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(),
         nn.Conv2d(6, 16, 5), nn.MaxPool2d(2), nn.ReLU(),
         nn.Flatten(),
-        nn.Linear(16 * 5 * 5, 120), nn.ReLU(),
+        nn.Linear(16 * side * side, 120), nn.ReLU(),
         nn.Linear(120, 84), nn.ReLU(),
-        nn.Linear(84, NUM_CLASSES),
+        nn.Linear(84, classes),
     )  # fmt: skip
 
 
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 256), nn.ReLU(), nn.Linear(256, NUM_CLASSES))
+def mlp(channels: int = 1, classes: int = 10, size: int = 28) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(channels * size * size, 256), nn.ReLU(), nn.Linear(256, classes))
 
 
-def cnn_bn() -> nn.Module:
+def cnn_bn(channels: int = 1, classes: int = 10, size: int = 28) -> nn.Module:
     """A small CNN with BatchNorm: its range-test curve is shaped unlike LeNet's."""
+    side = size // 4
     return nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(channels, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * 7 * 7, NUM_CLASSES),
+        nn.Flatten(), nn.Linear(64 * side * side, classes),
     )  # fmt: skip
 
 
 NETS = {"lenet": lenet, "mlp": mlp, "cnn_bn": cnn_bn}
+assert tuple(NETS) == BUILTIN_MODELS
+MIN_SIZE = {"lenet": 12, "mlp": 1, "cnn_bn": 4}  # below these the network has no features left
 
 
-@dataclass(frozen=True)
-class OptimSpec:
-    """How to build the optimizer and schedule once the learning rate is known."""
+def torchvision_models() -> list[str]:
+    """The classification builders of torchvision.models (its detection, segmentation, video ... live apart)."""
+    import torchvision
 
-    optimizer: str
-    lr: float
-    schedule: str = "constant"
-    total_steps: int = 0  # the one-cycle schedule's length; 0 for constant
-    lr_low: float = 0.0  # the one-cycle start; 0 lets it default to lr / 25 (Smith's div_factor)
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def torchvision_net(name: str, channels: int, classes: int, kwargs: dict[str, Any]) -> nn.Module:
+    """torchvision's builder with weights=None and `classes` outputs; the stem's first convolution takes
+    `channels` (its other hyperparameters kept) when the data is not RGB."""
+    import torchvision
+
+    try:
+        net = torchvision.models.get_model(name, weights=None, num_classes=classes, **kwargs)
+    except TypeError as exc:
+        raise ConfigError("model_args", kwargs, f"init arguments torchvision's {name} accepts ({exc})") from exc
+    if channels != 3 and not _replace_first_conv(net, channels):
+        raise ConfigError("model", name, f"a network with a convolution to take {channels}-channel images")
+    return net
+
+
+def _replace_first_conv(net: nn.Module, channels: int) -> bool:
+    for parent in net.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                conv = nn.Conv2d(
+                    channels, child.out_channels, child.kernel_size, child.stride, child.padding, child.dilation,
+                    child.groups if child.groups == 1 else channels, child.bias is not None, child.padding_mode,
+                )  # fmt: skip
+                setattr(parent, child_name, conv)
+                return True
+    return False
+
+
+def builtin_net(name: str, channels: int, classes: int, size: int) -> nn.Module:
+    if size < MIN_SIZE[name]:
+        raise ConfigError("image_size", size, f"at least {MIN_SIZE[name]} pixels for model {name}")
+    return NETS[name](channels, classes, size)
 
 
 def make_optimizer(params: object, optimizer: str, lr: float) -> torch.optim.Optimizer:
@@ -65,18 +99,38 @@ def make_optimizer(params: object, optimizer: str, lr: float) -> torch.optim.Opt
     return torch.optim.SGD(params, lr=lr, momentum=0.9, fused=True)  # type: ignore[arg-type]
 
 
-class Classifier(pl.LightningModule):
+def random_crop_flip(x: torch.Tensor) -> torch.Tensor:
+    """The standard augmentation, batched on the device: a horizontal flip half of the time, then a random crop of
+    the image padded by an eighth of its side (reflected)."""
+    n, c, h, w = x.shape
+    flip = torch.rand(n, device=x.device) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    pad = max(1, h // 8)
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    dy, dx = (torch.randint(0, 2 * pad + 1, (n,), device=x.device) for _ in range(2))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    index = torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[index[0], index[1], rows, cols]
+
+
+class ClassifierHooks:
     """Cross-entropy classification; logs epoch aggregates of loss and accuracy per stage.
 
     The training loss is summed on the device and logged once, at the epoch's last batch: a self.log() call
-    per step costs more than LeNet's arithmetic on a CPU.
+    per step costs more than LeNet's arithmetic on a CPU. `lr` is an attribute, as Lightning's LR finder and the
+    job look for it; configure_optimizers builds the optimizer at it.
     """
 
-    def __init__(self, net: nn.Module, optim: OptimSpec, channels_last: bool = False) -> None:
+    def __init__(
+        self, net: nn.Module, optimizer: str, lr: float, channels_last: bool = False, augment: bool = False
+    ) -> None:
         super().__init__()
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
-        self.optim = optim
+        self.optimizer_name = optimizer
+        self.lr = lr
         self.channels_last = channels_last
+        self.augment = augment
         self._loss_sum = torch.zeros(())
         self._seen = 0
 
@@ -94,13 +148,19 @@ class Classifier(pl.LightningModule):
         x, y = batch
         return F.cross_entropy(self(x), y)
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.augment and self.trainer.training:
+            x, y = batch
+            return random_crop_flip(x), y
+        return batch
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)  # no accuracy here: four more small ops a step that nothing reads
         n = len(batch[1])
         self._loss_sum += loss.detach() * n
         self._seen += n
         if batch_idx + 1 == self.trainer.num_training_batches:
-            self.log("train_loss", self._loss_sum / self._seen, on_step=False, on_epoch=True)
+            self.log("train_loss", self._loss_sum / self._seen, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     def _eval_step(self, stage: str, batch: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -108,8 +168,8 @@ class Classifier(pl.LightningModule):
         logits = self(x)
         loss, acc = F.cross_entropy(logits, y), (logits.argmax(dim=1) == y).float().mean()
         n = len(y)
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=n)
-        self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, batch_size=n)
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log(f"{stage}_acc", acc, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -119,13 +179,13 @@ class Classifier(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._loss_sum, self._seen = torch.zeros((), device=self.device), 0
-        self.log("learning_rate", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=False, on_epoch=True)
 
-    def configure_optimizers(self) -> object:
-        spec = self.optim
-        opt = make_optimizer(self.parameters(), spec.optimizer, spec.lr)
-        if spec.schedule == "constant":
-            return opt
-        div = spec.lr / spec.lr_low if spec.lr_low > 0 else 25.0
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.total_steps, div_factor=div)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return make_optimizer(self.parameters(), self.optimizer_name, self.lr)
+
+
+def classifier(
+    lightning: Lightning, net: nn.Module, optimizer: str, lr: float, channels_last: bool = False, augment: bool = False
+) -> Any:
+    """The classifier as a LightningModule of `lightning`'s package."""
+    return lightning.make(ClassifierHooks, "LightningModule", net, optimizer, lr, channels_last, augment)

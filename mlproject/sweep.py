@@ -1,37 +1,37 @@
-"""The LR range test, run by Lightning's Tuner.lr_find on a copy of the model; yields the raw curve (an LRCurve)."""
+"""The LR range test on any LightningModule, run by Lightning's Tuner.lr_find on a private copy; yields the raw
+curve (an LRCurve) of the global batch: every step's loss averaged over the ranks."""
 
 from __future__ import annotations
 
 import copy
-import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from lightning_fabric.plugins import CheckpointIO
-from pytorch_lightning.tuner import Tuner
 
 from mlproject import lr_range
-from mlproject.model import Classifier, make_optimizer
+from mlproject.errors import UserCodeError
+from mlproject.lightning_api import Lightning
 from mlproject.training import Runtime, build_trainer
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+NEVER = 10**9  # a validation interval no sweep reaches: the range test trains, it does not validate
 
 
 @dataclass(frozen=True)
 class LRCurve:
     lrs: list[float]
-    losses: list[float]  # raw per-step training losses, NaN/inf kept as they came
-    lightning_losses: list[float]  # Lightning's running-average smoothing, for comparison only
+    losses: list[float]  # raw per-step training losses of the global batch, NaN/inf kept as they came
+    lightning_losses: list[float]  # Lightning's running average of rank 0's loss, for comparison only
     probe_losses: list[float]  # loss on a fixed held-out batch after each step (empty unless probing)
     stop_reason: str  # why the job's early stop ended the sweep (lr_range.stop_reason), or ""
     lr_min: float
     lr_max: float
     steps_requested: int
     seconds: float
+    batches_per_epoch: int  # of the training data, on each rank
+    world_size: int
 
     @property
     def steps_run(self) -> int:
@@ -42,85 +42,145 @@ class LRCurve:
         return self.steps_run < self.steps_requested
 
 
-class MemoryCheckpointIO(CheckpointIO):
-    """lr_find snapshots and restores the model around the sweep; keep that snapshot in memory, not on disk."""
+class MemoryCheckpointIOHooks:
+    """lr_find snapshots the model before the sweep and restores it after; the snapshot stays in memory, on every
+    rank, so no file is written and no node needs another's (Lightning's own writes a file on rank 0 and reads
+    it on every rank: several nodes without a shared file system fail, Lightning-AI/pytorch-lightning#18812)."""
 
     def __init__(self) -> None:
-        self.store: dict[str, dict[str, Any]] = {}
+        self.snapshot: dict[str, Any] | None = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        self.store[str(path)] = copy.deepcopy(checkpoint)
+        self.snapshot = copy.deepcopy(checkpoint)  # rank 0; the others take theirs in the module's hooks
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        return self.store[str(path)]
+        assert self.snapshot is not None, "lr_find restores a snapshot it saved"
+        return self.snapshot
 
     def remove_checkpoint(self, path: Any) -> None:
-        self.store.pop(str(path), None)
+        self.snapshot = None
 
 
-class _Recorder(pl.LightningModule):
-    """Trains a private copy of the classifier and records the LR and raw loss of every sweep step; with
-    `stop_early`, ends the sweep once lr_range.stop_reason gives a reason (rank 0 decides for every device)."""
+def _loss_of(output: Any, owner: str) -> torch.Tensor:
+    """The loss a training_step returned (a tensor or a dict with "loss"), checked as the job needs it."""
+    loss = output.get("loss") if isinstance(output, Mapping) else output
+    if loss is None:
+        raise UserCodeError(
+            f"{owner}.training_step returned {type(output).__name__ if output is not None else 'None'} without a "
+            'loss: return the loss tensor, or a dict with "loss"'
+        )
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise UserCodeError(f"{owner}.training_step returned a loss of shape {shape}: it must be a scalar tensor")
+    return loss
 
-    def __init__(self, classifier: Classifier, probe: Batch | None = None, stop_early: bool = True) -> None:
-        super().__init__()
-        self.inner = copy.deepcopy(classifier)
-        self.probe = probe
-        self.stop_early = stop_early
+
+class _Recorder:
+    """Sits in the private copy's hooks, since lr_find replaces the Trainer's callbacks with its own: records the
+    raw loss of every step, averaged over the ranks; with `stop_early`, ends the sweep once lr_range.stop_reason
+    gives a reason (rank 0 decides for every rank)."""
+
+    def __init__(self, io: MemoryCheckpointIOHooks, probe: Callable[[], float] | None, stop_early: bool) -> None:
+        self.io, self.probe, self.stop_early = io, probe, stop_early
         self.lrs: list[float] = []
         self.raw: list[float] = []
         self.probed: list[float] = []
         self.stop_reason = ""
+        self.batches_per_epoch = 0
+        self.world_size = 1
+        self._pending: dict[str, Any] | None = None
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        self.lrs.append(self.trainer.optimizers[0].param_groups[0]["lr"])
-        return self.inner.loss(batch)
+    def instrument(self, module: Any) -> None:
+        owner = type(module).__qualname__
+        originals = {name: getattr(module, name) for name in ("training_step", "on_train_batch_end")}
+        originals |= {name: getattr(module, name) for name in ("on_train_start", "on_save_checkpoint")}
 
-    def on_train_batch_end(self, outputs: object, batch: Batch, batch_idx: int) -> None:
-        """One host sync a step, as Lightning's own finder makes: the loss the curve needs. With a probe, also
-        its loss under the weights this step's LR produced (eval mode: BatchNorm untouched)."""
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.raw.append(float(loss))  # type: ignore[arg-type]
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            self.lrs.append(module.trainer.optimizers[0].param_groups[0]["lr"])  # before the scheduler steps
+            output = originals["training_step"](*args, **kwargs)
+            _loss_of(output, owner)
+            return output
+
+        def on_train_batch_end(outputs: Any, batch: Any, batch_idx: int) -> None:
+            originals["on_train_batch_end"](outputs, batch, batch_idx)
+            self.step(module.trainer, _loss_of(outputs, owner))
+
+        def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
+            originals["on_save_checkpoint"](checkpoint)
+            self._pending = checkpoint  # complete now; copied before the first step changes the weights
+
+        def on_train_start() -> None:
+            originals["on_train_start"]()
+            trainer = module.trainer
+            self.batches_per_epoch, self.world_size = int(trainer.num_training_batches), trainer.world_size
+            if self.io.snapshot is None and self._pending is not None:
+                self.io.snapshot = copy.deepcopy(self._pending)
+
+        for name, hook in (("training_step", training_step), ("on_train_batch_end", on_train_batch_end)):
+            object.__setattr__(module, name, hook)
+        for name, hook in (("on_save_checkpoint", on_save_checkpoint), ("on_train_start", on_train_start)):
+            object.__setattr__(module, name, hook)
+
+    def step(self, trainer: Any, loss: torch.Tensor) -> None:
+        """One host sync a step, as Lightning's own finder makes; with a probe, also its loss under the weights this
+        step's LR produced."""
+        self.raw.append(float(trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")))
         if self.probe is not None:
-            self.inner.eval()
-            with torch.no_grad():
-                self.probed.append(float(self.inner.loss(self.probe)))
-            self.inner.train()
+            self.probed.append(self.probe())
         if self.stop_early:
             read = self.probed if self.probe is not None else self.raw
-            # Lightning's finder has broadcast its own stop already: a device deciding alone would hang the rest.
-            self.stop_reason = self.trainer.strategy.broadcast(lr_range.stop_reason(self.lrs, read))
-            self.trainer.should_stop = self.trainer.should_stop or bool(self.stop_reason)
+            self.stop_reason = trainer.strategy.broadcast(lr_range.stop_reason(self.lrs, read))
+            trainer.should_stop = trainer.should_stop or bool(self.stop_reason)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return make_optimizer(self.parameters(), self.inner.optim.optimizer, lr=1.0)  # lr_find sets the LR
+
+def probe_loss(module: Any, batch: Any) -> Callable[[], float]:
+    """The built-in classifier's loss on a fixed held-out batch, in eval mode (BatchNorm untouched)."""
+
+    def measure() -> float:
+        module.eval()
+        with torch.no_grad():
+            value = float(module.loss(batch))
+        module.train()
+        return value
+
+    return measure
 
 
 def range_test(
-    classifier: Classifier,
-    train: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    module: Any,
+    sweep_inputs: dict[str, Any],
+    lightning: Lightning,
     rt: Runtime,
     lr_min: float,
     lr_max: float,
     steps: int,
-    probe: Batch | None = None,
+    probe: Any = None,
     stop_early: bool = True,
 ) -> LRCurve:
-    """Sweep the LR exponentially from lr_min to lr_max, one optimizer step each; `classifier` is not touched.
+    """Sweep the LR exponentially from lr_min to lr_max, one optimizer step each, with the module's own optimizer
+    (its schedulers off); `module` is not touched.
 
     The global RNG is forked, so running the sweep does not change what the fit afterwards does. With `probe`
-    (a fixed held-out batch), the loss on it after every step is recorded too: Smith's validation-based test.
-    With `stop_early`, the sweep ends once the curve has diverged past use (lr_range.stop_reason), besides
-    Lightning's own stop at 4x the best running-average loss.
+    (a fixed held-out batch, built-in classifier only), the loss on it after every step is recorded too: Smith's
+    validation-based test. With `stop_early`, the sweep ends once the curve has diverged past use
+    (lr_range.stop_reason), decided on the global batch's loss; Lightning's own stop, on rank 0's loss alone, is off.
     """
     start = time.perf_counter()
-    recorder = _Recorder(classifier, probe, stop_early)
-    epochs = math.ceil(steps / max(1, len(train))) + 1  # type: ignore[arg-type]
+    private = copy.deepcopy(module)
+    io = lightning.make(MemoryCheckpointIOHooks, "plugins.CheckpointIO")
+    recorder = _Recorder(io, probe_loss(private, probe) if probe is not None else None, stop_early)
+    recorder.instrument(private)
     devices = [torch.cuda.current_device()] if rt.accelerator == "gpu" else []
     with torch.random.fork_rng(devices=devices):
-        trainer = build_trainer(rt, epochs, [], plugins=[MemoryCheckpointIO()], limit_val_batches=0)
-        finder = Tuner(trainer).lr_find(
-            recorder, train_dataloaders=train, min_lr=lr_min, max_lr=lr_max, num_training=steps, update_attr=False
+        trainer = build_trainer(lightning, rt, -1, [], plugins=[io], check_val_every_n_epoch=NEVER)
+        finder = lightning.tuner(trainer).lr_find(
+            private,
+            **sweep_inputs,
+            min_lr=lr_min,
+            max_lr=lr_max,
+            num_training=steps,
+            early_stop_threshold=None,
+            update_attr=False,
         )
     assert finder is not None  # None only under fast_dev_run, which is never set here
     lrs = [float(v) for v in finder.results["lr"]]
@@ -134,4 +194,6 @@ def range_test(
         lr_max=lr_max,
         steps_requested=steps,
         seconds=time.perf_counter() - start,
+        batches_per_epoch=recorder.batches_per_epoch,
+        world_size=recorder.world_size,
     )

@@ -11,11 +11,12 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import mlflow
-import numpy as np
 import requests
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -33,6 +34,10 @@ PATIENCE_S = 300.0  # how long a write waits for the tracking server to come bac
 # PostgreSQL, "(sqlite3.IntegrityError) UNIQUE constraint failed ..." on sqlite
 DUPLICATE_KEY = re.compile(r"IntegrityError|UniqueViolation")
 T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from mlproject.artifacts import ModelPayload
+    from mlproject.task import DataInput
 MLFLOW_VERSION = mlflow.__version__
 
 
@@ -138,11 +143,23 @@ class Tracker:
     def log_json(self, name: str, payload: object, artifact_path: str | None = None) -> None:
         self.log_files({name: json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"}, artifact_path)
 
-    def log_dataset(self, name: str, images: np.ndarray, labels: np.ndarray, source: str, context: str) -> None:
+    def log_dataset(self, item: DataInput) -> None:
+        """A run input with its context tag, as mlflow.log_input writes it: arrays with their digest, or a folder's
+        source alone."""
         with warnings.catch_warnings():  # a local path matches two equivalent source types; either is right
             warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_numpy(images, targets=labels, source=source, name=name)
-        link = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+            if item.arrays is not None:
+                images, labels = item.arrays
+                dataset = mlflow.data.from_numpy(images, targets=labels, source=item.source, name=item.name)
+            else:
+                try:
+                    source = resolve_dataset_source(item.source)
+                except MlflowException:  # a data module's own notion of a source: nothing MLflow can point at
+                    log.info("dataset %s: %s is no source MLflow knows; not logged as a run input", item.name,
+                             item.source)  # fmt: skip
+                    return
+                dataset = MetaDataset(source, name=item.name)
+        link = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, item.context)])
         for attempt in range(3):
             try:
                 self.patiently(lambda: self.client.log_inputs(self.run_id, datasets=[link]), "logging the dataset")
@@ -154,23 +171,40 @@ class Tracker:
                     raise
                 time.sleep(0.5)
 
-    def log_model(self, model: object, example: np.ndarray, output: np.ndarray, requirements: list[str]) -> None:
+    def log_model(self, payload: ModelPayload, code: str = "") -> None:
+        """torch.export's program where the model exports (it loads where this package and the user's code are
+        absent); a pickle otherwise, with the user's code folder alongside."""
         from mlflow.models import infer_signature
 
-        signature = infer_signature(example, output)
-        self.patiently(
-            lambda: mlflow.pytorch.log_model(  # type: ignore[attr-defined]
-                model,
+        if payload.why_no_signature:
+            log.warning("logging the model without a signature: %s", payload.why_no_signature)
+        signature = infer_signature(payload.example, payload.output) if payload.example is not None else None
+        requirements = [f"torch=={torch_version()}"]
+
+        def write(serialization: str) -> None:
+            extra = {"code_paths": [code]} if code and serialization == "pickle" else {}
+            mlflow.pytorch.log_model(  # type: ignore[attr-defined]
+                payload.model,
                 name="model",
                 signature=signature,
-                input_example=example,
+                input_example=payload.example,
                 pip_requirements=requirements,
-                # torch.export's program, never a pickle (MLflow's default on Databricks): a pickle would need this
-                # package, whose modules the network holds, wherever the model is loaded.
-                serialization_format="pt2",
-            ),
-            "logging the model",
-        )
+                serialization_format=serialization,
+                **extra,
+            )
+
+        if payload.example is None:  # torch.export traces the model on an example input
+            self.patiently(lambda: write("pickle"), "logging the model")
+            return
+        try:
+            with warnings.catch_warnings():  # torch.export's advice on how the user's module stores tensors
+                warnings.simplefilter("ignore", UserWarning)
+                self.patiently(lambda: write("pt2"), "logging the model")
+        except MlflowException:
+            raise
+        except Exception as exc:  # torch.export cannot trace every user forward(): keep the model as a pickle
+            log.warning("torch.export failed (%s: %s); logging the model as a pickle", type(exc).__name__, exc)
+            self.patiently(lambda: write("pickle"), "logging the model")
 
     def end(self, status: str, error: str | None = None) -> None:
         """End the run with FINISHED, FAILED or KILLED; a failure's message goes to error.txt."""
@@ -240,3 +274,9 @@ def _now_ms() -> int:
 def run_is_active(tracking_uri: str, run_id: str) -> bool:
     """Whether the run is still RUNNING, i.e. nobody has recorded how it ended."""
     return MlflowClient(tracking_uri or None).get_run(run_id).info.status == "RUNNING"
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__.split("+")[0]

@@ -1,30 +1,34 @@
-"""Build the Trainer and the batches for the resolved hardware, fit, test; report epoch metrics to a sink."""
+"""Build the Trainer for the resolved hardware, set the fit's LR and schedule on any module, fit, test; report each
+epoch's values to a sink."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable
+import types
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 
 from mlproject import data, stopping
-from mlproject.config import JobConfig
-from mlproject.errors import HardwareError, TrainingDiverged
+from mlproject.config import ConfigError, JobConfig
+from mlproject.errors import HardwareError, TrainingDiverged, UserCodeError
+from mlproject.lightning_api import Lightning
 
 log = logging.getLogger(__name__)
 
 EpochSink = Callable[[int, dict[str, float]], None]
-EPOCH_METRICS = ("train_loss", "val_loss", "val_acc", "learning_rate")
-# The device path holds a split as uint8 on the device; past this size a DataLoader streams it instead.
-DEVICE_DATA_LIMIT_BYTES = 4 * 2**30
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # torch's switch for an NVML-based torch.cuda.is_available()
+# How long a rank waits for the others in a collective before the job fails: a rank that died must not leave
+# the rest hanging until a CI timeout, and a slow step or checkpoint upload must not trip it.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -34,43 +38,39 @@ class Runtime:
     accelerator: str  # cpu or gpu
     devices: int
     precision: str
-    data_mode: str  # device or loader
     channels_last: bool
+    num_nodes: int = 1
 
     @property
     def device(self) -> torch.device:
         return torch.device("cuda" if self.accelerator == "gpu" else "cpu")
 
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.num_nodes
 
-def resolve_runtime(
-    cfg: JobConfig, cuda_available: bool, gpu_bf16: bool, data_bytes: int, cpu_bf16: bool = False
-) -> Runtime:
+
+def resolve_runtime(cfg: JobConfig, cuda_available: bool, gpu_bf16: bool, cpu_bf16: bool = False) -> Runtime:
     """Pure: what to run on. 'auto' picks the GPU when there is one, and bf16-mixed where the chosen device
     computes bf16 natively (a bf16 GPU; a CPU with AVX512-BF16 or AMX)."""
     if cfg.accelerator == "gpu" and not cuda_available:
         raise HardwareError("accelerator=gpu but no CUDA device is visible; use accelerator=cpu or auto")
     accelerator = "gpu" if cfg.accelerator == "gpu" or (cfg.accelerator == "auto" and cuda_available) else "cpu"
-    if accelerator == "cpu" and cfg.devices > 1:
-        raise HardwareError(f"devices={cfg.devices} needs GPUs; on the CPU use devices=1")
     precision = cfg.precision
     if accelerator == "cpu" and precision == "16-mixed":  # Lightning would train in bf16 instead, unasked
         raise HardwareError("precision=16-mixed needs a GPU and none is visible; use auto, bf16-mixed or 32-true")
     if precision == "auto":
-        native = gpu_bf16 if accelerator == "gpu" else cpu_bf16
-        # bf16-mixed on a CPU with native bf16: fp32 is slower for LeNet's step (benchmarks/RESULTS.md).
-        precision = "bf16-mixed" if native else "32-true"
-    data_mode = cfg.data_mode
-    if data_mode == "auto":
-        data_mode = "device" if cfg.devices == 1 and data_bytes <= DEVICE_DATA_LIMIT_BYTES else "loader"
-    # channels_last: convolutions on a CPU are markedly faster in it (benchmarks/RESULTS.md).
+        # bf16-mixed where the device computes it natively: fp32 is slower for LeNet's step (benchmarks/RESULTS.md).
+        precision = "bf16-mixed" if (gpu_bf16 if accelerator == "gpu" else cpu_bf16) else "32-true"
+    # channels_last: convolutions on a CPU are markedly faster in it (benchmarks/RESULTS.md); an MLP has none.
     channels_last = accelerator == "cpu" and cfg.model != "mlp"
-    return Runtime(accelerator, cfg.devices, precision, data_mode, channels_last)
+    return Runtime(accelerator, cfg.devices, precision, channels_last)
 
 
-def detect_runtime(cfg: JobConfig, data_bytes: int) -> Runtime:
+def detect_runtime(cfg: JobConfig) -> Runtime:
     cuda = torch.cuda.is_available()
     cpu_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    rt = resolve_runtime(cfg, cuda, cuda and torch.cuda.is_bf16_supported(), data_bytes, cpu_bf16)
+    rt = resolve_runtime(cfg, cuda, cuda and torch.cuda.is_bf16_supported(), cpu_bf16)
     if rt.accelerator == "gpu":  # TF32 for what stays in fp32: Ampere and newer run it at tensor-core speed
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -82,19 +82,22 @@ def detect_runtime(cfg: JobConfig, data_bytes: int) -> Runtime:
     return rt
 
 
-def batches(
-    split: data.Split, ds: data.Dataset, rt: Runtime, batch_size: int, shuffle: bool, seed: int
-) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    if rt.data_mode == "device":
-        return data.DeviceBatches(split.to(rt.device), batch_size, ds.mean, ds.std, shuffle, seed)
-    return data.loader_batches(split, batch_size, ds.mean, ds.std, shuffle, seed)
+def _strategy(lightning: Lightning, rt: Runtime) -> Any:
+    """DDP across more than one process (gloo on CPUs), with a bounded wait for a lost rank; else Lightning's."""
+    if rt.world_size == 1:
+        return "auto"
+    strategies = importlib.import_module(f"{lightning.name}.strategies")
+    backend = "nccl" if rt.accelerator == "gpu" else "gloo"
+    return strategies.DDPStrategy(process_group_backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
 
 
-def build_trainer(rt: Runtime, max_epochs: int, callbacks: list[pl.Callback], **overrides: object) -> pl.Trainer:
+def build_trainer(lightning: Lightning, rt: Runtime, max_epochs: int, callbacks: list[Any], **overrides: object) -> Any:
     """A Trainer with Lightning's own logger and checkpoints off: tracking.py owns the run and its keys."""
     kwargs: dict[str, object] = dict(
         accelerator=rt.accelerator,
         devices=rt.devices,
+        num_nodes=rt.num_nodes,
+        strategy=_strategy(lightning, rt),
         precision=rt.precision,
         max_epochs=max_epochs,
         logger=False,
@@ -105,12 +108,70 @@ def build_trainer(rt: Runtime, max_epochs: int, callbacks: list[pl.Callback], **
         callbacks=callbacks,
     )
     kwargs.update(overrides)
-    return pl.Trainer(**kwargs)  # type: ignore[arg-type]
+    return lightning.trainer(**kwargs)
 
 
-class EpochReporter(pl.Callback):
-    """At the end of every epoch, writes `last.ckpt` if the epoch's loss was finite (the last good state), then
-    hands the epoch's aggregates to a sink: one host sync per epoch, not per step.
+# --- the fit's LR and schedule, on any module ----------------------------------------------------------------
+
+
+def set_lr(lightning: Lightning, module: Any, attr: str, lr: float) -> None:
+    """The LR the module's configure_optimizers builds its optimizer at (an attribute, or in its hparams)."""
+    lightning.parsing().lightning_setattr(module, attr, lr)
+
+
+def apply_schedule(module: Any, schedule: str, peak: float, low: float) -> None:
+    """module: its own configure_optimizers as it is. constant: its optimizers, their schedulers dropped.
+    onecycle: its one optimizer under a one-cycle schedule from `low` (0: peak / 25) to `peak` over the fit."""
+    if schedule == "module":
+        return
+    original = module.configure_optimizers
+    owner = type(module).__qualname__
+
+    def configure_optimizers(self: Any) -> Any:
+        optimizers = _optimizers(original(), owner)
+        if schedule == "constant":
+            return optimizers
+        if len(optimizers) != 1:
+            raise ConfigError(
+                "schedule", schedule, f"module or constant for {owner}, which has {len(optimizers)} optimizers"
+            )
+        div = peak / low if low > 0 else 25.0
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.OneCycleLR(optimizers[0], max_lr=peak, total_steps=total, div_factor=div)
+        return {"optimizer": optimizers[0], "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    object.__setattr__(module, "configure_optimizers", types.MethodType(configure_optimizers, module))
+
+
+def _optimizers(configured: Any, owner: str) -> list[torch.optim.Optimizer]:
+    """The optimizers in any of the shapes configure_optimizers may return (Lightning's documented ones)."""
+    if isinstance(configured, torch.optim.Optimizer):
+        return [configured]
+    if isinstance(configured, dict):
+        return [configured["optimizer"]]
+    if isinstance(configured, (list, tuple)):
+        if len(configured) == 2 and isinstance(configured[0], (list, tuple)):  # ([optimizers], [schedulers])
+            return list(configured[0])
+        return [o if isinstance(o, torch.optim.Optimizer) else o["optimizer"] for o in configured]
+    raise UserCodeError(f"{owner}.configure_optimizers returned {type(configured).__name__}, not an optimizer")
+
+
+# --- callbacks -------------------------------------------------------------------------------------------------
+
+
+def epoch_values(trainer: Any) -> dict[str, float]:
+    """What the active loop's self.log calls produced at epoch level (step-level values left out), by the names
+    Lightning's own loggers use; logger=False values too are left out."""
+    results = trainer._results  # Lightning's per-loop result collection: the one source of on_epoch vs on_step
+    if results is None:
+        return {}
+    return {k: float(v) for k, v in results.metrics(on_step=False)["log"].items() if torch.is_tensor(v)}
+
+
+class ReporterHooks:
+    """At the end of every epoch (after validation and the module's own epoch-end hooks, as a Checkpoint
+    callback runs), writes `last.ckpt` if the epoch's training values are finite (the last good state), then hands
+    every epoch-level value to a sink: one host sync per epoch, not per step.
 
     The two happen under stopping.held(): a SIGTERM between them would leave a run that shows an epoch it has
     no checkpoint of, or a checkpoint of an epoch it never showed (which a resume would then skip).
@@ -120,48 +181,68 @@ class EpochReporter(pl.Callback):
         self.sink = sink
         self.checkpoint = checkpoint
         self.history: list[dict[str, float]] = []
+        self.validation: dict[str, float] = {}
         self.started = 0.0
+        self.lr = math.nan
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self.started = time.perf_counter()
+        self.lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        self.validation = {}
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        found = trainer.callback_metrics
-        metrics = {k: float(found[k]) for k in EPOCH_METRICS if k in found}
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            self.validation = epoch_values(trainer)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        train = epoch_values(trainer)
+        metrics = {**train, **self.validation, "learning_rate": self.lr}
         metrics["epoch_seconds"] = time.perf_counter() - self.started  # training and validation
         self.history.append(metrics)
         with stopping.held():
-            if math.isfinite(metrics.get("train_loss", 0.0)):
+            if all(math.isfinite(v) for v in train.values()):
                 trainer.save_checkpoint(self.checkpoint)
             self.sink(trainer.current_epoch, metrics)
 
 
-class EpochGuard(pl.Callback):
-    """Keeps training honest and resumable: pins the shuffle to the epoch, and stops on a non-finite loss
-    (after the reporter has shown that epoch; its checkpoint is the epoch before)."""
+class GuardHooks:
+    """Keeps training honest and resumable: pins the shuffle to the epoch, checks that training_step returns a
+    scalar loss, and stops on a non-finite loss (after the reporter has shown that epoch; its checkpoint is the
+    epoch before)."""
 
     CHECK_EVERY = 25  # batches between finiteness checks: each check is one host sync
 
-    def __init__(self, train: object) -> None:
-        self.train = train
+    def __init__(self, iterables: list[Any]) -> None:
+        self.iterables = iterables
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if isinstance(self.train, data.DeviceBatches):
-            self.train.set_epoch(trainer.current_epoch)
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        for batches in self.iterables:
+            if isinstance(batches, data.DeviceBatches) and batches.shuffle:
+                batches.set_epoch(trainer.current_epoch)
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        if loss.numel() != 1:
+            owner = type(pl_module).__qualname__
+            raise UserCodeError(
+                f"{owner}.training_step returned a loss of shape {tuple(loss.shape)}: it must be a scalar"
+            )
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None:
+            owner = type(pl_module).__qualname__
+            raise UserCodeError(
+                f'{owner}.training_step returned no loss: return the loss tensor, or a dict with "loss"'
+            )
         if batch_idx % self.CHECK_EVERY == 0:
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
             self._check(float(loss), trainer, f"step {trainer.global_step}")
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loss = trainer.callback_metrics.get("train_loss")
-        if loss is not None:
-            self._check(float(loss), trainer, "the epoch's mean")
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        bad = {k: v for k, v in epoch_values(trainer).items() if not math.isfinite(v)}
+        if bad:
+            self._check(next(iter(bad.values())), trainer, f"the epoch's {next(iter(bad))}")
 
-    def _check(self, loss: float, trainer: pl.Trainer, where: str) -> None:
+    def _check(self, loss: float, trainer: Any, where: str) -> None:
         if not math.isfinite(loss):
             lr = trainer.optimizers[0].param_groups[0]["lr"]
             raise TrainingDiverged(
@@ -172,15 +253,15 @@ class EpochGuard(pl.Callback):
 
 @dataclass(frozen=True)
 class FitResult:
-    history: list[dict[str, float]]
-    test: dict[str, float]
+    history: list[dict[str, float]]  # every epoch's reported values
+    validation: dict[str, float]  # the last validation's values
+    test: dict[str, float]  # empty when there is nothing to test on
 
 
 def fit_and_test(
-    module: pl.LightningModule,
-    train: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    val: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    test: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    lightning: Lightning,
+    module: Any,
+    loaders: Any,
     rt: Runtime,
     epochs: int,
     sink: EpochSink,
@@ -188,8 +269,11 @@ def fit_and_test(
     resume_from: Path | None = None,
 ) -> FitResult:
     """Fit (from `resume_from` when given), then test; `checkpoint` holds the last good epoch's state."""
-    reporter = EpochReporter(sink, checkpoint)
-    trainer = build_trainer(rt, epochs, [reporter, EpochGuard(train)])
-    trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=resume_from)
-    results = trainer.test(module, dataloaders=test, verbose=False)
-    return FitResult(reporter.history, {k: float(v) for k, v in results[0].items()})
+    reporter = lightning.make(ReporterHooks, "callbacks.Checkpoint", sink, checkpoint)
+    guard = lightning.make(GuardHooks, "Callback", loaders.iterables())
+    trainer = build_trainer(lightning, rt, epochs, [reporter, guard], enable_checkpointing=True)  # the reporter
+    trainer.fit(module, **loaders.fit_kwargs(), ckpt_path=resume_from)
+    test_inputs = loaders.test_kwargs()
+    results = trainer.test(module, **test_inputs, verbose=False) if test_inputs else [{}]
+    test = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    return FitResult(reporter.history, reporter.validation, test)

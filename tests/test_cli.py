@@ -42,7 +42,6 @@ BAD = [
     (["--data-mode", "disk"], "data_mode"),
     (["--auto-lr", "ture"], "auto_lr"),
     (["--auto-lr", ""], "auto_lr"),
-    (["--devices", "2", "--data-mode", "device"], "data_mode"),
     (["--accelerator", "cpu", "--precision", "16-mixed"], "precision"),
 ]
 

@@ -16,13 +16,16 @@ MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())
 ENTRY_POINTS = MLPROJECT["entry_points"]
 
 
-def test_main_entry_point_declares_every_config_field_with_its_default():
-    params = ENTRY_POINTS["main"]["parameters"]
+@pytest.mark.parametrize(
+    "entry, defaults", [("main", JobConfig()), ("lr_find", JobConfig()), ("compare", JobConfig(auto_lr=True))]
+)
+def test_every_entry_point_declares_every_config_field_with_its_default(entry, defaults):
+    params = {k: v for k, v in ENTRY_POINTS[entry]["parameters"].items() if k in field_names()}
     assert tuple(params) == field_names()
     for f in dataclasses.fields(JobConfig):
         declared = params[f.name]["default"]
-        assert str(declared).lower() == JobConfig().as_params()[f.name].lower() or (
-            f.type == "float" and float(declared) == getattr(JobConfig(), f.name)
+        assert str(declared).lower() == defaults.as_params()[f.name].lower() or (
+            f.type == "float" and float(declared) == getattr(defaults, f.name)
         ), f.name
 
 

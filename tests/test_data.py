@@ -11,15 +11,15 @@ from mlproject import data
 from tests.helpers import idx_bytes, write_dataset, write_idx
 
 
-def load(folder: Path, val_size: int = 50, train_subset: int = 0) -> data.Dataset:
+def load(folder: Path, val_size: int = 50, train_subset: int = 0) -> data.ImageData:
     return data.load("fashion-mnist", data.Source((folder,)), val_size, train_subset, seed=1)
 
 
 def test_loads_a_written_dataset_with_the_hold_out_and_subset(tiny_data):
     ds = load(tiny_data, val_size=50, train_subset=100)
     assert (len(ds.train), len(ds.val), len(ds.test)) == (100, 50, 100)
-    assert ds.train.images.dtype == torch.uint8 and ds.train.images.shape[1:] == (28, 28)
-    assert ds.source == tiny_data
+    assert ds.train.images.dtype == torch.uint8 and ds.train.images.shape[1:] == (1, 28, 28)
+    assert ds.source == str(tiny_data)
 
 
 def test_hold_out_is_seeded_and_disjoint(tiny_data):
@@ -36,7 +36,7 @@ def test_uncompressed_files_and_torchvision_layout_are_found(tmp_path):
     for f in src.iterdir():
         (raw / f.name.removesuffix(".gz")).write_bytes(gzip.decompress(f.read_bytes()))
     ds = load(tmp_path / "root")
-    assert ds.source == raw
+    assert ds.source == str(raw)
 
 
 def corrupt(folder: Path, name: str, content: bytes) -> None:
@@ -100,7 +100,7 @@ def test_idx_reader_rejects_a_wrong_header_size(tmp_path):
 
 def test_device_batches_cover_every_sample_once_and_reshuffle_each_epoch(tiny_data):
     ds = load(tiny_data, val_size=50)
-    batches = data.DeviceBatches(ds.train, 64, ds.mean, ds.std, shuffle=True, seed=3)
+    batches = data.DeviceBatches(ds.train, 64, ds, shuffle=True, seed=3)
     assert len(batches) == 4  # 250 samples
     first = torch.cat([y for _, y in batches])
     second = torch.cat([y for _, y in batches])
@@ -113,14 +113,34 @@ def test_device_batches_cover_every_sample_once_and_reshuffle_each_epoch(tiny_da
 def test_device_batches_do_not_depend_on_global_rng(tiny_data):
     ds = load(tiny_data)
     torch.manual_seed(0)
-    a = [y for _, y in data.DeviceBatches(ds.train, 32, ds.mean, ds.std, shuffle=True, seed=3)]
+    a = [y for _, y in data.DeviceBatches(ds.train, 32, ds, shuffle=True, seed=3)]
     torch.manual_seed(99)
-    b = [y for _, y in data.DeviceBatches(ds.train, 32, ds.mean, ds.std, shuffle=True, seed=3)]
+    b = [y for _, y in data.DeviceBatches(ds.train, 32, ds, shuffle=True, seed=3)]
     assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
 
 
 def test_loader_path_serves_the_same_normalised_samples(tiny_data):
     ds = load(tiny_data)
-    x_loader = torch.cat([x for x, _ in data.loader_batches(ds.test, 32, ds.mean, ds.std, False, 0)])
-    x_device = torch.cat([x for x, _ in data.DeviceBatches(ds.test, 32, ds.mean, ds.std, False, 0)])
+    x_loader = torch.cat([x for x, _ in data.loader_batches(ds.test, 32, ds, False, 0)])
+    x_device = torch.cat([x for x, _ in data.DeviceBatches(ds.test, 32, ds, False, 0)])
     assert torch.allclose(x_loader, x_device)
+
+
+@pytest.mark.parametrize("n, world", [(250, 2), (250, 3), (257, 4), (64, 2)])
+def test_sharded_batches_are_disjoint_slices_of_the_one_process_batches_at_world_times_the_size(tiny_data, n, world):
+    """N ranks at batch b see exactly the samples one process sees at batch N x b, in the same order."""
+    ds = load(tiny_data, val_size=50 if n != 257 else 43)
+    split = data.Split(ds.train.images[:n], ds.train.labels[:n])
+    one = list(data.DeviceBatches(split, 16 * world, ds, shuffle=True, seed=5))
+    ranks = []
+    for rank in range(world):
+        batches = data.DeviceBatches(split, 16, ds, shuffle=True, seed=5)
+        batches.shard(rank, world)
+        ranks.append(list(batches))
+        assert len(batches) == len(one)
+    for step, (x, y) in enumerate(one):
+        parts = [r[step] for r in ranks]
+        if len(y) >= world:  # a last global batch smaller than the world repeats a sample instead
+            assert torch.equal(torch.cat([p[1] for p in parts]), y)
+            assert torch.equal(torch.cat([p[0] for p in parts]), x)
+        assert all(len(p[1]) >= 1 for p in parts)

@@ -395,7 +395,7 @@ BOGUS = [
     ("    lr-finder run -P no_such_param=1\n", "entry point main has no parameter no_such_param"),
     ("    mlflow run . -e nowhere\n", "no entry point nowhere"),
     ("Resume: `mlflow run . --run-id <id> -P resumee=<id>`.\n", "entry point main has no parameter resumee"),
-    ("    mlflow run . -e lr_find -P epochs=2\n", "entry point lr_find has no parameter epochs"),
+    ("    mlflow run . -e lr_find -P epoch=2\n", "entry point lr_find has no parameter epoch"),
     ("    python -m benchmarks.nowhere\n", "no module benchmarks.nowhere"),
     ("    python -m benchmarks.step --no-such-flag 3\n", "no option --no-such-flag"),
     ("The figures are in benchmarks/NO_SUCH_RESULTS.md.\n", "no such path benchmarks/NO_SUCH_RESULTS.md"),

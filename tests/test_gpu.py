@@ -16,18 +16,18 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visi
 
 def test_auto_picks_the_gpu_and_bf16_where_supported():
     # Pure decision logic, checked on every machine; the hardware itself is stood in for by the flags.
-    rt = resolve_runtime(JobConfig(), cuda_available=True, gpu_bf16=True, data_bytes=47_000_000)
-    assert (rt.accelerator, rt.precision, rt.data_mode, rt.channels_last) == ("gpu", "bf16-mixed", "device", False)
-    rt = resolve_runtime(JobConfig(), cuda_available=True, gpu_bf16=False, data_bytes=47_000_000, cpu_bf16=True)
+    rt = resolve_runtime(JobConfig(), cuda_available=True, gpu_bf16=True)
+    assert (rt.accelerator, rt.precision, rt.channels_last) == ("gpu", "bf16-mixed", False)
+    rt = resolve_runtime(JobConfig(), cuda_available=True, gpu_bf16=False, cpu_bf16=True)
     assert rt.precision == "32-true"
-    rt = resolve_runtime(JobConfig(devices=2), cuda_available=True, gpu_bf16=True, data_bytes=47_000_000)
-    assert rt.data_mode == "loader"
-    rt = resolve_runtime(JobConfig(), cuda_available=False, gpu_bf16=False, data_bytes=47_000_000, cpu_bf16=True)
+    rt = resolve_runtime(JobConfig(devices=2), cuda_available=True, gpu_bf16=True)
+    assert (rt.devices, rt.world_size) == (2, 2)
+    rt = resolve_runtime(JobConfig(), cuda_available=False, gpu_bf16=False, cpu_bf16=True)
     assert (rt.accelerator, rt.precision, rt.channels_last) == ("cpu", "bf16-mixed", True)
-    rt = resolve_runtime(JobConfig(precision="32-true"), False, False, 47_000_000, cpu_bf16=True)
+    rt = resolve_runtime(JobConfig(precision="32-true"), False, False, cpu_bf16=True)
     assert rt.precision == "32-true"
     with pytest.raises(HardwareError, match="precision=16-mixed needs a GPU"):  # not a silent switch to bf16
-        resolve_runtime(JobConfig(precision="16-mixed"), False, False, 47_000_000, cpu_bf16=True)
+        resolve_runtime(JobConfig(precision="16-mixed"), False, False, cpu_bf16=True)
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from mlproject import data, pipeline, stopping, training
+from mlproject import data, pipeline, stopping, task, training
 from mlproject.config import JobConfig
 from mlproject.errors import Preempted, TrainingDiverged
 from mlproject.lr_range import suggest
@@ -36,7 +36,7 @@ def run_job(tmp: Path, folder: Path, tracker: type[Tracker] = Tracker, **changes
     try:
         work = tmp / tracker.run_id
         work.mkdir()
-        result = pipeline.run(cfg, data.search_order(cfg.dataset, cfg.data_dir, "", ""), tracker, work)
+        result = pipeline.run(cfg, task.build(cfg), tracker, work)
     finally:
         tracker.end("FINISHED")
     return result, client.get_run(tracker.run_id).data.params
@@ -92,7 +92,7 @@ def test_flat_sweep_falls_back_to_lr_and_records_why(tmp_path, tiny_data):
     result, params = run_job(tmp_path, tiny_data, auto_lr=True, lr_min=1e-12, lr_max=1e-11, lr=0.002, epochs=1)
     assert params["lr_source"] == "fallback"
     assert float(params["lr_used"]) == pytest.approx(0.002)
-    assert "flat" in result.choice.suggestion.reason
+    assert "flat" in result.choice.found.suggestion.reason
 
 
 def test_diverging_training_stops_with_a_clear_error(tmp_path, tiny_data):
@@ -144,10 +144,10 @@ def test_compile_trains_the_same_network_and_keeps_its_checkpoint_names(tmp_path
 @requires_fashion_mnist
 def test_the_range_test_stops_once_the_curve_has_diverged_and_suggests_what_the_full_sweep_would():
     cfg = JobConfig(train_subset=8000, val_size=500, accelerator="cpu", precision="32-true", seed=3)
-    ds = pipeline.load_data(cfg, data.Source((FASHION_DIR,)))
-    rt = training.detect_runtime(cfg, ds.train.images.numel())
-    early, early_found = pipeline.one_sweep(cfg, ds, rt)
-    full, full_found = pipeline.one_sweep(cfg, ds, rt, stop_early=False)
+    job, rt = task.build(cfg.replace(data_dir=str(FASHION_DIR))), training.detect_runtime(cfg)
+    early_test, full_test = pipeline.one_sweep(cfg, job, rt), pipeline.one_sweep(cfg, job, rt, stop_early=False)
+    early, early_found = early_test.curve, early_test.suggestion
+    full, full_found = full_test.curve, full_test.suggestion
     assert early.steps_run < full.steps_run == cfg.lr_steps  # LeNet/Adam diverges before lr_max=1
     assert early.losses == full.losses[: early.steps_run]  # the same sweep, cut short
     assert early_found.lr == pytest.approx(full_found.lr)
