@@ -13,6 +13,7 @@ import yaml
 from tests.conftest import REPO
 
 BIN = Path(sys.executable).parent
+WORKFLOWS = sorted((REPO / ".github" / "workflows").glob("*.yml"))
 WORKFLOW = REPO / ".github" / "workflows" / "gpu-job.yml"
 
 
@@ -35,8 +36,9 @@ def test_hadolint_does_fail_a_careless_dockerfile(tmp_path):
     assert result.returncode != 0 and "DL3008" in result.stdout
 
 
-def test_workflow_matches_the_github_schema():
-    result = tool("check-jsonschema", "--builtin-schema", "vendor.github-workflows", str(WORKFLOW))
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_matches_the_github_schema(workflow):
+    result = tool("check-jsonschema", "--builtin-schema", "vendor.github-workflows", str(workflow))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -45,8 +47,9 @@ def test_gitlab_pipeline_matches_the_gitlab_schema():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_workflow_has_no_zizmor_findings():
-    result = tool("zizmor", "--offline", str(WORKFLOW))
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_has_no_zizmor_findings(workflow):
+    result = tool("zizmor", "--offline", str(workflow))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -98,3 +101,38 @@ def test_dockerfile_torch_pins_are_conda_yamls():
     for arg, package in (("TORCH_VERSION", "torch"), ("TORCHVISION_VERSION", "torchvision")):
         pinned = re.search(rf"^\s*-\s*{package}==(\S+)$", conda, flags=re.MULTILINE).group(1)
         assert re.search(rf"^ARG {arg}={re.escape(pinned)}$", dockerfile, flags=re.MULTILINE), (arg, pinned)
+
+
+# --- the pipelines' structure ----------------------------------------------------------------------------------
+
+GITHUB = REPO / ".github" / "workflows"
+
+
+def flow(name: str) -> dict:
+    return yaml.safe_load((GITHUB / name).read_text())
+
+
+def step(job: dict, name: str) -> dict:
+    return next(s for s in job["steps"] if s.get("name", "").startswith(name))
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
+def test_every_action_is_pinned_to_a_commit_and_every_run_block_is_free_of_expressions(workflow):
+    text = workflow.read_text()
+    for ref in re.findall(r"uses: (\S+)", text):
+        assert ref.startswith("./") or re.fullmatch(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}", ref), ref
+    jobs = yaml.safe_load(text)["jobs"].values()
+    runs = [s["run"] for job in jobs for s in job.get("steps", []) if "run" in s]
+    assert not [r for r in runs if "${{" in r], "values reach run blocks through env only (no template injection)"
+
+
+def test_ci_lints_and_runs_each_test_group_as_its_own_job_with_read_only_permissions():
+    ci = flow("ci.yml")
+    assert set(ci[True]) == {"push", "pull_request"} and ci["permissions"] == {"contents": "read"}
+    lint = " ".join(s.get("run", "") for s in ci["jobs"]["lint"]["steps"])
+    assert "ruff check" in lint and "ruff format --check" in lint
+    groups = {m["group"]: m["markers"] for m in ci["jobs"]["test"]["strategy"]["matrix"]["include"]}
+    assert set(groups) == {"cpu", "slow", "docker", "browser"}
+    assert all("not gpu" in markers for markers in groups.values())
+    assert 'pytest -m "$MARKERS"' in step(ci["jobs"]["test"], "Test")["run"]
+    assert any(s.get("run", "").startswith("bash .ci/setup --tests") for s in ci["jobs"]["test"]["steps"])
