@@ -434,6 +434,19 @@ def test_study_gives_github_the_parent_run_and_the_members_as_job_outputs(tmp_pa
     assert result.stdout == f'parent_run={RUN_ID}\nmembers=["lr=1e-05", "lr=0.1", "lr=finder"]\n'
 
 
+def test_study_gives_gitlab_a_valid_child_pipeline_with_one_job_per_member(tmp_path):
+    study = write_study(tmp_path)
+    result = deploy("study", "--study", str(study), "--ci", "gitlab", "--pipeline", str(REPO / ".gitlab-ci.yml"))
+    assert result.exit_code == 0, result.output
+    child = tmp_path / "child.yml"
+    child.write_text(result.stdout)
+    check = run(tool("check-jsonschema"), "--builtin-schema", "vendor.gitlab-ci", str(child))
+    assert check.returncode == 0, check.stdout
+    pipeline = yaml.safe_load(result.stdout)
+    assert pipeline["variables"] == {"PARENT_RUN": RUN_ID}
+    assert pipeline["study-member"]["parallel"]["matrix"] == [{"MEMBER": ["lr=1e-05", "lr=0.1", "lr=finder"]}]
+
+
 @pytest.mark.parametrize(
     "content", ["{}", '{"parent_run": "x y", "members": ["a"]}', '{"parent_run": "abc", "members": []}', "["]
 )
