@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -462,3 +463,31 @@ def test_every_option_has_help(command):
     group = cli.commands["deploy"]
     for param in group.commands[command].params:
         assert getattr(param, "help", None), f"deploy {command} {param.opts}"
+
+
+# --- docs/deploy.md ---------------------------------------------------------------------------------------------
+
+
+def doc_commands(prefix: str) -> list[list[str]]:
+    """The documented command lines that start with prefix, continuation lines joined, up to a pipe."""
+    text = (REPO / "docs" / "deploy.md").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith(prefix)]
+    return [shlex.split(line.split(" | ")[0]) for line in lines]
+
+
+def test_docs_deploy_commands_run_as_written(tmp_path):
+    commands = doc_commands("lr-finder deploy")
+    assert len(commands) >= 5
+    for words in commands:
+        if "--out" in words:
+            words[words.index("--out") + 1] = str(tmp_path / "out")
+        if "--study" in words:
+            continue  # needs a plan's study.json; run by tests/test_workflow.py
+        result = CliRunner().invoke(cli, words[1:])
+        assert result.exit_code == 0, (words, result.output)
+
+
+def test_docs_name_only_files_that_exist():
+    text = (REPO / "docs" / "deploy.md").read_text()
+    for path in set(re.findall(r"(?:deploy|docs|\.github/workflows|tests)/[\w./-]*\w", text)):
+        assert (REPO / path).exists(), path
