@@ -10,6 +10,7 @@ import sys
 import click
 
 from service.container_cli import container_commands
+from service.deploy_cli import deploy_commands
 from service.server_cli import server_commands
 
 
@@ -18,7 +19,7 @@ def cli() -> None:
     """Build, launch and watch the lr-finder training container and the team's MLflow tracking server."""
 
 
-for command in (*container_commands, *server_commands):
+for command in (*container_commands, *server_commands, *deploy_commands):
     cli.add_command(command)
 
 
