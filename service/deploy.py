@@ -23,11 +23,12 @@ ENTRY_COMMANDS = {"main": "train", "lr_find": "lr-find", "compare": "compare"}
 BASE_PARAMS: dict[str, dict[str, str]] = {"main": {"auto_lr": "true"}, "lr_find": {}, "compare": {}}
 # Set from the hardware options, so that processes, GPUs and the job's own count cannot disagree.
 RESERVED = {"accelerator": "--gpus-per-node", "devices": "--gpus-per-node", "num_nodes": "--nodes"}
-# Parameters MLflow's Kubernetes backend cannot take from the root MLproject: it passes the command's words
-# shell-quoted and without a shell, so an empty default ('' for data_dir, resume) would reach the job as two
-# quote characters; the hardware ones are baked in; the study's stages get entry points of their own.
+# Parameters MLflow's Kubernetes backend cannot take from the root MLproject: the hardware ones are baked in; the
+# study's stages get entry points of their own. It also passes the command's words shell-quoted and without a
+# shell, so a default that needs quoting ('' or {}) would reach the job with its quotes: those are left out too
+# (quoted_defaults).
 STUDY_PARAMS = ("stage", "parent_run", "member", "parallel")
-BACKEND_DROPPED = ("data_dir", "resume", "accelerator", "devices", "num_nodes", *STUDY_PARAMS)
+BACKEND_DROPPED = ("accelerator", "devices", "num_nodes", *STUDY_PARAMS)
 _DNS_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,48}[a-z0-9])?")  # room for the pods' -<index>-<suffix>
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")  # a Secret's or a claim's name
 _IMAGE = re.compile(r"[a-z0-9][a-z0-9._/:-]*(:[\w][\w.-]{0,127})?(@sha256:[0-9a-f]{64})?")
@@ -210,10 +211,17 @@ def backend_config(target: Target, template_path: str) -> dict[str, str]:
     return {"kube-job-template-path": template_path, "repository-uri": repository}
 
 
+def quoted_defaults(spec: Mapping[str, Any]) -> set[str]:
+    """The entry point's parameters whose default MLflow's backend would hand over with shell quotes."""
+    defaults = {name: str(declared.get("default", "")) for name, declared in spec["parameters"].items()}
+    return {name for name, value in defaults.items() if shlex.quote(value) != value}
+
+
 def backend_project(root: Mapping[str, Any], target: Target) -> dict[str, Any]:
     """The backend's MLproject, derived from the root one: docker_env, and each command under torchrun on one pod."""
+    dropped = set(BACKEND_DROPPED) | quoted_defaults(root["entry_points"][target.entry])
     for key, value in target.params:
-        if key in BACKEND_DROPPED:
+        if key in dropped:
             raise DeployError("-P", f"{key}: not taken by the backend project (see BACKEND_DROPPED)")
         if shlex.quote(value) != value:  # MLflow would hand the job the value with its quotes
             raise DeployError("-P", f"{key}={value!r}: the backend passes only words without spaces or quotes")
@@ -234,12 +242,13 @@ def _backend_entry(entry: str, spec: Mapping[str, Any], target: Target) -> dict[
     if not found:
         raise DeployError("MLproject", f"{entry}'s command is not `python -m mlproject CMD --opt {{param}} ...`")
     pairs = re.findall(r"--([a-z-]+) \{([a-z_]+)\}", found.group(2))
-    kept = [f"--{option} {{{param}}}" for option, param in pairs if param not in BACKEND_DROPPED]
+    dropped = set(BACKEND_DROPPED) | quoted_defaults(spec)
+    kept = [f"--{option} {{{param}}}" for option, param in pairs if param not in dropped]
     overrides = {**BASE_PARAMS[entry], **(dict(target.params) if entry == target.entry else {})}
     parameters = {
         name: {**declared, "default": _typed(overrides.get(name, declared.get("default")), declared)}
         for name, declared in spec["parameters"].items()
-        if name not in BACKEND_DROPPED
+        if name not in dropped
     }
     launch = f"torchrun --standalone --nproc-per-node {target.gpus} -m mlproject {found.group(1)}"
     return {

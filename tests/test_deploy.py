@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from mlproject.__main__ import cli as job_cli
 from service import deploy as D
 from service.cli import cli
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 BIN = Path(sys.executable).parent
 KUBE = REPO / "deploy" / "kubernetes"
