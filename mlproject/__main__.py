@@ -12,6 +12,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,8 +98,17 @@ def compare_command(experiment_name: str, lrs: str, **options: Any) -> None:
 JobBody = Callable[[JobConfig, "Task", "Tracker", Path], None]
 
 
-def _config(options: dict[str, Any], defaults: JobConfig) -> JobConfig:
+@dataclass(frozen=True)
+class Invocation:
+    """The job's configuration, and the names of the values a config file set (recorded as config.<name> tags)."""
+
+    cfg: JobConfig
+    from_file: tuple[str, ...] = ()
+
+
+def _config(options: dict[str, Any], defaults: JobConfig) -> Invocation:
     """The options, over a LightningCLI config file when one is given; the user's code on the import path."""
+    from_file: dict[str, Any] = {}
     if options["config"]:
         from mlproject import configfile
 
@@ -109,11 +119,12 @@ def _config(options: dict[str, Any], defaults: JobConfig) -> JobConfig:
     from mlproject.task import add_code_path
 
     add_code_path(cfg.code)
-    return cfg
+    return Invocation(cfg, tuple(k for k, v in from_file.items() if options[k] == v))
 
 
-def _run_job(cfg: JobConfig, experiment_name: str, entry: str, body: JobBody) -> None:
+def _run_job(invocation: Invocation, experiment_name: str, entry: str, body: JobBody) -> None:
     """Attach to the run, record the configuration, run the command's body; end the run as the body ended."""
+    cfg = invocation.cfg
     run_id = os.environ.get("MLFLOW_RUN_ID", "")
     if cfg.resume and entry != "train":
         raise ConfigError("resume", cfg.resume, "nothing: only the train command resumes")
@@ -130,7 +141,7 @@ def _run_job(cfg: JobConfig, experiment_name: str, entry: str, body: JobBody) ->
     stopping.install()
     try:
         with tempfile.TemporaryDirectory(prefix="mlproject-") as tmp:
-            cfg = _record_config(cfg, tracker, Path(tmp), entry)
+            cfg = _record_config(invocation, tracker, Path(tmp), entry)
             body(cfg, job or task.build(cfg), tracker, Path(tmp))
     except Preempted as exc:
         tracker.end("KILLED", error=f"{exc}; continue it with resume={tracker.run_id}")
@@ -141,8 +152,9 @@ def _run_job(cfg: JobConfig, experiment_name: str, entry: str, body: JobBody) ->
     tracker.end("FINISHED")
 
 
-def _record_config(cfg: JobConfig, tracker: Tracker, workdir: Path, entry: str) -> JobConfig:
-    """The configuration to run: the interrupted run's own when resuming, else cfg, logged as params."""
+def _record_config(invocation: Invocation, tracker: Tracker, workdir: Path, entry: str) -> JobConfig:
+    """The configuration to run: the interrupted run's own when resuming, else the invocation's, logged as params."""
+    cfg = invocation.cfg
     from mlproject import pipeline
 
     for noisy in (
@@ -160,6 +172,8 @@ def _record_config(cfg: JobConfig, tracker: Tracker, workdir: Path, entry: str) 
         tracker.set_tags({"resumed": "true"})  # params are write-once: its resume param keeps the first start's value
     else:
         pipeline.log_config(tracker, cfg, entry)
+        # Under `mlflow run` MLflow logged every parameter's command-line value first (params are write-once).
+        tracker.set_tags({f"config.{k}": cfg.as_params()[k] for k in invocation.from_file})
     commit = git_commit(Path(__file__).parent)  # `mlflow run` tags its own as mlflow.source.git.commit
     if commit:
         tracker.set_tags({"git_commit": commit})

@@ -66,8 +66,8 @@ def _loss_of(output: Any, owner: str) -> torch.Tensor:
     loss = output.get("loss") if isinstance(output, Mapping) else output
     if loss is None:
         raise UserCodeError(
-            f"{owner}.training_step returned {type(output).__name__ if output is not None else 'None'} without a "
-            'loss: return the loss tensor, or a dict with "loss"'
+            f"{owner}.training_step returned {'None' if output is None else type(output).__name__} without a loss: "
+            'return the loss tensor, or a dict with "loss"'
         )
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__

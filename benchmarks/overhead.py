@@ -1,0 +1,92 @@
+"""What the job's fit costs over a plain `Trainer.fit` of the same user module and data, side by side.
+
+    python -m benchmarks.overhead [--cases tabular,sequence] [--epochs 3] [--repeats 5]
+
+For each example project under examples/: a plain fit (a Trainer as a user writes it: no logger, no checkpoints,
+no progress bar) and the job's fit (training.fit_and_test's Trainer with the job's callbacks: each epoch's
+checkpoint, the epoch values handed to a sink, the finiteness checks), both from the same seeded module, on the
+same data, precision and device; the two take turns, first and second alternating. Prints each repeat's seconds and
+the median of the per-repeat ratios (job / plain). The test pass is left out of both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlproject import task, training
+from mlproject.config import JobConfig
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CASES = {
+    "tabular": ("tabular.TabularRegressor", "tabular.SyntheticTabular", '{"samples": 20000}'),
+    "sequence": ("sequence.GRUClassifier", "sequence.MajorityTokens", '{"samples": 12000}'),
+}
+
+
+def config(case: str, epochs: int) -> JobConfig:
+    model, dataset, args = CASES[case]
+    return JobConfig(model=model, dataset=dataset, dataset_args=args, code=str(EXAMPLES / case), epochs=epochs)
+
+
+def plain_fit(job: task.Task, rt: training.Runtime, cfg: JobConfig) -> float:
+    module = fresh(job, rt, cfg)
+    trainer = job.lightning.trainer(
+        accelerator=rt.accelerator, devices=1, precision=rt.precision, max_epochs=cfg.epochs, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(module, **job.loaders(cfg.seed, rt.device.type).fit_kwargs())
+    return time.perf_counter() - start
+
+
+def job_fit(job: task.Task, rt: training.Runtime, cfg: JobConfig, workdir: Path) -> float:
+    module = fresh(job, rt, cfg)
+    training.set_lr(job.lightning, module, job.lr_attr, cfg.lr)
+    reporter = job.lightning.make(training.ReporterHooks, "callbacks.Checkpoint", lambda e, m: None, workdir / "c.ckpt")
+    loaders = job.loaders(cfg.seed, rt.device.type)
+    guard = job.lightning.make(training.GuardHooks, "Callback", loaders.iterables())
+    trainer = training.build_trainer(job.lightning, rt, cfg.epochs, [reporter, guard], enable_checkpointing=True)
+    start = time.perf_counter()
+    trainer.fit(module, **loaders.fit_kwargs())
+    return time.perf_counter() - start
+
+
+def fresh(job: task.Task, rt: training.Runtime, cfg: JobConfig) -> Any:
+    import pytorch_lightning as pl
+
+    pl.seed_everything(cfg.seed, verbose=False)
+    return job.make_module(rt.channels_last)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default="tabular,sequence")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    print("| case | repeat | plain fit (s) | job's fit (s) | job / plain |\n|---|---|---|---|---|")
+    for case in args.cases.split(","):
+        cfg = config(case, args.epochs)
+        task.add_code_path(cfg.code)
+        job, rt = task.build(cfg), training.detect_runtime(cfg)
+        ratios = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for r in range(args.repeats):
+                first, second = (plain_fit, job_fit) if r % 2 == 0 else (job_fit, plain_fit)
+                times = {f.__name__: f(job, rt, cfg, Path(tmp)) if f is job_fit else f(job, rt, cfg)
+                         for f in (first, second)}  # fmt: skip
+                ratios.append(times["job_fit"] / times["plain_fit"])
+                print(f"| {case} | {r + 1} | {times['plain_fit']:.2f} | {times['job_fit']:.2f} | {ratios[-1]:.3f} |")
+                sys.stdout.flush()
+        print(f"| {case} | median of {args.repeats} | | | **{np.median(ratios):.3f}** |")
+
+
+if __name__ == "__main__":
+    main()
