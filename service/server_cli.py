@@ -7,12 +7,14 @@ import importlib.util
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
 import click
 from click.core import ParameterSource
 
+from mlproject.tracking_env import configure_client
 from service import report, server
 
 DEFAULTS = server.ServerOptions()
@@ -217,27 +219,76 @@ def _mlflow_exe() -> str:
     return str(beside) if beside.exists() else "mlflow"
 
 
+def _checked(check: Callable[[str], str]) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    """A click callback from one of report's checks: its ValueError becomes a usage error naming the option."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        try:
+            return None if value is None else check(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from exc
+
+    return callback
+
+
 @click.command("report")
-@click.option("--experiment", required=True, help="Experiment whose runs to list.")
+@click.option(
+    "--experiment",
+    default=None,
+    callback=_checked(report.experiment_name),
+    help="Experiment whose runs to list; with --parent, optional (checked if given).",
+)
+@click.option(
+    "--parent",
+    metavar="RUN_ID",
+    default=None,
+    callback=_checked(report.run_id),
+    help="Only this study: the parent run and its child runs.",
+)
 @click.option(
     "--tracking-uri",
     envvar="MLFLOW_TRACKING_URI",
     default="sqlite:///mlflow.db",
     show_default=True,
+    callback=_checked(report.tracking_uri),
     help="Tracking server URL or database URI (default: MLFLOW_TRACKING_URI, else the local mlflow.db).",
 )
 @click.option(
-    "--ui-url", default="", help="Base URL of the MLflow UI for the run links; default: the tracking URI if http(s)."
+    "--ui-url",
+    default="",
+    callback=_checked(report.ui_url),
+    help="Base URL of the MLflow UI for the run links; default: the tracking URI if http(s).",
 )
-def report_command(experiment: str, tracking_uri: str, ui_url: str) -> None:
-    """Print an experiment's runs as a markdown table: append it to $GITHUB_STEP_SUMMARY in CI."""
+@click.option(
+    "--ranked-by",
+    default=report.DEFAULT_METRIC,
+    show_default=True,
+    callback=_checked(report.metric_key),
+    help="Metric that picks the best run (e.g. val_loss with --mode min).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(report.MODES),
+    default="max",
+    show_default=True,
+    help="Whether the best run has the highest or the lowest --ranked-by.",
+)
+def report_command(
+    experiment: str | None, parent: str | None, tracking_uri: str, ui_url: str, ranked_by: str, mode: str
+) -> None:
+    """Print an experiment's runs, or one study's, as a markdown table: append it to $GITHUB_STEP_SUMMARY in CI."""
+    if not experiment and not parent:
+        raise click.UsageError("give --experiment NAME, or --parent RUN_ID for one study")
     if not ui_url and tracking_uri.startswith(("http://", "https://")):
         ui_url = tracking_uri
+    configure_client()  # MLflow's own retries take minutes against a server that is down
     try:
-        runs = report.experiment_runs(tracking_uri, experiment)
+        found = report.fetch(tracking_uri, experiment or "", parent or "")
     except report.ReportError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(report.render(experiment, report.rows(runs), ui_url), nl=False)
+    table = report.rows(found.runs, ranked_by)
+    ranking = report.Ranking(ranked_by, mode)
+    click.echo(report.render(found.experiment, table, ui_url, ranking, found.study), nl=False)
 
 
 server_commands: list[click.Command] = [server_command, report_command]
