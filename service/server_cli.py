@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
 import click
+from click.core import ParameterSource
 
+from mlproject.tracking_env import configure_client
 from service import report, server
 
 DEFAULTS = server.ServerOptions()
@@ -19,17 +23,33 @@ DEFAULTS = server.ServerOptions()
 @click.command("server")
 @click.option(
     "--backend-store-uri",
-    default=DEFAULTS.backend_store_uri,
-    show_default=True,
-    help="Where runs live: sqlite:///FILE for one person, postgresql://USER:PASSWORD@HOST:PORT/DB for a team.",
+    envvar=server.BACKEND_URI_ENV,
+    show_envvar=True,
+    default=None,
+    help="Where runs live: sqlite:///FILE for one person, postgresql://USER:PASSWORD@HOST:PORT/DB for a team"
+    f" [default: {DEFAULTS.backend_store_uri}]. A password typed here shows in `ps`: set the variable instead,"
+    " or use --backend-store-uri-file.",
+)
+@click.option(
+    "--backend-store-uri-file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A file (e.g. a mounted secret, mode 600) whose first line is the backend store URI.",
 )
 @click.option(
     "--artifacts-destination",
+    envvar=server.ARTIFACTS_ENV,
+    show_envvar=True,
     default=DEFAULTS.artifacts_destination,
     show_default=True,
     help="Where the server stores artifacts that clients upload through it (a folder, s3://..., gs://...).",
 )
-@click.option("--host", default=DEFAULTS.host, show_default=True, help="Interface to listen on; 0.0.0.0 for all.")
+@click.option(
+    "--host",
+    default=DEFAULTS.host,
+    show_default=True,
+    help="Interface to listen on: an IP address (IPv6 with or without brackets) or a host name; 0.0.0.0 or :: for all.",
+)
 @click.option(
     "--port", type=click.IntRange(1, 65535), default=DEFAULTS.port, show_default=True, help="Port to listen on."
 )
@@ -64,7 +84,8 @@ DEFAULTS = server.ServerOptions()
     help="Seconds to wait for the server to answer /health before giving up.",
 )
 def server_command(
-    backend_store_uri: str,
+    backend_store_uri: str | None,
+    backend_store_uri_file: str | None,
     artifacts_destination: str,
     host: str,
     port: int,
@@ -75,9 +96,11 @@ def server_command(
     job_execution: bool,
     wait_s: float,
 ) -> None:
-    """Start the team's MLflow tracking server, print its URL once it answers, and run until Ctrl-C."""
+    """Start the team's MLflow tracking server, print its URL once it answers, and run until Ctrl-C or SIGTERM.
+
+    The files it creates (a sqlite store, basic-auth's users, artifacts) are readable by its user only."""
     options = server.ServerOptions(
-        backend_store_uri=backend_store_uri,
+        backend_store_uri=_backend_store_uri(backend_store_uri, backend_store_uri_file),
         artifacts_destination=artifacts_destination,
         host=host,
         port=port,
@@ -87,33 +110,103 @@ def server_command(
         allowed_hosts=allowed_hosts,
         job_execution=job_execution,
     )
+    plan = _checked_plan(options)
+    for warning in (*_typed_secrets(options), *plan.warnings, *_exposed_files(options, backend_store_uri_file)):
+        click.echo(f"warning: {warning}", err=True)
+    _check_port(plan)
+    click.echo(f"starting: {plan.shown}", err=True)
+    _serve(plan, wait_s)
+
+
+def _backend_store_uri(typed: str | None, path: str | None) -> str:
+    """The URI from the option or its variable, else from the file; both typed at once is a mistake."""
+    if path is None:
+        return typed or DEFAULTS.backend_store_uri
+    if _typed("backend_store_uri"):
+        hint = "--backend-store-uri-file"
+        raise click.BadParameter("give the URI once: here or in --backend-store-uri", param_hint=hint)
+    try:
+        return server.uri_from_file(Path(path).read_text(), path)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc.strerror}", param_hint="--backend-store-uri-file") from exc
+    except server.ServerConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint=exc.option) from exc
+
+
+def _checked_plan(options: server.ServerOptions) -> server.ServerPlan:
+    """The plan, once the options and the Python modules allow a working server."""
     try:
         plan = server.plan(options, os.environ, _mlflow_exe())
     except server.ServerConfigError as exc:
-        raise click.UsageError(str(exc)) from exc
+        raise click.BadParameter(str(exc), param_hint=exc.option) from exc
     needed = server.needed_modules(options)
     missing = sorted(pip for module, pip in needed.items() if not importlib.util.find_spec(module))
     if missing:
         raise click.ClickException(f"this server needs {', '.join(missing)}: pip install 'lr-finder[service]'")
-    for warning in plan.warnings:
-        click.echo(f"warning: {warning}", err=True)
-    click.echo(f"starting: {server.display_argv(plan.argv)}", err=True)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops the server as cleanly as Ctrl-C
-    process = server.start(plan, os.environ)
+    return plan
+
+
+def _check_port(plan: server.ServerPlan) -> None:
+    """Refuse, before anything starts, a port another process holds or an address this machine does not have."""
     try:
-        seconds = server.wait_healthy(process, plan.health_url, wait_s)
+        server.check_port(plan.host, plan.port)
+    except server.ServerConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint=exc.option) from exc
+    except server.ServerStartError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _typed(param: str) -> bool:
+    return click.get_current_context().get_parameter_source(param) is ParameterSource.COMMANDLINE
+
+
+def _typed_secrets(options: server.ServerOptions) -> list[str]:
+    """A password typed on the command line stays in this process's argv, which every local user can read."""
+    typed = {
+        ("--backend-store-uri", server.BACKEND_URI_ENV, "backend_store_uri"): options.backend_store_uri,
+        ("--artifacts-destination", server.ARTIFACTS_ENV, "artifacts_destination"): options.artifacts_destination,
+    }
+    return [
+        f"{option} holds a password, visible to every user of this machine (ps) while this runs: set {env} instead"
+        for (option, env, param), uri in typed.items()
+        if _typed(param) and server.has_password(uri)
+    ]
+
+
+def _exposed_files(options: server.ServerOptions, uri_file: str | None) -> list[str]:
+    """Files made before lr-finder kept them private stay readable by other users until changed."""
+    paths = [*server.private_paths(options), *([Path(uri_file)] if uri_file else [])]
+    found = []
+    for path in paths:
+        with contextlib.suppress(OSError):  # not there yet: it will be made private
+            mode = path.stat().st_mode
+            if server.exposed(mode):
+                fix = "chmod 700" if path.is_dir() else "chmod 600"
+                found.append(f"{path} is readable by other users (mode {mode & 0o777:o}): {fix} {path}")
+    return found
+
+
+def _serve(plan: server.ServerPlan, wait_s: float) -> None:
+    """Start, wait for /health, then run until a signal; a server that ends on its own is an error with its code."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # `kill` or a closed terminal stop the server as cleanly as Ctrl-C
+        signal.signal(sig, _interrupt)
+    process = None
+    try:
+        process = server.start(plan, os.environ)
+        seconds = server.wait_healthy(process, plan, wait_s)
         click.echo(f"lr-finder server: ready at {plan.url} after {seconds:.0f} s")
         click.echo(f"  clients: export MLFLOW_TRACKING_URI={plan.url}")
         code = process.wait()
+        server.stop(process)  # uvicorn's workers outlive a server killed under them
+        raise click.ClickException(f"mlflow server stopped on its own ({server.exit_reason(code)}); see its output")
     except server.ServerStartError as exc:
-        server.stop(process)
+        if process is not None:
+            server.stop(process)
         raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:
-        code = server.stop(process)
-        click.echo(f"lr-finder server: stopped (exit {code})", err=True)
-        return
-    if code != 0:
-        raise click.ClickException(f"mlflow server exited with code {code}")
+        if process is not None:
+            code = server.stop(process)
+            click.echo(f"lr-finder server: stopped ({server.exit_reason(code)})", err=True)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -126,27 +219,76 @@ def _mlflow_exe() -> str:
     return str(beside) if beside.exists() else "mlflow"
 
 
+def _checked(check: Callable[[str], str]) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
+    """A click callback from one of report's checks: its ValueError becomes a usage error naming the option."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        try:
+            return None if value is None else check(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), ctx, param) from exc
+
+    return callback
+
+
 @click.command("report")
-@click.option("--experiment", required=True, help="Experiment whose runs to list.")
+@click.option(
+    "--experiment",
+    default=None,
+    callback=_checked(report.experiment_name),
+    help="Experiment whose runs to list; with --parent, optional (checked if given).",
+)
+@click.option(
+    "--parent",
+    metavar="RUN_ID",
+    default=None,
+    callback=_checked(report.run_id),
+    help="Only this study: the parent run and its child runs.",
+)
 @click.option(
     "--tracking-uri",
     envvar="MLFLOW_TRACKING_URI",
     default="sqlite:///mlflow.db",
     show_default=True,
+    callback=_checked(report.tracking_uri),
     help="Tracking server URL or database URI (default: MLFLOW_TRACKING_URI, else the local mlflow.db).",
 )
 @click.option(
-    "--ui-url", default="", help="Base URL of the MLflow UI for the run links; default: the tracking URI if http(s)."
+    "--ui-url",
+    default="",
+    callback=_checked(report.ui_url),
+    help="Base URL of the MLflow UI for the run links; default: the tracking URI if http(s).",
 )
-def report_command(experiment: str, tracking_uri: str, ui_url: str) -> None:
-    """Print an experiment's runs as a markdown table: append it to $GITHUB_STEP_SUMMARY in CI."""
+@click.option(
+    "--ranked-by",
+    default=report.DEFAULT_METRIC,
+    show_default=True,
+    callback=_checked(report.metric_key),
+    help="Metric that picks the best run (e.g. val_loss with --mode min).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(report.MODES),
+    default="max",
+    show_default=True,
+    help="Whether the best run has the highest or the lowest --ranked-by.",
+)
+def report_command(
+    experiment: str | None, parent: str | None, tracking_uri: str, ui_url: str, ranked_by: str, mode: str
+) -> None:
+    """Print an experiment's runs, or one study's, as a markdown table: append it to $GITHUB_STEP_SUMMARY in CI."""
+    if not experiment and not parent:
+        raise click.UsageError("give --experiment NAME, or --parent RUN_ID for one study")
     if not ui_url and tracking_uri.startswith(("http://", "https://")):
         ui_url = tracking_uri
+    configure_client()  # MLflow's own retries take minutes against a server that is down
     try:
-        runs = report.experiment_runs(tracking_uri, experiment)
+        found = report.fetch(tracking_uri, experiment or "", parent or "")
     except report.ReportError as exc:
         raise click.ClickException(str(exc)) from exc
-    click.echo(report.render(experiment, report.rows(runs), ui_url), nl=False)
+    table = report.rows(found.runs, ranked_by)
+    ranking = report.Ranking(ranked_by, mode)
+    click.echo(report.render(found.experiment, table, ui_url, ranking, found.study), nl=False)
 
 
 server_commands: list[click.Command] = [server_command, report_command]

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import base64
 import gzip
+import http.server
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -240,3 +244,116 @@ def http_status(url: str, user: str = "", password: str = "") -> int:
             return response.status
     except urllib.error.HTTPError as exc:
         return exc.code
+
+
+@contextmanager
+def lr_finder_server(
+    folder: Path, *args: str, env: Mapping[str, str] | None = None, wait_s: float = 240
+) -> Iterator[RunningServer]:
+    """`lr-finder server ARGS --port FREE` exactly as given (the backend store from the arguments, the environment or
+    a file), until it says it is ready; stopped with SIGTERM at the end."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port, log = free_port(), folder / "server.log"
+    cmd = [str(BIN / "lr-finder"), "server", *args, "--port", str(port), "--wait", str(wait_s)]
+    began = time.monotonic()
+    with log.open("wb") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=folder, env=dict(env or os.environ))
+    try:
+        ready = wait_for_line(process, log, "lr-finder server: ready at", wait_s + 10)
+        url = ready.split("ready at ", 1)[1].split()[0]
+        yield RunningServer(url, log, process, time.monotonic() - began)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def wait_for_line(process: subprocess.Popen[bytes], log: Path, text: str, timeout_s: float) -> str:
+    """The first line of the process's log holding `text`, once it is there; fails if the process ends first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = [line for line in log.read_text(errors="replace").splitlines() if text in line]
+        if found:
+            return found[0]
+        assert process.poll() is None, f"exited {process.returncode} before {text!r}:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+    raise AssertionError(f"no {text!r} within {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def postgres_bin() -> Path | None:
+    """Debian keeps initdb and pg_ctl out of PATH, under /usr/lib/postgresql/VERSION/bin."""
+    on_path = shutil.which("initdb")
+    if on_path:
+        return Path(on_path).resolve().parent
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return found[-1].parent if found else None
+
+
+@contextmanager
+def postgres_database(password: str = "") -> Iterator[str]:
+    """A throwaway PostgreSQL on a free loopback port, run as `postgres` when root; yields the database URI. With a
+    password, TCP clients must give it (scram-sha-256), so the URI works only if the password reaches the server."""
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL not installed: apt-get install postgresql (bash .ci/setup --tests does)")
+    as_user: list[str] = []
+    folder = Path(tempfile.mkdtemp(prefix="lr-finder-pg-"))  # not tmp_path: the server's user must own it
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+        shutil.chown(folder, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port, data = free_port(), folder / "data"
+
+    def pg(tool: str, *args: str) -> None:
+        subprocess.run([*as_user, str(bindir / tool), *args], check=True, capture_output=True, timeout=120)
+
+    auth = ["--auth=trust"]
+    if password:
+        secret = folder / "pwfile"
+        secret.write_text(password + "\n")
+        auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={secret}"]
+    pg("initdb", "-D", str(data), "-U", "mlflow", *auth, "-E", "UTF8", "--no-sync")
+    if password:
+        secret.unlink()
+    options = f"-c listen_addresses=127.0.0.1 -p {port} -k {folder}"
+    pg("pg_ctl", "-D", str(data), "-l", str(folder / "postgres.log"), "-w", "-t", "60", "-o", options, "start")
+    try:
+        pg("createdb", "-h", str(folder), "-p", str(port), "-U", "mlflow", "mlflow")  # the socket: trusted
+        userinfo = f"mlflow:{password}" if password else "mlflow"
+        yield f"postgresql://{userinfo}@127.0.0.1:{port}/mlflow"
+    finally:
+        pg("pg_ctl", "-D", str(data), "-m", "fast", "-w", "-t", "60", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def http_answering(status: int, body: bytes, content_type: str = "text/html", port: int = 0) -> Iterator[str]:
+    """A tiny HTTP server on loopback that answers every GET and POST with the same status and body (a server that
+    is not MLflow, or one that holds a port); yields its URL."""
+
+    class Same(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET
+
+        def log_message(self, format: str, *args: object) -> None:  # no line per request in the test's output
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Same)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def lr_finder(*args: str, env: Mapping[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`lr-finder ARGS` as a process, output captured as text."""
+    cmd = [str(BIN / "lr-finder"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=dict(env or os.environ), timeout=timeout)
