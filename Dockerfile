@@ -12,6 +12,7 @@ ARG PYTHON=python3.11
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # Distribution packages follow the base image's release; the Python packages below are pinned exactly.
+# ~/.cache exists and is lrfinder's: docker fills a new named volume mounted there (--cache) with its owner.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
@@ -19,13 +20,14 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && "${PYTHON}" -m venv /opt/venv \
     && useradd --create-home --uid 1000 --user-group --shell /bin/bash lrfinder \
-    && install -d -o lrfinder -g lrfinder /data
+    && install -d -o lrfinder -g lrfinder /data /home/lrfinder/.cache
 
 ENV PATH=/opt/venv/bin:$PATH \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
     GIT_PYTHON_REFRESH=quiet \
+    PYTHONPATH=/opt/lr-finder \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 # torch first, in its own layer, so that neither a code change nor another pin reinstalls it (several GB).
