@@ -152,8 +152,8 @@ def supervise(
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise _Stopped()
 
+    container = _create(client, spec, environment, list(spec.args), list(spec.entrypoint) or None)
     previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.signal(signal.SIGTERM, on_term)}
-    container = _create(client, spec, environment, list(spec.args))
     try:
         container.start()
         for line in _lines(container):

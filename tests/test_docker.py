@@ -253,6 +253,12 @@ def runs(uri: str, experiment: str) -> list:
         return client.search_runs([found.experiment_id]) if found else []
 
 
+def steps(uri: str, run_id: str, key: str) -> list[int]:
+    """The steps at which the run logged `key`: one per epoch for the epoch metrics."""
+    with as_admin(uri) as client:
+        return [m.step for m in client.get_metric_history(run_id, key)]
+
+
 def start(log: Path, *args: str, env: dict[str, str], cwd: Path = REPO) -> subprocess.Popen:
     """`lr-finder ARGS` in the background, its output in log."""
     with log.open("w") as out:
@@ -361,20 +367,21 @@ class Finished:
     result: subprocess.CompletedProcess
     run: object
     summary: Path
+    outputs: Path
     revision: str
 
 
 @pytest.fixture(scope="session")
 def finished(image, tracking, tmp_path_factory) -> Finished:
     folder = tmp_path_factory.mktemp("finished")
-    summary = folder / "summary.md"
-    args = [*JOB, "--summary", str(summary), "--ui-url", "http://mlflow.example"]
+    summary, outputs = folder / "summary.md", folder / "outputs"
+    args = [*JOB, "--summary", str(summary), "--ui-url", "http://mlflow.example", "--outputs", str(outputs)]
     began = time.monotonic()
-    result = lr_finder(*run_args("docker", *args), env=credentials(tracking))
+    result = lr_finder(*run_args("docker", *args, "--run-name", "one epoch"), env=credentials(tracking))
     print(f"\none-epoch job in the container: {time.monotonic() - began:.0f} s")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run,) = runs(tracking, "docker")
-    return Finished(result, run, summary, image.revision)
+    return Finished(result, run, summary, outputs, image.revision)
 
 
 def test_one_epoch_job_in_the_container_fulfils_the_run_contract(finished):
@@ -391,6 +398,7 @@ def test_one_epoch_job_in_the_container_fulfils_the_run_contract(finished):
     assert tags["mlflow.user"] == "lrfinder", "the job ran as the image's non-root user"
     assert tags["mlflow.docker.image.uri"] == IMAGE
     assert tags["mlflow.source.git.commit"] == finished.revision, "the image's commit, recorded when it was built"
+    assert run.info.run_name == "one epoch"
 
 
 def test_run_streams_the_job_log_and_writes_the_summary(finished):
@@ -403,6 +411,19 @@ def test_run_streams_the_job_log_and_writes_the_summary(finished):
     text = finished.summary.read_text()
     assert f"[`{run_id}`]({link}): FINISHED" in text
     assert f"{run.data.metrics['test_acc']:.4g}" in text and run.data.params["lr_used"] in text
+
+
+def test_outputs_hold_the_run_record_and_the_range_tests_plot_and_summary(finished):
+    run, outputs = finished.run, finished.outputs
+    link = f"http://mlflow.example/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    record = json.loads((outputs / "run.json").read_text())
+    assert record == {
+        "run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "status": "FINISHED", "link": link,
+    }  # fmt: skip
+    assert (outputs / "lr_find" / "loss_vs_lr.png").read_bytes().startswith(b"\x89PNG")
+    assert json.loads((outputs / "lr_find" / "summary.json").read_text())
+    assert not (outputs / "study.json").exists(), "a train run has no study"
+    assert f"lr-finder: wrote {outputs}/run.json, {outputs}/lr_find/loss_vs_lr.png" in finished.result.stderr
 
 
 def test_credentials_and_tracking_uri_reach_the_container_but_never_the_output(finished, tracking):
@@ -452,6 +473,36 @@ def test_a_signal_stops_and_removes_the_container_and_the_run_ends_killed(
     (run,) = runs(tracking, experiment)
     assert run.info.status == "KILLED"
     assert f"lr-finder: run {run.info.run_id} KILLED" in log.read_text()
+
+
+def test_resume_continues_a_stopped_run_in_the_container_to_its_end(image, tracking, tmp_path):
+    four_epochs = [a for p in as_mlflow_params(small_job(train_subset=8000, epochs=4)) for a in ("-P", p)]
+    log, experiment = tmp_path / "run.log", "resumed"
+    process = start(log, *run_args(experiment, *four_epochs), env=credentials(tracking))
+    try:
+        wait_for(log, process, "in run with ID")
+        (run_id,) = [run.info.run_id for run in runs(tracking, experiment)]
+        deadline = time.monotonic() + 300
+        while not steps(tracking, run_id, "epoch_seconds"):  # the first epoch has ended
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert len(steps(tracking, run_id, "val_acc")) < 4, "it stopped before its last epoch"
+    # A relative folder: the run's dataset, bound from the working directory (never an empty volume of that name).
+    again = [arg if arg != str(FASHION_DIR) else FASHION_DIR.name for arg in run_args(experiment)]
+    again = [arg for arg in again if arg not in ("--experiment-name", experiment)]
+    result = lr_finder(*again, "--resume", run_id, env=credentials(tracking), cwd=FASHION_DIR.parent, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"mounts: {FASHION_DIR} -> /data (ro)" in result.stderr
+    assert f"job: python -m mlproject train --resume {run_id}" in result.stderr
+    (run,) = runs(tracking, experiment)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
+    assert steps(tracking, run_id, "val_acc") == [0, 1, 2, 3], "every epoch once"
+    assert f"lr-finder: run {run_id} FINISHED" in result.stderr
 
 
 # --- lr-finder doctor ------------------------------------------------------------------------------------------
