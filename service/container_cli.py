@@ -156,6 +156,8 @@ def build_command(
     except spec.SpecError as exc:
         raise _fail(str(exc), 2) from exc
     start = time.monotonic()
+    files, size = launcher.context_size(context)
+    click.echo(f"lr-finder: sending the build context ({files} files, {size / 1e3:.0f} kB)")
     try:
         client = launcher.connect()
         for line in launcher.build(client, context, tag, args, network, no_cache):
@@ -236,7 +238,7 @@ def run_command(
     secrets = list(env.values())
     try:
         client = launcher.connect()
-        info = launcher.image_info(client, job_spec.image)
+        info = launcher.ensure_image(client, job_spec.image, lambda line: click.echo(line, nl=False, err=True))
         outcome = launcher.supervise(
             client, job_spec, env, stop_timeout, lambda line: click.echo(spec.scrub(line, secrets), nl=False)
         )

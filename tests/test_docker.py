@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -296,6 +297,7 @@ def test_image_runs_as_a_non_root_user_with_the_job_as_entrypoint(engine, image)
     assert labels["org.opencontainers.image.revision"] == image.revision
     assert labels["org.opencontainers.image.title"] == "lr-finder"
     assert "lr-finder: built lr-finder:test" in image.result.stdout
+    assert re.search(r"^lr-finder: sending the build context \(\d+ files, \d+ kB\)$", image.result.stdout, re.M)
 
 
 def test_the_image_holds_the_job_extra_at_the_locks_versions(engine, image):
@@ -503,6 +505,62 @@ def test_resume_continues_a_stopped_run_in_the_container_to_its_end(image, track
     assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
     assert steps(tracking, run_id, "val_acc") == [0, 1, 2, 3], "every epoch once"
     assert f"lr-finder: run {run_id} FINISHED" in result.stderr
+
+
+def test_run_pulls_a_missing_image_and_fails_in_one_line_when_it_cannot(engine):
+    absent = "lr-finder-test-absent:never"
+    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    result = lr_finder("run", "--image", absent, "--gpus", "none", "--data", "", env=env, timeout=300)
+    assert result.returncode == 1
+    assert f"lr-finder: pulling {absent} (not on this engine)" in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"Error: no image {absent} here, and pulling it failed (")
+    assert last.endswith(f"build it (lr-finder build --tag {absent}), or docker login to its registry")
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A registry on loopback (Debian's docker-registry), which the engine trusts without TLS."""
+    if not shutil.which("docker-registry"):
+        pytest.skip("no docker-registry to pull from: apt-get install docker-registry (.ci/setup --tests does)")
+    folder, port = tmp_path_factory.mktemp("registry"), free_port()
+    config = folder / "config.yml"
+    config.write_text(
+        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {folder}/data\nhttp:\n  addr: 127.0.0.1:{port}\n"
+    )
+    with serving(["docker-registry", "serve", str(config)], port, "the registry"):
+        yield f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def pushed(engine, base_image, registry) -> Iterator[str]:
+    """An image only the registry holds: the base plus a 20 MB layer of its own, pushed, then removed here."""
+    ref = f"{registry}/lrf-test-pull:{uuid.uuid4().hex[:8]}"
+    dockerfile = f'FROM {base_image}\nRUN head -c 20000000 /dev/urandom > /blob\nENTRYPOINT ["true"]\n'
+    engine.images.build(fileobj=io.BytesIO(dockerfile.encode()), tag=ref, rm=True)
+    for event in engine.api.push(ref, stream=True, decode=True):
+        assert "error" not in event, event
+    engine.images.remove(ref)
+    try:
+        yield ref
+    finally:
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            engine.images.remove(ref)
+
+
+def test_run_and_build_show_a_pulls_layers_and_megabytes(engine, pushed, tmp_path):
+    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    result = lr_finder("run", "--image", pushed, "--gpus", "none", "--data", "", env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]  # its entrypoint is `true`: no job, no run
+    assert f"lr-finder: pulling {pushed} (not on this engine)" in result.stderr
+    assert re.search(r"^layers 2/2 done, 20\.\d of 20\.\d MB downloaded$", result.stderr, re.M), result.stderr
+    assert engine.images.get(pushed)
+    engine.images.remove(pushed)
+    (tmp_path / "Dockerfile").write_text(f"FROM {pushed}\n")
+    built = lr_finder("build", "--context", str(tmp_path), "--tag", "lr-finder:test-from-pull", timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    engine.images.remove("lr-finder:test-from-pull")
+    assert re.search(r"^layers 2/2 done, 20\.\d of 20\.\d MB downloaded$", built.stdout, re.M), built.stdout
 
 
 # --- lr-finder doctor ------------------------------------------------------------------------------------------

@@ -230,6 +230,30 @@ def test_a_volume_needs_a_volume_name():
         launch(cache="my cache")
 
 
+def test_pull_progress_counts_layers_and_megabytes_and_speaks_now_and_then():
+    progress = spec.TransferProgress(every_s=5)
+    events = [
+        ({"status": "Pulling from nvidia/cuda", "id": "13.0.0-base"}, 0.0),
+        ({"status": "Pulling fs layer", "id": "a"}, 0.1),
+        ({"status": "Already exists", "id": "b"}, 0.2),
+        ({"status": "Downloading", "id": "a", "progressDetail": {"current": 1_000_000, "total": 30_000_000}}, 1.0),
+        ({"status": "Downloading", "id": "a", "progressDetail": {"current": 2_000_000, "total": 30_000_000}}, 2.0),
+        ({"status": "Downloading", "id": "a", "progressDetail": {"current": 20_000_000, "total": 30_000_000}}, 6.0),
+        ({"status": "Download complete", "id": "a"}, 6.5),
+        ({"status": "Pull complete", "id": "a"}, 7.0),
+        ({"status": "Digest: sha256:0123"}, 7.1),
+    ]
+    lines = [line for event, now in events if (line := progress.line(event, now))]
+    assert lines == [
+        "Pulling from nvidia/cuda",
+        "layers 0/1 done, 0.0 of 0.0 MB downloaded",
+        "layers 1/2 done, 0.0 of 0.0 MB downloaded",
+        "layers 1/2 done, 20.0 of 30.0 MB downloaded",
+        "layers 2/2 done, 30.0 of 30.0 MB downloaded",
+        "Digest: sha256:0123",
+    ]
+
+
 def test_the_run_record_names_the_run_its_experiment_status_and_link():
     record = spec.run_record("abc", "3", "FINISHED", "https://m/#/experiments/3/runs/abc")
     assert record == {
