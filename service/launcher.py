@@ -15,14 +15,14 @@ from types import FrameType
 
 import docker
 import requests
-from docker.errors import DockerException, ImageNotFound
+from docker.errors import DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.types import DeviceRequest
 from docker.types import Mount as DockerMount
 from docker.utils.build import exclude_paths
 
 from mlproject.tracking_env import QUIET
-from service.spec import LABEL, GpuRequest, LaunchSpec, Probe, TransferProgress
+from service.spec import LABEL, GpuRequest, LaunchSpec, Probe, TransferProgress, name_conflict
 
 log = logging.getLogger(__name__)
 # A probe must answer quickly: MLflow's default retries take minutes against a server that is down.
@@ -135,6 +135,22 @@ def ensure_image(client: docker.DockerClient, ref: str, on_line: Callable[[str],
     return image_info(client, ref)
 
 
+def clear_name(client: docker.DockerClient, name: str) -> bool:
+    """Make `name` free for the job container: True when an exited leftover of this service was removed;
+    LaunchError when a running container, or one this service did not start, holds it."""
+    try:
+        held = client.containers.get(name)
+    except NotFound:
+        return False
+    except (DockerException, requests.RequestException) as exc:
+        raise LaunchError(f"cannot look up container {name}: {exc}") from exc
+    problem = name_conflict(name, held.status, LABEL in held.labels)
+    if problem:
+        raise LaunchError(problem)
+    _remove(held)
+    return True
+
+
 def _device_requests(gpus: GpuRequest) -> list[DeviceRequest]:
     if not gpus.wanted:
         return []
@@ -186,6 +202,8 @@ def supervise(
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise _Stopped()
 
+    if spec.name and clear_name(client, spec.name):
+        on_line(f"lr-finder: removed the exited container {spec.name} that an earlier run left\n")
     container = _create(client, spec, environment, list(spec.args), list(spec.entrypoint) or None)
     previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.signal(signal.SIGTERM, on_term)}
     try:

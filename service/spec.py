@@ -251,6 +251,16 @@ def build_args(pairs: Iterable[str], base_image: str, torch_variant: str, revisi
     return args
 
 
+def name_conflict(name: str, status: str, ours: bool) -> str | None:
+    """Why a container already named `name` blocks this run, or None when it is this service's exited leftover
+    (an `lr-finder run` killed with SIGKILL cannot remove its container), which the run removes first."""
+    if ours and status in ("created", "exited", "dead"):
+        return None
+    if ours:
+        return f"a container named {name} is still {status} (an earlier lr-finder run): `docker stop {name}` ends it"
+    return f"a container named {name} exists that lr-finder did not start: remove it (docker rm {name}) or pass --name"
+
+
 def find_run_id(log: str) -> str | None:
     """The MLflow run `mlflow run` created, from its log; None when it never got that far."""
     found = _RUN_ID.search(log)

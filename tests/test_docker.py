@@ -507,6 +507,34 @@ def test_resume_continues_a_stopped_run_in_the_container_to_its_end(image, track
     assert f"lr-finder: run {run_id} FINISHED" in result.stderr
 
 
+def test_a_run_killed_with_sigkill_leaves_its_container_which_the_next_run_clears(engine, image, tracking, tmp_path):
+    name, log = "lrf-test-sigkilled", tmp_path / "run.log"
+    process = start(log, *run_args("sigkilled", "-P", "epochs=20", "--name", name), env=credentials(tracking))
+    try:
+        wait_for(log, process, "in run with ID")
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        left = engine.containers.get(name)
+        assert left.status == "running", "nothing stopped the container"
+        refused = lr_finder(*run_args("sigkilled", "-P", "lr=abc", "--name", name), env=credentials(tracking))
+        assert refused.returncode == 1
+        assert refused.stderr.strip().splitlines()[-1] == (
+            f"Error: a container named {name} is still running (an earlier lr-finder run): `docker stop {name}` ends it"
+        )
+        left.stop(timeout=30)
+        left.reload()
+        assert left.status == "exited"
+        cleared = lr_finder(*run_args("sigkilled", "-P", "lr=abc", "--name", name), env=credentials(tracking))
+        assert f"lr-finder: removed the exited container {name} that an earlier run left" in cleared.stdout
+        assert "error: invalid value for lr" in cleared.stdout, "the new job ran under the name"
+        assert not engine.containers.list(all=True, filters={"name": name})
+    finally:
+        if process.poll() is None:
+            process.kill()
+        with contextlib.suppress(docker.errors.NotFound):
+            engine.containers.get(name).remove(force=True)
+
+
 def test_run_pulls_a_missing_image_and_fails_in_one_line_when_it_cannot(engine):
     absent = "lr-finder-test-absent:never"
     env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}

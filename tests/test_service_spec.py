@@ -230,6 +230,20 @@ def test_a_volume_needs_a_volume_name():
         launch(cache="my cache")
 
 
+@pytest.mark.parametrize(
+    "status, ours, refusal",
+    [
+        ("exited", True, None),
+        ("created", True, None),
+        ("running", True, "a container named job is still running (an earlier lr-finder run): `docker stop job`"),
+        ("exited", False, "a container named job exists that lr-finder did not start: remove it (docker rm job)"),
+    ],
+)
+def test_a_leftover_of_this_service_is_cleared_anything_else_refused(status, ours, refusal):
+    problem = spec.name_conflict("job", status, ours)
+    assert (problem is None) if refusal is None else problem.startswith(refusal)
+
+
 def test_pull_progress_counts_layers_and_megabytes_and_speaks_now_and_then():
     progress = spec.TransferProgress(every_s=5)
     events = [
