@@ -9,12 +9,14 @@ import sys
 
 import click
 
+from mlproject import __version__
 from service.container_cli import container_commands
 from service.deploy_cli import deploy_commands
 from service.server_cli import server_commands
 
 
 @click.group()
+@click.version_option(__version__, prog_name="lr-finder", message="%(prog)s %(version)s")
 def cli() -> None:
     """Build, launch and watch the lr-finder training container and the team's MLflow tracking server."""
 

@@ -5,19 +5,24 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from mlproject import markdown
-from mlproject.catalog import IDX_FILES
+from mlproject.catalog import BUILTIN_DATASETS, IDX_FILES
 from mlproject.tracking_env import CREDENTIAL_ENV
 
 DATA_TARGET = "/data"  # the image's dataset volume (FASHION_MNIST_DIR)
 CACHE_TARGET = "/home/lrfinder/.cache"  # the job downloads into ~/.cache/mlproject when /data is empty
+CODE_TARGET = "/code"  # the user's code, which the job puts on its import path (-P code=/code)
+RESUME_COMMAND = ("python", "-m", "mlproject", "train", "--resume")  # the image's PYTHONPATH holds mlproject
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 LABEL = "org.lr-finder.job"  # marks containers this service launched
 ENGINE_HINT = "install Docker (apt-get install docker.io) and start it (systemctl start docker), or set DOCKER_HOST"
 _RUN_ID = re.compile(r"in run with ID '([0-9a-f]{32})'")  # `mlflow run` logs this line before it starts the job
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]+")  # docker's rule for a named volume
+_RUN_ID_SHAPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class SpecError(ValueError):
@@ -59,13 +64,15 @@ class LaunchSpec:
     """The job container. env_names only: values are looked up at launch and never stored or shown here."""
 
     image: str
-    args: tuple[str, ...]  # appended to the image's entrypoint (`mlflow run <project> --env-manager local`)
+    args: tuple[str, ...]  # appended to the entrypoint
     gpus: GpuRequest
     shm_size: str
     mounts: tuple[Mount, ...]
     env_names: tuple[str, ...]
     network: str
     name: str = ""
+    entrypoint: tuple[str, ...] = ()  # empty: the image's own, `mlflow run <project> --env-manager local`
+    resume: str = ""  # the run this container continues
 
     def describe(self) -> list[str]:
         """What a person should see before the job starts: no environment values."""
@@ -75,7 +82,7 @@ class LaunchSpec:
             f"image {self.image}, gpus {self.gpus.describe()}, shm {self.shm_size}, network {network}",
             f"mounts: {mounts or 'none'}",
             f"environment (values hidden): {', '.join(self.env_names) or 'none'}",
-            "job: mlflow run " + " ".join(self.args),
+            "job: " + " ".join(self.entrypoint or ("mlflow run",)) + "".join(" " + a for a in self.args),
         ]
 
 
@@ -104,6 +111,16 @@ def parse_params(params: Iterable[str]) -> tuple[str, ...]:
             raise SpecError(f"-P {item!r}: expected key=value, e.g. -P auto_lr=true")
         args += ["-P", item]
     return tuple(args)
+
+
+def param_values(params: Iterable[str]) -> dict[str, str]:
+    """-P key=value pairs as a mapping (the last of a repeated key wins, as in mlflow run)."""
+    return dict(item.partition("=")[::2] for item in params)
+
+
+def is_host_folder(value: str, is_folder_here: bool) -> bool:
+    """--data, --cache: a host folder when one exists by that name or the value has a slash, else a docker volume."""
+    return is_folder_here or "/" in value
 
 
 def tracking_problem(uri: str) -> str | None:
@@ -139,26 +156,81 @@ def launch_spec(
     entry_point: str = "main",
     experiment: str = "",
     name: str = "",
+    code: str = "",
+    run_name: str = "",
+    resume: str = "",
 ) -> LaunchSpec:
-    """The container `lr-finder run` starts; raises SpecError on anything the job could not survive."""
+    """The container `lr-finder run` starts; raises SpecError on anything the job could not survive.
+
+    data, cache and code are host folders as absolute paths, or (data and cache) docker volume names."""
     if not re.fullmatch(r"\d+[bkmg]?", shm_size.strip().lower()):
         raise SpecError(f"--shm-size {shm_size!r}: pass a size such as 2g or 512m")
-    mounts = [Mount(data, DATA_TARGET, read_only=True)] if data else []
+    mounts = [_mount("--data", data, DATA_TARGET, read_only=True)] if data else []
     if cache:
-        mounts.append(Mount(cache, CACHE_TARGET, read_only=False))
-    args: tuple[str, ...] = ("-e", entry_point)
-    if experiment:
-        args += ("--experiment-name", experiment)
+        mounts.append(_mount("--cache", cache, CACHE_TARGET, read_only=False))
+    if code:
+        mounts.append(_mount("--code", code, CODE_TARGET, read_only=True))
+    params = tuple(params)
+    if resume:
+        entrypoint, args = resume_command(resume, params, entry_point, experiment, run_name)
+    else:
+        entrypoint, args = (), mlflow_run_args(params, entry_point, experiment, run_name, bool(code))
     return LaunchSpec(
         image=image,
-        args=args + parse_params(params),
+        args=args,
         gpus=parse_gpus(gpus),
         shm_size=shm_size.strip().lower(),
         mounts=tuple(mounts),
         env_names=names,
         network=network,
         name=name,
+        entrypoint=entrypoint,
+        resume=resume,
     )
+
+
+def _mount(option: str, source: str, target: str, read_only: bool) -> Mount:
+    if not source.startswith("/") and not _VOLUME_NAME.fullmatch(source):
+        raise SpecError(f"{option} {source!r}: pass a folder (./{source}) or a docker volume name ([A-Za-z0-9_.-])")
+    return Mount(source, target, read_only)
+
+
+def mlflow_run_args(
+    params: tuple[str, ...], entry_point: str, experiment: str, run_name: str, code: bool
+) -> tuple[str, ...]:
+    """`mlflow run`'s arguments after the project: the entry point, the run's names, and the job's parameters.
+
+    The job's own data folder is /data for a dataset that is not built in (the built-ins are searched for)."""
+    args: tuple[str, ...] = ("-e", entry_point)
+    if experiment:
+        args += ("--experiment-name", experiment)
+    if run_name:
+        args += ("--run-name", run_name)
+    args += parse_params(params)
+    given = param_values(params)
+    if code:
+        if "code" in given:
+            raise SpecError(f"--code mounts the folder at {CODE_TARGET} and passes -P code={CODE_TARGET}: drop -P code")
+        args += ("-P", f"code={CODE_TARGET}")
+    if given.get("dataset", BUILTIN_DATASETS[0]) not in BUILTIN_DATASETS and not given.get("data_dir"):
+        args += ("-P", f"data_dir={DATA_TARGET}")
+    return args
+
+
+def resume_command(
+    run_id: str, params: tuple[str, ...], entry_point: str, experiment: str, run_name: str
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The entrypoint and arguments that continue a run in the container: the job, not `mlflow run`, which would
+    start a new run (or, given the run's id, log its parameters again)."""
+    if not _RUN_ID_SHAPE.fullmatch(run_id):
+        raise SpecError(
+            f"--resume {run_id!r}: pass the id of the stopped run, as its KILLED line or the MLflow UI shows it"
+        )
+    named = {"-P": bool(params), "--entry-point": entry_point != "main", "--experiment-name": bool(experiment)}
+    ignored = [flag for flag, given in {**named, "--run-name": bool(run_name)}.items() if given]
+    if ignored:
+        raise SpecError(f"--resume continues the run with its own configuration and names: drop {', '.join(ignored)}")
+    return RESUME_COMMAND, (run_id,)
 
 
 TORCH_VARIANTS = ("pypi", "cu128", "cu126", "cpu")  # the Dockerfile's TORCH_VARIANT; README: the driver each needs
@@ -177,6 +249,16 @@ def build_args(pairs: Iterable[str], base_image: str, torch_variant: str, revisi
             raise SpecError(f"--build-arg {item!r}: expected KEY=VALUE, e.g. --build-arg PIP_INDEX_URL=https://...")
         args[key] = value
     return args
+
+
+def name_conflict(name: str, status: str, ours: bool) -> str | None:
+    """Why a container already named `name` blocks this run, or None when it is this service's exited leftover
+    (an `lr-finder run` killed with SIGKILL cannot remove its container), which the run removes first."""
+    if ours and status in ("created", "exited", "dead"):
+        return None
+    if ours:
+        return f"a container named {name} is still {status} (an earlier lr-finder run): `docker stop {name}` ends it"
+    return f"a container named {name} exists that lr-finder did not start: remove it (docker rm {name}) or pass --name"
 
 
 def find_run_id(log: str) -> str | None:
@@ -255,6 +337,45 @@ def summary_markdown(run_id: str, status: str, link: str, figures: Mapping[str, 
     title = f"[`{run_id}`]({link})" if link else f"`{run_id}`"
     row = [markdown.cell(figures.get(k, "") or "-") for k in SUMMARY_FIGURES]
     return f"### lr-finder run {title}: {markdown.cell(status)}\n\n" + markdown.table(SUMMARY_FIGURES, [row])
+
+
+class TransferProgress:
+    """A pull's events (`lr-finder run` pulling the image, a build's FROM) -> a line at each finished layer and
+    every few seconds between: layers done, megabytes downloaded. Docker sends one event per 512 kB per layer."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        self.every_s = every_s
+        self._layers: set[str] = set()
+        self._done: set[str] = set()
+        self._bytes: dict[str, tuple[int, int]] = {}  # layer -> (downloaded, size)
+        self._shown = float("-inf")
+
+    def line(self, event: Mapping[str, Any], now: float) -> str | None:
+        """The line this event is worth, if any; events of no layer (Digest:, Status:) are shown as they are."""
+        status, layer = str(event.get("status") or ""), str(event.get("id") or "")
+        if not layer or status.startswith("Pulling from"):
+            return status or None
+        self._layers.add(layer)
+        detail = event.get("progressDetail") or {}
+        if status == "Downloading" and detail.get("total"):
+            self._bytes[layer] = (int(detail.get("current") or 0), int(detail["total"]))
+        elif status == "Download complete" and layer in self._bytes:
+            self._bytes[layer] = (self._bytes[layer][1], self._bytes[layer][1])
+        if status in ("Pull complete", "Already exists"):
+            self._done.add(layer)
+        elif now - self._shown < self.every_s:
+            return None
+        self._shown = now
+        got, size = (sum(pair[i] for pair in self._bytes.values()) / 1e6 for i in (0, 1))
+        return f"layers {len(self._done)}/{len(self._layers)} done, {got:.1f} of {size:.1f} MB downloaded"
+
+
+OUTPUT_ARTIFACTS = ("lr_find/loss_vs_lr.png", "lr_find/summary.json", "study.json")  # --outputs, when the run has them
+
+
+def run_record(run_id: str, experiment_id: str, status: str, link: str) -> dict[str, str]:
+    """--outputs' run.json: what a CI step needs to find the run."""
+    return {"run_id": run_id, "experiment_id": experiment_id, "status": status, "link": link}
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:

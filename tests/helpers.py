@@ -8,6 +8,7 @@ import gzip
 import http.server
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,6 +41,33 @@ requires_fashion_mnist = pytest.mark.skipif(
     not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
     reason="Fashion-MNIST not installed: apt-get install dataset-fashion-mnist",
 )
+
+# --- the tested set ---------------------------------------------------------------------------------------------
+
+LOCK = REPO / "constraints.txt"
+
+
+def canonical(name: str) -> str:
+    """A distribution's name as pip compares them (PEP 503): PyYAML, pyyaml and py_yaml are one package."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def lock_pins() -> dict[str, str]:
+    """constraints.txt: each package's canonical name -> its one tested version."""
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        requirement = line.split("#", 1)[0].strip()
+        if requirement:
+            name, version = requirement.split("==")
+            pins[canonical(name)] = version.strip()
+    return pins
+
+
+def requirements(extra: str = "") -> list[str]:
+    """pyproject.toml's requirements: the base install's, or an extra's."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return list(project["optional-dependencies"][extra] if extra else project["dependencies"])
+
 
 # --- a small job -----------------------------------------------------------------------------------------------
 

@@ -162,6 +162,119 @@ def test_dataset_probe_fails_when_a_file_is_missing(tmp_path):
     assert result.returncode == 1 and "no Fashion-MNIST IDX files" in result.stdout
 
 
+def test_code_is_mounted_read_only_at_code_and_passed_to_the_job():
+    launched = launch(code="/home/me/project")
+    assert spec.Mount("/home/me/project", "/code", read_only=True) in launched.mounts
+    assert launched.args[-2:] == ("-P", "code=/code")
+    with pytest.raises(spec.SpecError, match="drop -P code"):
+        launch(code="/home/me/project", params=["code=/elsewhere"])
+
+
+@pytest.mark.parametrize(
+    "params, data_dir",
+    [
+        ([], None),
+        (["dataset=mnist"], None),
+        (["dataset=my-images"], "/data"),
+        (["dataset=my-images", "data_dir=/data/train"], "/data/train"),
+    ],
+)
+def test_a_dataset_that_is_not_built_in_is_read_from_data(params, data_dir):
+    args = launch(params=params).args
+    passed = spec.param_values(value for flag, value in zip(args, args[1:], strict=False) if flag == "-P")
+    assert passed.get("data_dir") == data_dir
+
+
+def test_run_name_goes_to_mlflow_run():
+    assert launch(run_name="nightly lenet").args[:4] == ("-e", "main", "--run-name", "nightly lenet")
+
+
+def test_resume_runs_the_job_itself_on_the_stopped_run():
+    launched = launch(resume="483290941e434eb48b25f1c38a2a3fd7", code="/home/me/project")
+    assert launched.entrypoint + launched.args == (
+        "python", "-m", "mlproject", "train", "--resume", "483290941e434eb48b25f1c38a2a3fd7",
+    )  # fmt: skip
+    assert spec.Mount("/home/me/project", "/code", read_only=True) in launched.mounts  # the run's code, again
+    assert "job: python -m mlproject train --resume 483290941e434eb48b25f1c38a2a3fd7" in launched.describe()
+
+
+@pytest.mark.parametrize(
+    "changes, flags",
+    [
+        ({"params": ["lr=0.1"]}, "-P"),
+        ({"entry_point": "lr_find", "experiment": "x"}, "--entry-point, --experiment-name"),
+        ({"run_name": "again"}, "--run-name"),
+    ],
+)
+def test_resume_refuses_what_would_change_the_run(changes, flags):
+    with pytest.raises(spec.SpecError, match=f"own configuration and names: drop {flags}$"):
+        launch(resume="abc123", **changes)
+
+
+def test_resume_needs_a_run_id():
+    with pytest.raises(spec.SpecError, match="--resume 'abc 123'"):
+        launch(resume="abc 123")
+
+
+@pytest.mark.parametrize(
+    "value, is_folder_here, host",
+    [("mydata", True, True), ("./mydata", False, True), ("data/sub", False, True), ("lr-finder-cache", False, False)],
+)
+def test_a_folder_here_or_a_path_is_bound_anything_else_is_a_volume(value, is_folder_here, host):
+    assert spec.is_host_folder(value, is_folder_here) is host
+
+
+def test_a_volume_needs_a_volume_name():
+    assert not launch(data="lr-finder-data").mounts[0].is_bind
+    with pytest.raises(spec.SpecError, match="--cache 'my cache': pass a folder"):
+        launch(cache="my cache")
+
+
+@pytest.mark.parametrize(
+    "status, ours, refusal",
+    [
+        ("exited", True, None),
+        ("created", True, None),
+        ("running", True, "a container named job is still running (an earlier lr-finder run): `docker stop job`"),
+        ("exited", False, "a container named job exists that lr-finder did not start: remove it (docker rm job)"),
+    ],
+)
+def test_a_leftover_of_this_service_is_cleared_anything_else_refused(status, ours, refusal):
+    problem = spec.name_conflict("job", status, ours)
+    assert (problem is None) if refusal is None else problem.startswith(refusal)
+
+
+def test_pull_progress_counts_layers_and_megabytes_and_speaks_now_and_then():
+    progress = spec.TransferProgress(every_s=5)
+    events = [
+        ({"status": "Pulling from nvidia/cuda", "id": "13.0.0-base"}, 0.0),
+        ({"status": "Pulling fs layer", "id": "a"}, 0.1),
+        ({"status": "Already exists", "id": "b"}, 0.2),
+        ({"status": "Downloading", "id": "a", "progressDetail": {"current": 1_000_000, "total": 30_000_000}}, 1.0),
+        ({"status": "Downloading", "id": "a", "progressDetail": {"current": 2_000_000, "total": 30_000_000}}, 2.0),
+        ({"status": "Downloading", "id": "a", "progressDetail": {"current": 20_000_000, "total": 30_000_000}}, 6.0),
+        ({"status": "Download complete", "id": "a"}, 6.5),
+        ({"status": "Pull complete", "id": "a"}, 7.0),
+        ({"status": "Digest: sha256:0123"}, 7.1),
+    ]
+    lines = [line for event, now in events if (line := progress.line(event, now))]
+    assert lines == [
+        "Pulling from nvidia/cuda",
+        "layers 0/1 done, 0.0 of 0.0 MB downloaded",
+        "layers 1/2 done, 0.0 of 0.0 MB downloaded",
+        "layers 1/2 done, 20.0 of 30.0 MB downloaded",
+        "layers 2/2 done, 30.0 of 30.0 MB downloaded",
+        "Digest: sha256:0123",
+    ]
+
+
+def test_the_run_record_names_the_run_its_experiment_status_and_link():
+    record = spec.run_record("abc", "3", "FINISHED", "https://m/#/experiments/3/runs/abc")
+    assert record == {
+        "run_id": "abc", "experiment_id": "3", "status": "FINISHED", "link": "https://m/#/experiments/3/runs/abc",
+    }  # fmt: skip
+
+
 # --- the command line refuses before it touches docker -----------------------------------------------------------
 
 
@@ -204,3 +317,39 @@ def test_doctor_without_an_engine_fails_with_a_fix():
 def test_build_needs_a_dockerfile(tmp_path):
     result = invoke("build", "--context", str(tmp_path))
     assert result.exit_code == 2 and f"no Dockerfile in {tmp_path}" in result.output
+
+
+def test_version_is_the_packages():
+    from mlproject import __version__
+
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output == f"lr-finder {__version__}\n"
+
+
+def test_relative_and_home_folders_are_bound_by_their_absolute_path(tmp_path, monkeypatch):
+    (tmp_path / "mydata").mkdir()
+    (tmp_path / "src").mkdir()
+    monkeypatch.chdir(tmp_path)
+    env = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "HOME": str(tmp_path)}
+    result = invoke("run", "--data", "mydata", "--code", "~/src", "--cache", "lrf-cache", env=env)
+    assert (
+        f"mounts: {tmp_path}/mydata -> /data (ro), lrf-cache -> /home/lrfinder/.cache, {tmp_path}/src -> /code (ro)"
+        in (result.output)
+    )
+    assert "-P code=/code" in result.output
+
+
+def test_a_missing_code_folder_is_refused_in_one_line(tmp_path):
+    result = invoke("run", "--data", "", "--code", str(tmp_path / "nope"), env={"MLFLOW_TRACKING_URI": "http://m:5000"})
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f"Error: --code {tmp_path / 'nope'}: no such folder on this machine"]
+
+
+def test_resume_with_params_is_refused_in_one_line():
+    result = invoke(
+        "run", "--data", "", "--resume", "abc", "-P", "lr=0.1", env={"MLFLOW_TRACKING_URI": "http://m:5000"}
+    )
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "Error: --resume continues the run with its own configuration and names: drop -P"
+    ]
