@@ -49,7 +49,10 @@ def plain_fit(job: task.Task, rt: training.Runtime, cfg: JobConfig) -> float:
 def job_fit(job: task.Task, rt: training.Runtime, cfg: JobConfig, workdir: Path) -> float:
     module = fresh(job, rt, cfg)
     training.set_lr(job.lightning, module, job.lr_attr, cfg.lr)
-    reporter = job.lightning.make(training.ReporterHooks, "callbacks.Checkpoint", lambda e, m: None, workdir / "c.ckpt")
+    keep = lambda path: path.read_bytes()  # noqa: E731 - the job hands the checkpoint to the tracker: at least read it
+    reporter = job.lightning.make(
+        training.ReporterHooks, "callbacks.Checkpoint", lambda e, m: None, workdir / "c.ckpt", keep
+    )
     loaders = job.loaders(cfg.seed, rt.device.type)
     guard = job.lightning.make(training.GuardHooks, "Callback", loaders.iterables())
     trainer = training.build_trainer(job.lightning, rt, cfg.epochs, [reporter, guard], enable_checkpointing=True)

@@ -72,6 +72,13 @@ def curve_csv(curve: LRCurve) -> str:
     return rows.getvalue()
 
 
+def curve_metrics(curve: LRCurve) -> dict[str, list[float]]:
+    """The range test as metrics with step = sweep step, so that MLflow's chart view overlays the range tests of
+    several runs (x axis: lr_find_lr, log scale). Non-finite losses are left out, as every metric's are."""
+    smoothed = lr_range.usable_curve(curve.lrs, curve.losses).smoothed.tolist()
+    return {"lr_find_lr": list(curve.lrs), "lr_find_loss": list(curve.losses), "lr_find_smoothed_loss": smoothed}
+
+
 def plot(found: RangeTest, used: float) -> bytes:
     curve, s = found.curve, found.suggestion
     smoothed = lr_range.usable_curve(curve.lrs, curve.losses).smoothed.tolist()

@@ -19,7 +19,15 @@ import torch
 
 from mlproject import data, images, lightning_api
 from mlproject.catalog import BUILTIN_DATASETS, ENV_DIRS
-from mlproject.config import BUILTIN_MODELS, IMAGE_FOLDER, ConfigError, JobConfig, channel_stats, json_object
+from mlproject.config import (
+    BUILTIN_MODELS,
+    IMAGE_FOLDER,
+    ConfigError,
+    JobConfig,
+    channel_stats,
+    is_class_path,
+    json_object,
+)
 from mlproject.errors import DataError
 from mlproject.lightning_api import Lightning
 from mlproject.model import builtin_net, classifier, torchvision_models, torchvision_net
@@ -238,7 +246,7 @@ def _image_folder(cfg: JobConfig) -> data.ImageData | images.ImageFiles:
     if not cfg.data_dir:
         raise ConfigError("data_dir", "", "the image folder (train/<class>/<image>, val/ and test/ optional)")
     root = Path(cfg.data_dir).expanduser()
-    if not root.is_dir():
+    if not os.path.isdir(root):  # isdir: a folder this user cannot enter is scan()'s to name
         raise DataError(f"data_dir={cfg.data_dir}: no such folder")
     listing = images.scan(root)
     mean, std = channel_stats("image_mean", cfg.image_mean), channel_stats("image_std", cfg.image_std)
@@ -285,6 +293,17 @@ def _datamodule_shape(cfg: JobConfig, datamodule: Any) -> ImageShape:
 
 
 # --- the task --------------------------------------------------------------------------------------------------
+
+
+def check(cfg: JobConfig) -> None:
+    """The names alone, without reading data: what a launcher checks before it starts any process."""
+    _model_class(cfg)
+    if is_class_path(cfg.dataset):
+        cls = import_class("dataset", cfg.dataset)
+        if not lightning_api.is_datamodule(cls):
+            raise ConfigError("dataset", cfg.dataset, "a LightningDataModule subclass (pytorch_lightning or lightning)")
+    elif cfg.dataset == IMAGE_FOLDER and not Path(cfg.data_dir).expanduser().is_dir():
+        raise ConfigError("data_dir", cfg.data_dir, "the image folder (train/<class>/<image>, val/ and test/ optional)")
 
 
 def build(cfg: JobConfig) -> Task:

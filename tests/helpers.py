@@ -139,14 +139,17 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]
     return proc.returncode, out, err
 
 
-def mlflow_run(tmp: Path, experiment: str, *params: str, entry: str = "main") -> subprocess.CompletedProcess:
+def mlflow_run(
+    tmp: Path, experiment: str, *params: str, entry: str = "main", env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`mlflow run` as a user types it, with the venv's bin first on PATH so MLproject's `python` is ours."""
     uri = f"sqlite:///{tmp}/mlflow.db"
     client = MlflowClient(uri)
     if client.get_experiment_by_name(experiment) is None:  # keep artifacts out of the repository
         client.create_experiment(experiment, artifact_location=str(tmp / "artifacts" / experiment))
+    extra = dict(env or {})
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # nothing left by another test
-    env.update(MLFLOW_TRACKING_URI=uri, PATH=f"{BIN}:{os.environ['PATH']}")
+    env.update(MLFLOW_TRACKING_URI=uri, PATH=f"{BIN}:{os.environ['PATH']}", **extra)
     args = [str(BIN / "mlflow"), "run", str(REPO), "-e", entry, "--env-manager", "local"]
     args += ["--experiment-name", experiment]
     for p in params:

@@ -301,7 +301,7 @@ def test_a_mistake_in_naming_the_model_or_data_is_one_line_exit_2_before_any_run
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err[-3000:]
     assert lines[0].startswith(f"error: invalid value for {param}: ") and detail in lines[0], lines[0]
-    assert not (broken / "mlflow.db").exists()  # no run was started for it
+    assert runs_of(f"sqlite:///{broken}/mlflow.db", "jobs") == []  # no run was started for it
 
 
 @pytest.mark.parametrize("model", ["broken.ReturnsNothing", "broken.ReturnsAVector"])
