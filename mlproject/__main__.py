@@ -165,6 +165,16 @@ def _member_argv(argv: list[str]) -> list[str]:
     return out
 
 
+@cli.command("check")
+@job_options(JobConfig())
+def check_command(experiment_name: str, **options: Any) -> None:
+    """Check what the job would train, without training or tracking: the parameters, the user's classes (imported
+    from --code), and the data it would read. One line, exit 0; or the one-line error, exit 2."""
+    from mlproject import task
+
+    click.echo(f"ok: {task.describe(_config(options, JobConfig()).cfg)}")
+
+
 @cli.command("close")
 @click.argument("run_id")
 def close_command(run_id: str) -> None:

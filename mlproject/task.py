@@ -306,6 +306,23 @@ def check(cfg: JobConfig) -> None:
         raise ConfigError("data_dir", cfg.data_dir, "the image folder (train/<class>/<image>, val/ and test/ optional)")
 
 
+def describe(cfg: JobConfig) -> str:
+    """What the job would train, checked as far as it goes without reading the data: the `check` command's line."""
+    check(cfg)
+    model = cfg.model if not cfg.user_module else f"{cfg.model} (LightningModule)"
+    if cfg.dataset in BUILTIN_DATASETS:
+        source = _builtin_source(cfg)
+        found = data.find_dir(source.candidates)
+        where = str(found) if found else f"not found here (tried {', '.join(map(str, source.candidates))})"
+        if found is None and not source.download_to:
+            raise DataError(f"{cfg.dataset} {where}")
+        return f"model {model} on {cfg.dataset} from {where}"
+    if cfg.dataset == IMAGE_FOLDER:
+        listing = images.scan(Path(cfg.data_dir).expanduser())
+        return f"model {model} on the image folder {listing.root}: {images.describe(listing)}"
+    return f"model {model} on {cfg.dataset} (LightningDataModule)"
+
+
 def build(cfg: JobConfig) -> Task:
     """Resolve the model and the dataset cfg names into a Task; every mistake is a ConfigError or DataError. The
     names are checked before any data is read."""

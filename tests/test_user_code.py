@@ -327,3 +327,18 @@ def test_a_mistake_under_mlflow_run_ends_the_run_failed_with_error_txt(tmp_path)
     run, client = only_run(tmp_path, "mistake")
     assert run.info.status == "FAILED"
     assert "No module named 'nosuchpkg'" in Path(client.download_artifacts(run.info.run_id, "error.txt")).read_text()
+
+
+def test_check_says_what_the_job_would_train_without_training_or_tracking(broken, tmp_path):
+    env = job_env(f"sqlite:///{tmp_path}/never.db")
+    code, out, err = finish(start_job(tmp_path, "check", *TABULAR_OPTIONS, env=env), 120)
+    assert code == 0 and out.strip() == "ok: model tabular.TabularRegressor (LightningModule) on " \
+        "tabular.SyntheticTabular (LightningDataModule)", err  # fmt: skip
+    folder = write_image_folder(tmp_path / "images", per_class=8)
+    code, out, _ = finish(start_job(tmp_path, "check", "--dataset", "imagefolder", "--data-dir", str(folder),
+                                    env=env), 120)  # fmt: skip
+    assert code == 0 and "3 classes; train 24, test 6 images" in out
+    code, _, err = finish(start_job(tmp_path, "check", "--model", "broken.NotAModule", "--code", f"{broken}/broken",
+                                    env=env), 120)  # fmt: skip
+    assert code == 2 and "a LightningModule subclass" in err
+    assert not (tmp_path / "never.db").exists()
