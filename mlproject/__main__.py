@@ -138,7 +138,7 @@ def compare_command(
 def _plan(parent_run: str, member: str) -> Any:
     """The plan a member belongs to, read from its parent run's study.json."""
     from mlproject import study
-    from mlproject.tracking import read_json
+    from mlproject.stores import read_json
 
     if not parent_run or not member:
         raise ConfigError("parent_run" if not parent_run else "member", "", "a value with --stage member")
@@ -185,10 +185,10 @@ def close_command(run_id: str) -> None:
     """
     import time
 
-    from mlproject import session
+    from mlproject import ownership
 
     configure_client()
-    status = session.close_run(os.environ.get("MLFLOW_TRACKING_URI", ""), run_id, time.time())
+    status = ownership.close_run(os.environ.get("MLFLOW_TRACKING_URI", ""), run_id, time.time())
     click.echo(f"run {run_id}: {status}")
 
 
@@ -210,7 +210,7 @@ def _config(options: dict[str, Any], defaults: JobConfig) -> Invocation:
         from_file = {name: convert(name, value) for name, value in found.items()}
         options = configfile.merge(from_file, options, defaults.as_dict())
     cfg = JobConfig(**options)
-    from mlproject.task import add_code_path
+    from mlproject.classpaths import add_code_path
 
     add_code_path(cfg.code)
     return Invocation(cfg, tuple(k for k, v in from_file.items() if options[k] == v))
@@ -298,7 +298,7 @@ def _fail(message: str, code: int, zero: bool = True) -> int:
     click.echo(f"error: {message}", err=True)
     run_id = os.environ.get("MLFLOW_RUN_ID", "")
     if run_id and zero:  # `mlflow run` created the run before we could check anything: record why it failed
-        from mlproject.tracking import fail_run, run_is_active
+        from mlproject.stores import fail_run, run_is_active
 
         uri = os.environ.get("MLFLOW_TRACKING_URI", "")
         try:

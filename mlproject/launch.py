@@ -98,7 +98,7 @@ def supervise(cfg: JobConfig, experiment_name: str, argv: list[str]) -> int:
     """The job as torchrun's launcher: its names checked, its run created (or `mlflow run`'s taken) and handed to the
     workers, and a run that lost a worker recorded FAILED; returns the job's exit code."""
     from mlproject import task
-    from mlproject.tracking import create_run, fail_run, probe, run_status
+    from mlproject.stores import create_run, fail_run, probe, run_status
 
     task.check(cfg)  # a mistake in the names fails before any process starts
     configure_client()

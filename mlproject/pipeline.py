@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mlproject import artifacts, lr_range, progress, sweep, task, training
+from mlproject import artifacts, lr_range, progress, sources, sweep, training
 from mlproject.artifacts import RangeTest
 from mlproject.config import JobConfig
 from mlproject.errors import Preempted, TrainingDiverged
@@ -225,7 +225,7 @@ def run(session: Session, forced: LRChoice | None = None) -> JobResult:
     return JobResult(choice, final, result.history)
 
 
-def _first_batch(loaders: task.Loaders) -> Any:
+def _first_batch(loaders: sources.Loaders) -> Any:
     """A real batch for the signature: the data module's validation (or training) loader's first."""
     source = loaders.datamodule
     if source is None:
