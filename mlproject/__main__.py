@@ -75,7 +75,8 @@ def lr_find_command(ctx: click.Context, experiment_name: str, **options: Any) ->
         suggested = choice.found.suggestion.lr if choice.found else choice.lr
         if session.here.zero:
             click.echo(
-                f"run {session.tracker.run_id}: lr_suggested={suggested:.4g} lr_used={choice.lr:.4g} ({choice.source})"
+                f"run {session.tracker.run_id}: lr_suggested={suggested:.4g} ({choice.source}); a one-cycle fit "
+                f"would peak at {choice.lr:.4g}"
             )
 
     _run_job(ctx, _config(options, JobConfig()), experiment_name, "lr-find", lr_find)

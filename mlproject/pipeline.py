@@ -123,8 +123,8 @@ def log_range_test(cfg: JobConfig, tracker: Tracker, choice: LRChoice, job: Task
         {
             "lr_suggested": float(found.suggestion.lr or 0),
             "lr_find_seconds": found.curve.seconds,
-            "lr_spread": found.spread_decades,
         }  # fmt: skip
+        | ({"lr_spread": found.spread_decades} if len(found.repeat_suggestions) > 1 else {})
     )
     tracker.log_metric_series(artifacts.curve_metrics(found.curve))
 

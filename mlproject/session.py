@@ -161,8 +161,8 @@ def _attach(start: Start, workdir: Path, here: ranks.Place) -> Session:
 def default_name(cfg: JobConfig, entry: str) -> str:
     """What the run is: lenet-adam-finder, resnet18-sgd-lr=0.01, TabularRegressor-finder, lenet-adam-study."""
     parts = [cfg.model.rsplit(".", 1)[-1]] + ([] if cfg.user_module else [cfg.optimizer])
-    if entry == "compare":
-        return "-".join([*parts, "study"])
+    if entry in ("compare", "lr-find"):
+        return "-".join([*parts, "study" if entry == "compare" else "lr-find"])
     return "-".join([*parts, "finder" if cfg.auto_lr else f"lr={cfg.lr:g}"])
 
 

@@ -63,8 +63,8 @@ def member_config(cfg: JobConfig, plan: Plan, label: str) -> JobConfig:
     """A member's configuration: the study's, at its fixed LR, or at the parent's range test's answer."""
     if label not in plan.members:
         raise ConfigError("member", label, f"one of the study's members ({', '.join(plan.members)})")
-    if label == FINDER:
-        return cfg.replace(auto_lr=False, lr=float(plan.finder["lr"]))  # type: ignore[arg-type]
+    if label == FINDER:  # lr as lr_used shows it: the two params then read alike
+        return cfg.replace(auto_lr=False, lr=float(f"{float(plan.finder['lr']):.6g}"))  # type: ignore[arg-type]
     return cfg.replace(auto_lr=False, lr=float(label.removeprefix("lr=")))
 
 

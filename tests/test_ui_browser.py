@@ -53,7 +53,7 @@ COLUMNS = [
 SHOTS = REPO / "test-artifacts"
 # The range-test chart: the smoothed loss (what the suggestion reads) against the LR. MLflow draws a metric x axis
 # on a linear scale only: its log switch is offered, and applied, for the step axis alone.
-CURVE_METRIC, LR_METRIC = "lr_find_smoothed_loss", "lr_find_lr"
+CURVE_METRIC, LR_METRIC = "lr_find_smoothed_loss", "lr_find_log10_lr"
 RUN_COLORS = ("#2272b4", "#de7921")  # MLflow colours a run by a hash of its id, and two runs can share one
 TIMEOUT_MS = 60_000  # the UI's first load on a busy 2-core machine
 
