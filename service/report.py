@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 from mlproject import markdown
 from mlproject.tracking_env import redact, run_url
-from service.server import where, with_driver
+from service.server import SERVER_EXTRA, where, with_driver
 
 if TYPE_CHECKING:
     from mlflow.entities import Experiment, Run
@@ -90,6 +90,14 @@ def ui_url(url: str) -> str:
     return url
 
 
+def link_base(ui_url: str, tracking_uri: str) -> str:
+    """Where the run links point: --ui-url, else a tracking server's own address without its user information or
+    query, which may hold credentials; '' (run ids, no links) for a database."""
+    if ui_url or urlsplit(tracking_uri).scheme not in HTTP_SCHEMES:
+        return ui_url
+    return where(tracking_uri)
+
+
 def experiment_name(name: str) -> str:
     """An experiment's name: anything but blank."""
     if not name.strip():
@@ -119,17 +127,20 @@ def fetch(uri: str, experiment: str = "", parent: str = "") -> Found:
     from google.protobuf.json_format import ParseError
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
-    from sqlalchemy.exc import SQLAlchemyError
 
+    failures: tuple[type[Exception], ...] = (MlflowException,)
     if urlsplit(uri).scheme in DATABASE_SCHEMES:
-        check_database(uri)
+        check_database(uri)  # the host install has no SQLAlchemy: only a database needs it
+        from sqlalchemy.exc import SQLAlchemyError
+
+        failures += (SQLAlchemyError,)
         uri = with_driver(uri)
     client = MlflowClient(uri)
     try:
         return _study(client, uri, parent, experiment) if parent else _experiment(client, uri, experiment)
     except ParseError as exc:  # JSON, but not MLflow's
         raise ReportError(_not_mlflow(uri)) from exc
-    except (MlflowException, SQLAlchemyError) as exc:
+    except failures as exc:
         raise ReportError(failure(exc, uri)) from exc
 
 
@@ -195,10 +206,13 @@ def _check_active(uri: str, experiment: Experiment) -> None:
 def check_database(uri: str) -> None:
     """Open a database URI once, with a time limit: it must exist and hold MLflow's tables. MLflow itself would
     create a missing sqlite file or the tables of an empty database, and retry a refused connection for minutes."""
-    import sqlalchemy
-    from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
-
     at = where(uri)
+    try:
+        import sqlalchemy
+        from sqlalchemy.exc import NoSuchModuleError, SQLAlchemyError
+    except ModuleNotFoundError as exc:
+        hint = f"the host install reads tracking servers only: pip install '{SERVER_EXTRA}'"
+        raise ReportError(f"reading the database {at} needs SQLAlchemy; {hint}") from exc
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).exists():
         raise ReportError(f"no database at {at}: pass --tracking-uri or set MLFLOW_TRACKING_URI")
     postgres = not uri.startswith("sqlite")
@@ -207,7 +221,7 @@ def check_database(uri: str) -> None:
             with_driver(uri), connect_args={"connect_timeout": DB_CONNECT_TIMEOUT_S} if postgres else {}
         )
     except (ModuleNotFoundError, NoSuchModuleError) as exc:
-        raise ReportError(f"reading {at} needs its database driver: pip install 'lr-finder[service]'") from exc
+        raise ReportError(f"reading {at} needs its database driver: pip install '{SERVER_EXTRA}'") from exc
     try:
         with engine.connect() as connection:
             tables = set(sqlalchemy.inspect(connection).get_table_names())

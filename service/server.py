@@ -23,12 +23,15 @@ from urllib.parse import parse_qsl, urlsplit
 log = logging.getLogger(__name__)
 
 BACKENDS = ("sqlite", "postgresql", "postgresql+psycopg2", "postgresql+psycopg")
-# SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; lr-finder[service] installs psycopg2, so name it.
+# SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3; lr-finder[server] installs psycopg2, so name it.
 DEFAULT_PG_DRIVER = "postgresql+psycopg2"
 PG_MODULES = {
     "postgresql+psycopg2": ("psycopg2", "psycopg2-binary"),
     "postgresql+psycopg": ("psycopg", "psycopg[binary]"),
 }
+# What `mlflow server` imports that mlflow-skinny (the host install) lacks: the full mlflow brings them all.
+SERVER_MODULES = {module: "mlflow" for module in ("flask", "flask_cors", "sqlalchemy", "alembic", "graphene")}
+SERVER_EXTRA = "lr-finder[server]"
 APP_NAMES = ("basic-auth",)
 # Without both, MLflow's basic-auth app refuses to start (it ships no admin password and needs a CSRF key).
 AUTH_SECRET_ENV = "MLFLOW_FLASK_SERVER_SECRET_KEY"
@@ -149,7 +152,7 @@ def is_loopback(host: str) -> bool:
 
 
 def with_driver(uri: str) -> str:
-    """A database URI with the driver lr-finder[service] installs named, where it names none."""
+    """A database URI with the driver lr-finder[server] installs named, where it names none."""
     return DEFAULT_PG_DRIVER + uri.removeprefix("postgresql") if urlsplit(uri).scheme == "postgresql" else uri
 
 
@@ -202,8 +205,10 @@ def exposed(mode: int) -> bool:
 
 
 def needed_modules(options: ServerOptions) -> dict[str, str]:
-    """Python modules the chosen server needs beyond mlflow itself -> the pip package that provides each."""
-    needed = {}
+    """Python modules the chosen server needs -> the pip package that provides each (all in lr-finder[server])."""
+    needed = dict(SERVER_MODULES)
+    if options.job_execution:
+        needed["huey"] = "mlflow"  # MLflow's job runner's queue
     scheme = urlsplit(with_driver(options.backend_store_uri)).scheme
     if scheme in PG_MODULES:
         module, package = PG_MODULES[scheme]

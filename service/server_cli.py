@@ -140,9 +140,10 @@ def _checked_plan(options: server.ServerOptions) -> server.ServerPlan:
     except server.ServerConfigError as exc:
         raise click.BadParameter(str(exc), param_hint=exc.option) from exc
     needed = server.needed_modules(options)
-    missing = sorted(pip for module, pip in needed.items() if not importlib.util.find_spec(module))
+    missing = sorted({pip for module, pip in needed.items() if importlib.util.find_spec(module) is None})
     if missing:
-        raise click.ClickException(f"this server needs {', '.join(missing)}: pip install 'lr-finder[service]'")
+        installs = f"pip install '{server.SERVER_EXTRA}'"
+        raise click.ClickException(f"lr-finder server needs {', '.join(missing)}, not installed here: {installs}")
     return plan
 
 
@@ -257,7 +258,7 @@ def _checked(check: Callable[[str], str]) -> Callable[[click.Context, click.Para
     "--ui-url",
     default="",
     callback=_checked(report.ui_url),
-    help="Base URL of the MLflow UI for the run links; default: the tracking URI if http(s).",
+    help="Base URL of the MLflow UI for the run links; default: an http(s) tracking URI without credentials.",
 )
 @click.option(
     "--ranked-by",
@@ -279,8 +280,7 @@ def report_command(
     """Print an experiment's runs, or one study's, as a markdown table: append it to $GITHUB_STEP_SUMMARY in CI."""
     if not experiment and not parent:
         raise click.UsageError("give --experiment NAME, or --parent RUN_ID for one study")
-    if not ui_url and tracking_uri.startswith(("http://", "https://")):
-        ui_url = tracking_uri
+    ui_url = report.link_base(ui_url, tracking_uri)
     configure_client()  # MLflow's own retries take minutes against a server that is down
     try:
         found = report.fetch(tracking_uri, experiment or "", parent or "")

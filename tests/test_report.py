@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,29 @@ def test_cli_links_runs_to_the_ui_url_when_given(store):
     args = ["report", "--experiment", "study", "--tracking-uri", store, "--ui-url", "http://mlflow.team:5000"]
     result = CliRunner().invoke(cli, args)
     assert result.output.count("[open](http://mlflow.team:5000/#/experiments/") == 6
+
+
+@pytest.mark.parametrize(
+    "ui_url, tracking_uri, base",
+    [
+        ("", "https://ci:s3cret@mlflow.team/", "https://mlflow.team/"),
+        ("", "https://mlflow.team:5000/?token=s3cret", "https://mlflow.team:5000/"),
+        ("", "sqlite:///mlflow.db", ""),
+        ("http://ui.team", "https://ci:s3cret@mlflow.team", "http://ui.team"),
+    ],
+)
+def test_links_fall_back_to_the_tracking_server_without_its_credentials(ui_url, tracking_uri, base):
+    assert report.link_base(ui_url, tracking_uri) == base
+
+
+def test_a_host_install_without_sqlalchemy_reads_no_database_and_says_which_extra(store, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # as in `pip install -c constraints.txt .`
+    result = CliRunner().invoke(cli, ["report", "--experiment", "study", "--tracking-uri", store])
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        f"Error: reading the database {store} needs SQLAlchemy; the host install reads tracking servers only:"
+        " pip install 'lr-finder[server]'"
+    ]
 
 
 def test_cli_names_the_experiments_there_are_when_one_is_missing(store):

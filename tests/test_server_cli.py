@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -143,15 +144,31 @@ def test_basic_auth_config_file_replaces_the_password_variable(tmp_path):
     assert plan.env[server.AUTH_CONFIG_ENV] == str(ini.resolve())
 
 
+def extra(options: server.ServerOptions) -> dict[str, str]:
+    """What this server needs beyond `mlflow server` itself."""
+    return {k: v for k, v in server.needed_modules(options).items() if k not in server.SERVER_MODULES}
+
+
 def test_postgresql_and_basic_auth_name_the_packages_they_need():
-    assert server.needed_modules(server.ServerOptions()) == {}
+    assert server.needed_modules(server.ServerOptions()) == server.SERVER_MODULES
+    assert {"flask", "sqlalchemy"} <= set(server.SERVER_MODULES)  # what mlflow-skinny lacks for `mlflow server`
     pg = server.ServerOptions(backend_store_uri="postgresql+psycopg2://u@h/db", app_name="basic-auth")
-    assert server.needed_modules(pg) == {"psycopg2": "psycopg2-binary", "flask_wtf": "Flask-WTF"}
-    bare = server.ServerOptions(backend_store_uri="postgresql://u@h/db")
-    assert server.needed_modules(bare) == {"psycopg2": "psycopg2-binary"}
-    assert server.needed_modules(server.ServerOptions(backend_store_uri="postgresql+psycopg://u@h/db")) == {
-        "psycopg": "psycopg[binary]"
-    }
+    assert extra(pg) == {"psycopg2": "psycopg2-binary", "flask_wtf": "Flask-WTF"}
+    assert extra(server.ServerOptions(backend_store_uri="postgresql://u@h/db")) == {"psycopg2": "psycopg2-binary"}
+    psycopg3 = server.ServerOptions(backend_store_uri="postgresql+psycopg://u@h/db")
+    assert extra(psycopg3) == {"psycopg": "psycopg[binary]"}
+    assert extra(server.ServerOptions(job_execution=True)) == {"huey": "mlflow"}
+
+
+def test_a_host_install_without_mlflows_server_packages_is_told_the_extra_in_one_line(monkeypatch):
+    for module in ("flask", "flask_wtf"):
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed: find_spec answers None
+    args = ["server", "--app-name", "basic-auth", "--port", str(free_port())]
+    result = CliRunner().invoke(cli, args, env={**AUTH_ENV, server.BACKEND_URI_ENV: None})
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        "Error: lr-finder server needs Flask-WTF, mlflow, not installed here: pip install 'lr-finder[server]'"
+    ]
 
 
 @pytest.mark.parametrize(
