@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from mlproject.catalog import IDX_FILES
 from mlproject.tracking_env import run_url
-from service import spec
+from service import job_args, probes, progress, run_outputs, spec
 from service.cli import cli
 
 RUN_LOG = (
@@ -21,10 +21,15 @@ RUN_LOG = (
 )
 
 
-def launch(**overrides) -> spec.LaunchSpec:
+def launch(code: str = "", **overrides) -> spec.LaunchSpec:
+    """The container `lr-finder run` would start: job_args' command in spec's container."""
+    job = {k: overrides.pop(k) for k in ("params", "entry_point", "experiment", "run_name", "resume") if k in overrides}
+    command = job_args.job_command(**job, code=bool(code))
     options = dict(image="lr-finder:latest", gpus="all", shm_size="2g", data="/srv/fashion", cache="", network="")
     options |= overrides
-    return spec.launch_spec(names=(spec.TRACKING_ENV,), **options)
+    return spec.launch_spec(
+        names=(spec.TRACKING_ENV,), command=command.args, entrypoint=command.entrypoint, code=code, **options
+    )
 
 
 @pytest.mark.parametrize(
@@ -102,8 +107,8 @@ def test_servers_are_accepted(uri):
 
 
 def test_the_run_id_comes_from_mlflow_runs_log():
-    assert spec.find_run_id("noise\n" + RUN_LOG) == "483290941e434eb48b25f1c38a2a3fd7"
-    assert spec.find_run_id("error: cannot import torch\n") is None
+    assert job_args.find_run_id("noise\n" + RUN_LOG) == "483290941e434eb48b25f1c38a2a3fd7"
+    assert job_args.find_run_id("error: cannot import torch\n") is None
 
 
 def test_run_link_drops_credentials_and_needs_a_ui_url():
@@ -114,10 +119,10 @@ def test_run_link_drops_credentials_and_needs_a_ui_url():
 
 def test_summary_holds_the_link_the_lrs_and_the_final_metrics():
     figures = {"lr_suggested": "0.0017", "lr_used": "0.0052", "lr_source": "finder", "test_acc": "0.9021"}
-    text = spec.summary_markdown("abc", "FINISHED", "https://m/#/experiments/1/runs/abc", figures)
+    text = run_outputs.summary_markdown("abc", "FINISHED", "https://m/#/experiments/1/runs/abc", figures)
     assert text.startswith("### lr-finder run [`abc`](https://m/#/experiments/1/runs/abc): FINISHED")
     assert "| 0.0017 | 0.0052 | finder | 0.9021 | - | - | - |" in text
-    assert "`abc`: FAILED" in spec.summary_markdown("abc", "FAILED", "", {})
+    assert "`abc`: FAILED" in run_outputs.summary_markdown("abc", "FAILED", "", {})
 
 
 def test_scrub_masks_every_secret_value():
@@ -137,13 +142,13 @@ def test_build_args_carry_provenance_and_explicit_pairs_win():
 
 
 def test_doctor_checks_the_gpu_only_when_one_is_asked_for():
-    assert [p.name for p in spec.doctor_probes(launch())] == ["GPU in a container", "tracking server", "dataset"]
-    assert [p.name for p in spec.doctor_probes(launch(gpus="none"))] == ["tracking server", "dataset"]
-    assert all(p.hint for p in spec.doctor_probes(launch()))
+    assert [p.name for p in probes.doctor_probes(launch())] == ["GPU in a container", "tracking server", "dataset"]
+    assert [p.name for p in probes.doctor_probes(launch(gpus="none"))] == ["tracking server", "dataset"]
+    assert all(p.hint for p in probes.doctor_probes(launch()))
 
 
 def _run_dataset_probe(folder: Path) -> subprocess.CompletedProcess:
-    (probe,) = [p for p in spec.doctor_probes(launch(gpus="none")) if p.name == "dataset"]
+    (probe,) = [p for p in probes.doctor_probes(launch(gpus="none")) if p.name == "dataset"]
     code = probe.code.replace(repr(spec.DATA_TARGET), repr(str(folder)))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
 
@@ -181,7 +186,7 @@ def test_code_is_mounted_read_only_at_code_and_passed_to_the_job():
 )
 def test_a_dataset_that_is_not_built_in_is_read_from_data(params, data_dir):
     args = launch(params=params).args
-    passed = spec.param_values(value for flag, value in zip(args, args[1:], strict=False) if flag == "-P")
+    passed = job_args.param_values(value for flag, value in zip(args, args[1:], strict=False) if flag == "-P")
     assert passed.get("data_dir") == data_dir
 
 
@@ -245,7 +250,7 @@ def test_a_leftover_of_this_service_is_cleared_anything_else_refused(status, our
 
 
 def test_pull_progress_counts_layers_and_megabytes_and_speaks_now_and_then():
-    progress = spec.TransferProgress(every_s=5)
+    pull = progress.TransferProgress(every_s=5)
     events = [
         ({"status": "Pulling from nvidia/cuda", "id": "13.0.0-base"}, 0.0),
         ({"status": "Pulling fs layer", "id": "a"}, 0.1),
@@ -257,7 +262,7 @@ def test_pull_progress_counts_layers_and_megabytes_and_speaks_now_and_then():
         ({"status": "Pull complete", "id": "a"}, 7.0),
         ({"status": "Digest: sha256:0123"}, 7.1),
     ]
-    lines = [line for event, now in events if (line := progress.line(event, now))]
+    lines = [line for event, now in events if (line := pull.line(event, now))]
     assert lines == [
         "Pulling from nvidia/cuda",
         "layers 0/1 done, 0.0 of 0.0 MB downloaded",
@@ -268,8 +273,13 @@ def test_pull_progress_counts_layers_and_megabytes_and_speaks_now_and_then():
     ]
 
 
+def test_a_log_is_cut_into_lines_at_newlines_and_progress_bars_and_keeps_split_characters_whole():
+    chunks = [b"epoch 1\r", b"epoch 2\r\nLoss \xce", b"\xbb=0.1\n", b"no newline"]
+    assert list(progress.log_lines(chunks)) == ["epoch 1\r", "epoch 2\r\n", "Loss \u03bb=0.1\n", "no newline"]
+
+
 def test_the_run_record_names_the_run_its_experiment_status_and_link():
-    record = spec.run_record("abc", "3", "FINISHED", "https://m/#/experiments/3/runs/abc")
+    record = run_outputs.run_record("abc", "3", "FINISHED", "https://m/#/experiments/3/runs/abc")
     assert record == {
         "run_id": "abc", "experiment_id": "3", "status": "FINISHED", "link": "https://m/#/experiments/3/runs/abc",
     }  # fmt: skip
