@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from service import server
+from service import server, server_process, uris
 from service.cli import cli
 from tests.helpers import AUTH_ENV, free_port, http_answering, http_status, running_server
 
@@ -62,16 +62,16 @@ def test_a_password_in_the_backend_uri_goes_to_the_servers_environment_and_never
     assert not any("s3" in arg for arg in plan.argv)  # argv: what `ps` shows every user
     assert "s3" not in plan.shown and "s3" not in repr(plan)
     assert "(backend store postgresql+psycopg2://db:5432/mlflow," in plan.shown
-    assert server.has_password(uri)
-    assert not server.has_password("postgresql://mlflow@db/mlflow") and not server.has_password("sqlite:///x.db")
+    assert uris.has_password(uri)
+    assert not uris.has_password("postgresql://mlflow@db/mlflow") and not uris.has_password("sqlite:///x.db")
 
 
 def test_shown_uris_keep_what_locates_the_store():
-    assert server.where("sqlite:////srv/mlflow/mlflow.db") == "sqlite:////srv/mlflow/mlflow.db"
-    assert server.where("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
-    assert server.where("s3://bucket/path") == "s3://bucket/path"
-    assert server.where("http://admin:pw@[::1]:5000/") == "http://[::1]:5000/"
-    assert server.where("./mlartifacts") == "./mlartifacts"
+    assert uris.where("sqlite:////srv/mlflow/mlflow.db") == "sqlite:////srv/mlflow/mlflow.db"
+    assert uris.where("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+    assert uris.where("s3://bucket/path") == "s3://bucket/path"
+    assert uris.where("http://admin:pw@[::1]:5000/") == "http://[::1]:5000/"
+    assert uris.where("./mlartifacts") == "./mlartifacts"
 
 
 def test_the_uri_file_gives_its_first_line():
@@ -259,9 +259,9 @@ def test_an_empty_uri_file_is_refused(tmp_path):
 
 
 def test_how_a_process_ended_reads_as_its_exit_code_or_signal():
-    assert server.exit_reason(0) == "exit code 0"
-    assert server.exit_reason(1) == "exit code 1"
-    assert server.exit_reason(-9) == "killed by SIGKILL"
+    assert server_process.exit_reason(0) == "exit code 0"
+    assert server_process.exit_reason(1) == "exit code 1"
+    assert server_process.exit_reason(-9) == "killed by SIGKILL"
 
 
 def test_listeners_on_a_port_are_read_from_proc_net_tcp():
@@ -271,9 +271,9 @@ def test_listeners_on_a_port_are_read_from_proc_net_tcp():
         "   1: 0100007F:1388 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0\n"
         "   2: 00000000:1389 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4444 1 0\n"
     )
-    assert server.listening_inodes(table, 5000) == {4242}  # 0x1388; the connection (state 01) is no listener
-    assert server.listening_inodes(table, 5001) == {4444}
-    assert server.listening_inodes(table, 5002) == set()
+    assert server_process.listening_inodes(table, 5000) == {4242}  # 0x1388; the connection (state 01) is no listener
+    assert server_process.listening_inodes(table, 5001) == {4444}
+    assert server_process.listening_inodes(table, 5002) == set()
 
 
 def test_only_the_servers_own_files_are_checked_for_their_mode():
