@@ -73,7 +73,7 @@ def container_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def job_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The job's parameters, entry point and code folder."""
     options = [
-        click.option("-P", "params", multiple=True, metavar="KEY=VALUE", help="A job parameter, passed to mlflow run."),
+        click.option("-P", "params", multiple=True, metavar="KEY=VALUE", help="A job parameter (MLproject's name)."),
         click.option("--entry-point", "-e", default="main", show_default=True, help="MLproject entry point."),
         click.option(
             "--code",

@@ -7,14 +7,17 @@ from typing import Any
 import click
 
 from service import launcher, probes, spec
-from service.container_options import container_options, fail, plan
+from service.container_options import container_options, fail, job_options, plan
 
 
 @click.command("doctor")
 @container_options
+@job_options
 def doctor_command(**options: Any) -> None:
-    """Check the Docker engine, a GPU in a container, the tracking server and the dataset; exit 1 if any fails."""
-    job_spec, _, env = plan(**options)
+    """Check what `lr-finder run` with these options needs: the Docker engine, the image, a GPU in a container, the
+    tracking server, and the data and code the job would read (the job's own check of -P, --code and
+    --entry-point, with run's mounts); exit 1 if any fails."""
+    job_spec, command, env = plan(**options)
     try:
         client = launcher.connect()
     except launcher.LaunchError as exc:
@@ -26,7 +29,7 @@ def doctor_command(**options: Any) -> None:
         _report([*results, ("image", False, str(exc), f"lr-finder build --tag {job_spec.image}")])
     results.append(("image", True, f"{job_spec.image} ({info.id[:19]}, user {info.user})", ""))
     problem = spec.tracking_problem(options["tracking_uri"])
-    for probe in probes.doctor_probes(job_spec):
+    for probe in probes.doctor_probes(job_spec, command.check):
         if probe.name == "tracking server" and problem:
             results.append((probe.name, False, problem, probe.hint))
             continue

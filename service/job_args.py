@@ -1,5 +1,5 @@
 """What the job in the container is told, decided without docker: `mlflow run`'s arguments from -P pairs (and the
-run id its log names), or the command that resumes a run."""
+run id its log names), the command that resumes a run, and the job's own check of the same parameters."""
 
 from __future__ import annotations
 
@@ -11,18 +11,22 @@ from mlproject.catalog import BUILTIN_DATASETS
 from service.spec import CODE_TARGET, DATA_TARGET, SpecError
 
 RESUME_COMMAND = ("python", "-m", "mlproject", "train", "--resume")  # the image's PYTHONPATH holds mlproject
+CHECK_COMMAND = ("-m", "mlproject", "check")  # the image's python's arguments: the job's check, no run, no training
+# The compare entry point's own parameters (the study's, not the job's): `check` takes the job's only.
+STUDY_PARAMS = ("lrs", "stage", "parent_run", "member", "parallel")
 _RUN_ID = re.compile(r"in run with ID '([0-9a-f]{32})'")  # `mlflow run` logs this line before it starts the job
 _RUN_ID_SHAPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
 class JobCommand:
-    """The container's command: its entrypoint (empty: the image's `mlflow run`), the arguments after it, and the
-    run it continues (empty: a new run)."""
+    """The container's command: its entrypoint (empty: the image's `mlflow run`), the arguments after it, the run
+    it continues (empty: a new run), and python's arguments for the job's check of the same parameters."""
 
     args: tuple[str, ...]
     entrypoint: tuple[str, ...] = ()
     resume: str = ""
+    check: tuple[str, ...] = ()
 
 
 def job_command(
@@ -38,7 +42,9 @@ def job_command(
     params = tuple(params)
     if resume:
         return resume_command(resume, params, entry_point, experiment, run_name)
-    return JobCommand(mlflow_run_args(params, entry_point, experiment, run_name, code))
+    return JobCommand(
+        mlflow_run_args(params, entry_point, experiment, run_name, code), check=check_args(params, entry_point, code)
+    )
 
 
 def parse_params(params: Iterable[str]) -> tuple[tuple[str, str], ...]:
@@ -82,6 +88,14 @@ def mlflow_run_args(
     if run_name:
         args += ("--run-name", run_name)
     return args + tuple(word for key, value in job_params(params, code) for word in ("-P", f"{key}={value}"))
+
+
+def check_args(params: Iterable[str], entry_point: str = "main", code: bool = False) -> tuple[str, ...]:
+    """`python -m mlproject check` of the parameters the job would get: each key_name=value as --key-name value,
+    less compare's study parameters."""
+    skip = STUDY_PARAMS if entry_point == "compare" else ()
+    pairs = [(key, value) for key, value in job_params(params, code) if key not in skip]
+    return CHECK_COMMAND + tuple(word for key, value in pairs for word in ("--" + key.replace("_", "-"), value))
 
 
 def resume_command(

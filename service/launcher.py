@@ -20,7 +20,7 @@ from docker.types import Mount as DockerMount
 from docker.utils.build import exclude_paths
 
 from mlproject.tracking_env import QUIET
-from service.probes import Probe
+from service.probes import Probe, answer
 from service.progress import TransferProgress, log_lines
 from service.spec import LABEL, GpuRequest, LaunchSpec, name_conflict
 
@@ -245,16 +245,16 @@ def probe(
     """Run one check in a throwaway container of the job image: (passed, its one-line answer)."""
     try:
         container = _create(
-            client, spec, {**environment, **PROBE_ENV}, ["-c", check.code], entrypoint=["python"], gpus=check.gpus
+            client, spec, {**environment, **PROBE_ENV}, list(check.command), entrypoint=["python"], gpus=check.gpus
         )
     except LaunchError as exc:
         return False, str(exc)
     try:
         container.start()
         status = int(container.wait()["StatusCode"])
-        output = _logs(container).strip().splitlines()
+        output = _logs(container)
     except (DockerException, requests.RequestException) as exc:
         return False, f"the engine refused: {getattr(exc, 'explanation', None) or exc}"
     finally:
         _remove(container)
-    return status == 0, output[-1] if output else f"exit code {status}, no output"
+    return status == 0, answer(output, status)

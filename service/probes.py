@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlproject.catalog import IDX_FILES
-from service.spec import CACHE_TARGET, DATA_TARGET, TRACKING_ENV, LaunchSpec
+from service.spec import DATA_TARGET, TRACKING_ENV, LaunchSpec
 
 
 @dataclass(frozen=True)
@@ -13,7 +12,7 @@ class Probe:
     """One `lr-finder doctor` check that runs inside the job image, with the same mounts, network and environment."""
 
     name: str
-    code: str  # Python run by the image's interpreter; exit 0 = ok; prints one line either way
+    command: tuple[str, ...]  # the image's python's arguments; exit 0 = ok; prints one line either way
     gpus: bool
     hint: str
 
@@ -29,42 +28,42 @@ try:
 except Exception as exc:  # any failure is the answer; print its first line only
     print(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"); sys.exit(1)
 print("answers and accepts the credentials")"""
-_DATASET_CODE = """import os, sys
-names = {names}
-for d in {dirs}:
-    if all(os.path.isfile(os.path.join(d, n)) or os.path.isfile(os.path.join(d, n + ".gz")) for n in names):
-        print("four IDX files in " + d); sys.exit(0)
-print("no Fashion-MNIST IDX files in " + " or ".join({dirs})); sys.exit(1)"""
 
 
-def doctor_probes(spec: LaunchSpec) -> list[Probe]:
-    """GPU (unless --gpus none), tracking server and dataset, each checked where the job will run."""
-    dirs = [DATA_TARGET] + [
-        f"{CACHE_TARGET}/mlproject/fashion-mnist/FashionMNIST/raw" for m in spec.mounts if m.target == CACHE_TARGET
-    ]
+def doctor_probes(spec: LaunchSpec, check: tuple[str, ...]) -> list[Probe]:
+    """GPU (unless --gpus none), tracking server, and the job's own check of its data and code (check: python's
+    arguments for it), each run where the job will run."""
     probes = [
         Probe(
             "tracking server",
-            _TRACKING_CODE,
+            ("-c", _TRACKING_CODE),
             gpus=False,
             hint=f"check {TRACKING_ENV} from inside a container (--network host for a server on 127.0.0.1) and "
             "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN",
         ),
         Probe(
-            "dataset",
-            _DATASET_CODE.format(names=repr(tuple(IDX_FILES.values())), dirs=repr(dirs)),
+            "data and code",
+            check,
             gpus=False,
-            hint="pass --data DIR with the four *-ubyte[.gz] files (Debian's dataset-fashion-mnist: "
-            "/usr/share/datasets/fashion-mnist), or --cache VOLUME and let a first run download it",
+            hint=f"pass --data DIR with what the job reads at {DATA_TARGET} (the IDX files, or an image folder with "
+            f"-P dataset=imagefolder), --code DIR with the classes a class path names (-P model=pkg.Module), or "
+            "correct the parameter the line names (-P key=value)",
         ),
     ]
     if spec.gpus.wanted:
         gpu = Probe(
             "GPU in a container",
-            _GPU_CODE,
+            ("-c", _GPU_CODE),
             gpus=True,
             hint="install the NVIDIA driver and the NVIDIA container toolkit (nvidia-ctk runtime configure "
             "--runtime=docker, restart dockerd); the image's torch build needs a recent driver (see README)",
         )
         probes.insert(0, gpu)
     return probes
+
+
+def answer(output: str, status: int) -> str:
+    """A probe's one line: the job check's own `ok:` or `error:` line (log lines may follow it), else the last."""
+    lines = output.strip().splitlines()
+    said = [line for line in lines if line.startswith(("ok: ", "error: "))]
+    return (said or lines or [f"exit code {status}, no output"])[-1]

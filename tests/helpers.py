@@ -119,6 +119,17 @@ def write_dataset(folder: Path, n_train: int = 300, n_test: int = 100, seed: int
     return folder
 
 
+def write_tiny_image_folder(root: Path) -> Path:
+    """An image folder for checks, not training: train/<class>/ with two 8x8 grey PNGs in each of two classes."""
+    from PIL import Image
+
+    for label, shade in (("cats", 40), ("dogs", 200)):
+        (root / "train" / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), shade + i).save(root / "train" / label / f"{i}.png")
+    return root
+
+
 # --- the job as a process --------------------------------------------------------------------------------------
 
 

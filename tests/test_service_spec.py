@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from mlproject.catalog import IDX_FILES
 from mlproject.tracking_env import run_url
 from service import job_args, probes, progress, run_outputs, spec
 from service.cli import cli
+from tests.helpers import write_tiny_image_folder
 
 RUN_LOG = (
     "2026/11/28 21:09:58 INFO mlflow.projects.backend.local: === Running command 'python -m mlproject train "
@@ -141,30 +140,72 @@ def test_build_args_carry_provenance_and_explicit_pairs_win():
         spec.build_args(["NOEQUALS"], "", "", "abc")
 
 
+CHECK = job_args.CHECK_COMMAND
+
+
 def test_doctor_checks_the_gpu_only_when_one_is_asked_for():
-    assert [p.name for p in probes.doctor_probes(launch())] == ["GPU in a container", "tracking server", "dataset"]
-    assert [p.name for p in probes.doctor_probes(launch(gpus="none"))] == ["tracking server", "dataset"]
-    assert all(p.hint for p in probes.doctor_probes(launch()))
+    names = ["GPU in a container", "tracking server", "data and code"]
+    assert [p.name for p in probes.doctor_probes(launch(), CHECK)] == names
+    assert [p.name for p in probes.doctor_probes(launch(gpus="none"), CHECK)] == names[1:]
+    assert all(p.hint for p in probes.doctor_probes(launch(), CHECK))
 
 
-def _run_dataset_probe(folder: Path) -> subprocess.CompletedProcess:
-    (probe,) = [p for p in probes.doctor_probes(launch(gpus="none")) if p.name == "dataset"]
-    code = probe.code.replace(repr(spec.DATA_TARGET), repr(str(folder)))
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+def test_doctor_runs_the_jobs_own_check_of_the_parameters_run_would_pass():
+    command = job_args.job_command(["dataset=imagefolder", "model=pkg.Net", "image_size=32"], code=True)
+    assert command.check == (
+        *CHECK, "--dataset", "imagefolder", "--model", "pkg.Net", "--image-size", "32", "--code", "/code",
+        "--data-dir", "/data",
+    )  # fmt: skip
+    (probe,) = [p for p in probes.doctor_probes(launch(gpus="none"), command.check) if p.name == "data and code"]
+    assert probe.command == command.check and not probe.gpus
+    assert all(option in probe.hint for option in ("--data DIR", "--code DIR", "-P key=value"))
 
 
-def test_dataset_probe_finds_the_four_files_gzipped_or_not(tmp_path):
-    for i, name in enumerate(IDX_FILES.values()):
-        (tmp_path / (name + (".gz" if i % 2 else ""))).write_bytes(b"x")
-    result = _run_dataset_probe(tmp_path)
-    assert result.returncode == 0 and "four IDX files in" in result.stdout
+def test_the_check_leaves_out_the_study_parameters_for_compare_only():
+    params = ["stage=plan", "lrs=1e-5,1e-1", "epochs=2"]
+    assert job_args.check_args(params, "compare") == (*CHECK, "--epochs", "2")
+    assert "--stage" in job_args.check_args(params, "main")  # not main's: the job's check says so, as its run would
 
 
-def test_dataset_probe_fails_when_a_file_is_missing(tmp_path):
-    for name in list(IDX_FILES.values())[:3]:
-        (tmp_path / name).write_bytes(b"x")
-    result = _run_dataset_probe(tmp_path)
-    assert result.returncode == 1 and "no Fashion-MNIST IDX files" in result.stdout
+def test_the_study_parameters_are_the_compare_commands_own():
+    from mlproject.__main__ import cli as job_cli
+
+    own = {p.name for p in job_cli.commands["compare"].params} - {p.name for p in job_cli.commands["check"].params}
+    assert own == set(job_args.STUDY_PARAMS)
+
+
+@pytest.mark.parametrize(
+    "output, status, line",
+    [
+        (
+            "torch warning\nok: model lenet on fashion-mnist from /data\n",
+            0,
+            "ok: model lenet on fashion-mnist from /data",
+        ),
+        (
+            "error: invalid value for model: 'a.B'\n12:00 DEBUG urllib3: closing\n",
+            2,
+            "error: invalid value for model: 'a.B'",
+        ),
+        ("answers and accepts the credentials\n", 0, "answers and accepts the credentials"),
+        ("", 1, "exit code 1, no output"),
+    ],
+)
+def test_a_probes_line_is_the_checks_verdict_else_its_last_line(output, status, line):
+    assert probes.answer(output, status) == line
+
+
+@pytest.mark.parametrize(
+    "model, code, verdict",
+    [("lenet", 0, "ok: model lenet on the image folder "), ("nowhere.Net", 2, "error: invalid value for model: ")],
+)
+def test_the_jobs_check_answers_in_the_one_line_and_exit_code_doctor_reads(tmp_path, model, code, verdict):
+    params = ["dataset=imagefolder", f"data_dir={write_tiny_image_folder(tmp_path)}", f"model={model}"]
+    done = subprocess.run(
+        [sys.executable, *job_args.check_args(params)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == code, done.stderr[-2000:]
+    assert probes.answer(done.stdout + done.stderr, done.returncode).startswith(verdict)
 
 
 def test_code_is_mounted_read_only_at_code_and_passed_to_the_job():
