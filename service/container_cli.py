@@ -129,7 +129,7 @@ def run_command(
     job_spec, command, env = plan(**options, **job, name=name)
     for line in job_spec.describe():
         click.echo(f"lr-finder: {line}", err=True)
-    secrets = list(env.values())
+    secrets = spec.secret_values(env)
     try:
         client = launcher.connect()
         info = launcher.ensure_image(client, job_spec.image, lambda line: click.echo(line, nl=False, err=True))

@@ -66,6 +66,12 @@ def container_options(func: Callable[..., Any]) -> Callable[..., Any]:
             "--network", default="", help="Docker network; host reaches a server on this machine's 127.0.0.1."
         ),
         click.option("--shm-size", default="2g", show_default=True, help="Shared memory (DataLoader workers)."),
+        click.option(
+            "-v",
+            "--verbose",
+            is_flag=True,
+            help="The job logs debug detail (LR_FINDER_LOG_LEVEL=DEBUG in the container).",
+        ),
     ]
     return _apply(options, func)
 
@@ -95,12 +101,13 @@ def plan(
     env_extra: tuple[str, ...],
     network: str,
     shm_size: str,
+    verbose: bool = False,
     code: str = "",
     name: str = "",
     **job: Any,
 ) -> tuple[spec.LaunchSpec, job_args.JobCommand, dict[str, str]]:
     """The launch spec, the job's command (job: job_args.job_command's arguments) and the environment's values."""
-    environ = {**os.environ, spec.TRACKING_ENV: tracking_uri}
+    environ = spec.job_environ(os.environ, tracking_uri, verbose)
     try:
         names = spec.env_names(environ, env_extra)
         code = _folder("--code", code)

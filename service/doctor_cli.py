@@ -34,7 +34,7 @@ def doctor_command(**options: Any) -> None:
             results.append((probe.name, False, problem, probe.hint))
             continue
         ok, answer = launcher.probe(client, job_spec, env, probe)
-        results.append((probe.name, ok, spec.scrub(answer, env.values()), probe.hint))
+        results.append((probe.name, ok, spec.scrub(answer, spec.secret_values(env)), probe.hint))
     _report(results)
 
 

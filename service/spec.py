@@ -4,16 +4,19 @@ environment by name), and the pure checks around it; the job's own arguments are
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from mlproject.logs import LEVEL_ENV
 from mlproject.tracking_env import CREDENTIAL_ENV
 
 DATA_TARGET = "/data"  # the image's dataset volume (FASHION_MNIST_DIR)
 CACHE_TARGET = "/home/lrfinder/.cache"  # the job downloads into ~/.cache/mlproject when /data is empty
 CODE_TARGET = "/code"  # the user's code, which the job puts on its import path (-P code=/code)
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+# Passed by name as the credentials are, but no secret: scrub must not mask its value (DEBUG) in the job's log.
+PLAIN_ENV = (LEVEL_ENV,)
 LABEL = "org.lr-finder.job"  # marks containers this service launched
 ENGINE_HINT = "install Docker (apt-get install docker.io) and start it (systemctl start docker), or set DOCKER_HOST"
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -110,8 +113,15 @@ def tracking_problem(uri: str) -> str | None:
     return None
 
 
+def job_environ(environ: Mapping[str, str], tracking_uri: str, verbose: bool) -> dict[str, str]:
+    """Where the container's variables are taken from: the caller's environment, the tracking URI, and -v's
+    LR_FINDER_LOG_LEVEL=DEBUG (the job reads it, under `mlflow run` too)."""
+    return {**environ, TRACKING_ENV: tracking_uri, **({LEVEL_ENV: "DEBUG"} if verbose else {})}
+
+
 def env_names(available: Iterable[str], extra: Iterable[str] = ()) -> tuple[str, ...]:
-    """The tracking URI, the credentials the caller has set, and any extra names asked for: sorted, by name."""
+    """The tracking URI, the credentials and log level the caller has set, and any extra names asked for: sorted,
+    by name."""
     bad = [n for n in extra if not _ENV_NAME.fullmatch(n)]
     if bad:
         raise SpecError(f"--env {bad[0]!r}: pass a variable name (its value is taken from this environment)")
@@ -119,7 +129,12 @@ def env_names(available: Iterable[str], extra: Iterable[str] = ()) -> tuple[str,
     missing = [n for n in extra if n not in present]
     if missing:
         raise SpecError(f"--env {missing[0]}: not set in this environment")
-    return tuple(sorted({TRACKING_ENV, *(n for n in CREDENTIAL_ENV if n in present), *extra}))
+    return tuple(sorted({TRACKING_ENV, *(n for n in (*CREDENTIAL_ENV, *PLAIN_ENV) if n in present), *extra}))
+
+
+def secret_values(env: Mapping[str, str]) -> list[str]:
+    """The values scrub masks: those of every variable passed, but the plain ones."""
+    return [value for name, value in env.items() if name not in PLAIN_ENV]
 
 
 def launch_spec(

@@ -441,11 +441,14 @@ def test_credentials_and_tracking_uri_reach_the_container_but_never_the_output(f
 
 
 def test_a_failing_job_fails_the_command_and_its_run(image, tracking):
-    result = lr_finder(*run_args("failing", "-P", "lr=abc"), env=credentials(tracking), timeout=600)
+    # -v: the job logs at DEBUG (LR_FINDER_LOG_LEVEL), and a secret stays masked in what it logs
+    result = lr_finder(*run_args("failing", "-P", "lr=abc", "-v"), env=credentials(tracking), timeout=600)
     assert result.returncode != 0
     assert "error: invalid value for lr" in result.stdout
     (run,) = runs(tracking, "failing")
     assert run.info.status == "FAILED"
+    assert re.search(r"^\S+ \S+ DEBUG [\w.]+: ", result.stdout, flags=re.MULTILINE), result.stdout[-3000:]
+    assert PASSWORD not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(
@@ -631,7 +634,7 @@ def test_doctor_checks_an_image_folder_and_a_user_module_where_the_job_will_read
     (shared_folder / "code").mkdir()
     (shared_folder / "code" / "nets.py").write_text(USER_MODULE)
     args = ["--data", str(images), "--code", str(shared_folder / "code"), "-P", "dataset=imagefolder"]
-    args += ["-P", "model=nets.Tiny"]
+    args += ["-P", "model=nets.Tiny", "-v"]  # the job's debug lines must not hide its verdict
     result = lr_finder(
         "doctor", "--image", IMAGE, "--gpus", "none", "--network", "host", *args, env=credentials(tracking)
     )

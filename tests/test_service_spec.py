@@ -9,9 +9,11 @@ import sys
 import pytest
 from click.testing import CliRunner
 
+from mlproject.logs import LEVEL_ENV
 from mlproject.tracking_env import run_url
 from service import job_args, probes, progress, run_outputs, spec
 from service.cli import cli
+from service.container_options import plan
 from tests.helpers import write_tiny_image_folder
 
 RUN_LOG = (
@@ -85,6 +87,20 @@ def test_credentials_pass_by_name_when_set_and_extra_names_must_exist():
         spec.env_names(env, ["NOT_SET"])
     with pytest.raises(spec.SpecError, match="pass a variable name"):
         spec.env_names(env, ["A=b"])
+
+
+def test_verbose_sets_the_jobs_log_level_and_a_level_the_caller_set_passes_by_name():
+    assert spec.job_environ({"HOME": "/h"}, "http://m", verbose=True)[LEVEL_ENV] == "DEBUG"
+    assert LEVEL_ENV not in spec.job_environ({}, "http://m", verbose=False)
+    assert spec.job_environ({LEVEL_ENV: "WARNING"}, "http://m", verbose=False)[LEVEL_ENV] == "WARNING"
+    assert spec.env_names({LEVEL_ENV: "INFO", "HOME": "/h"}) == (LEVEL_ENV, spec.TRACKING_ENV)
+    assert spec.env_names({"HOME": "/h"}) == (spec.TRACKING_ENV,)
+
+
+def test_the_log_level_is_no_secret_to_mask_in_the_jobs_log():
+    env = {spec.TRACKING_ENV: "http://u:pw-42@h", "MLFLOW_TRACKING_PASSWORD": "pw-42", LEVEL_ENV: "DEBUG"}
+    line = "12:00 DEBUG mlproject: reporting to http://u:pw-42@h"
+    assert spec.scrub(line, spec.secret_values(env)) == "12:00 DEBUG mlproject: reporting to ***"
 
 
 def test_describe_lists_names_never_values():
@@ -358,8 +374,30 @@ def test_run_without_an_engine_says_so_without_printing_secrets():
     assert "pw-SECRET" not in result.output
 
 
+@pytest.mark.parametrize(
+    "args, caller, names",
+    [
+        (["-v"], {}, "LR_FINDER_LOG_LEVEL, MLFLOW_TRACKING_URI"),
+        ([], {LEVEL_ENV: "WARNING"}, "LR_FINDER_LOG_LEVEL, MLFLOW_TRACKING_URI"),
+        ([], {}, "MLFLOW_TRACKING_URI"),
+    ],
+)
+def test_verbose_or_the_callers_log_level_goes_into_the_container_by_name(args, caller, names):
+    env = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", LEVEL_ENV: None, **caller}
+    result = invoke("run", "--data", "", *args, env=env)
+    assert f"lr-finder: environment (values hidden): {names}\n" in result.output
+    assert "no Docker engine answers" in result.output
+
+
+def test_verbose_passes_debug_and_a_callers_level_as_it_is(monkeypatch):
+    options = dict(image="i", gpus="none", data="", cache="", tracking_uri="http://m", env_extra=(), network="")
+    monkeypatch.setenv(LEVEL_ENV, "WARNING")
+    assert plan(**options, shm_size="2g", verbose=True)[2][LEVEL_ENV] == "DEBUG"
+    assert plan(**options, shm_size="2g")[2][LEVEL_ENV] == "WARNING"
+
+
 def test_doctor_without_an_engine_fails_with_a_fix():
-    result = invoke("doctor", "--data", "", env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+    result = invoke("doctor", "-v", "--data", "", env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
     assert result.exit_code == 1
     assert "FAIL  docker engine: no Docker engine answers" in result.output
     assert "fix: " in result.output
