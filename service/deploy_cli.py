@@ -15,7 +15,8 @@ from service import deploy as D
 from service import deploy_study
 from service import deploy_target as T
 
-CHECKOUT = Path(__file__).resolve().parent.parent  # deploy/ and MLproject sit beside the service package
+# deploy/ and MLproject sit beside the service package in a checkout (an editable install), not in a wheel.
+CHECKOUT = Path(__file__).resolve().parent.parent
 MANIFESTS = ("indexed-job", "trainjob", "mlflow-backend")
 BACKEND_HEADER = """MLflow's Kubernetes backend runs this project, from the repository root:
   mlflow run deploy/kubernetes/mlflow-backend --backend kubernetes \\
@@ -88,8 +89,9 @@ def _shared_options(slurm: bool) -> Callable[[Callable[..., Any]], Callable[...,
         click.option(
             "--project",
             type=click.Path(exists=True, file_okay=False, path_type=Path),
-            default=CHECKOUT,
-            help="The checkout whose deploy/ templates and MLproject to use [default: this one].",
+            default=lambda: default_project(CHECKOUT, Path.cwd()),
+            help="The checkout whose deploy/ templates and MLproject to use [default: the one lr-finder runs from, "
+            "else the current folder].",
         ),
         click.option(
             "--out",
@@ -105,6 +107,12 @@ def _shared_options(slurm: bool) -> Callable[[Callable[..., Any]], Callable[...,
         return func
 
     return decorate
+
+
+def default_project(installed: Path, here: Path) -> Path:
+    """The checkout lr-finder was installed from in place (pip install -e), else the current folder: the host
+    install (pip install -c constraints.txt .) holds no templates."""
+    return installed if (installed / "MLproject").is_file() else here
 
 
 def _read(project: Path, relative: str) -> str:
