@@ -59,11 +59,6 @@ def parse_params(params: Iterable[str]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
-def param_values(params: Iterable[str]) -> dict[str, str]:
-    """-P key=value pairs as a mapping (the last of a repeated key wins, as in mlflow run)."""
-    return dict(item.partition("=")[::2] for item in params)
-
-
 def job_params(params: Iterable[str], code: bool) -> tuple[tuple[str, str], ...]:
     """The job's parameters as the container gets them: -P's pairs, then code=/code for --code, and data_dir=/data
     for a dataset that is not built in (the built-ins are searched for)."""

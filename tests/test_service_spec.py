@@ -243,7 +243,7 @@ def test_code_is_mounted_read_only_at_code_and_passed_to_the_job():
 )
 def test_a_dataset_that_is_not_built_in_is_read_from_data(params, data_dir):
     args = launch(params=params).args
-    passed = job_args.param_values(value for flag, value in zip(args, args[1:], strict=False) if flag == "-P")
+    passed = dict(value.split("=", 1) for flag, value in zip(args, args[1:], strict=False) if flag == "-P")
     assert passed.get("data_dir") == data_dir
 
 
