@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import logging
-import re
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -22,12 +20,13 @@ from docker.types import Mount as DockerMount
 from docker.utils.build import exclude_paths
 
 from mlproject.tracking_env import QUIET
-from service.spec import LABEL, GpuRequest, LaunchSpec, Probe, TransferProgress, name_conflict
+from service.probes import Probe, answer
+from service.progress import TransferProgress, log_lines
+from service.spec import LABEL, GpuRequest, LaunchSpec, name_conflict
 
 log = logging.getLogger(__name__)
 # A probe must answer quickly: MLflow's default retries take minutes against a server that is down.
 PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)")
 
 
 class LaunchError(RuntimeError):
@@ -208,7 +207,7 @@ def supervise(
     previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.signal(signal.SIGTERM, on_term)}
     try:
         container.start()
-        for line in _lines(container):
+        for line in log_lines(container.logs(stream=True, follow=True)):
             on_line(line)
         return Outcome(int(container.wait()["StatusCode"]), _logs(container), stopped=False)
     except (KeyboardInterrupt, _Stopped) as exc:
@@ -229,22 +228,6 @@ def supervise(
             signal.signal(sig, handler)
 
 
-def _lines(container: Container) -> Iterator[str]:
-    """The container's stdout and stderr as they come, cut after each newline or carriage return (progress bars)."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending = ""
-    for chunk in container.logs(stream=True, follow=True):
-        pending += decoder.decode(chunk)
-        end = 0
-        for match in _LINE.finditer(pending):
-            yield match.group(0)
-            end = match.end()
-        pending = pending[end:]
-    pending += decoder.decode(b"", final=True)
-    if pending:
-        yield pending
-
-
 def _logs(container: Container) -> str:
     return container.logs().decode("utf-8", errors="replace")
 
@@ -262,16 +245,16 @@ def probe(
     """Run one check in a throwaway container of the job image: (passed, its one-line answer)."""
     try:
         container = _create(
-            client, spec, {**environment, **PROBE_ENV}, ["-c", check.code], entrypoint=["python"], gpus=check.gpus
+            client, spec, {**environment, **PROBE_ENV}, list(check.command), entrypoint=["python"], gpus=check.gpus
         )
     except LaunchError as exc:
         return False, str(exc)
     try:
         container.start()
         status = int(container.wait()["StatusCode"])
-        output = _logs(container).strip().splitlines()
+        output = _logs(container)
     except (DockerException, requests.RequestException) as exc:
         return False, f"the engine refused: {getattr(exc, 'explanation', None) or exc}"
     finally:
         _remove(container)
-    return status == 0, output[-1] if output else f"exit code {status}, no output"
+    return status == 0, answer(output, status)

@@ -20,6 +20,7 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+import venv
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,6 +68,19 @@ def requirements(extra: str = "") -> list[str]:
     """pyproject.toml's requirements: the base install's, or an extra's."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     return list(project["optional-dependencies"][extra] if extra else project["dependencies"])
+
+
+def host_install(folder: Path) -> Path:
+    """A fresh virtual environment holding `pip install -c constraints.txt .`, the host side as the GPU pipelines
+    install it, built from a copy of this checkout (pip's build writes beside the sources); returns its bin/."""
+    venv.create(folder / "venv", with_pip=True)
+    source = folder / "source"
+    skipped = shutil.ignore_patterns(".git", ".venv", "*.egg-info", "build", "__pycache__", "*.db", "mlruns")
+    shutil.copytree(REPO, source, ignore=skipped)
+    pip = [str(folder / "venv" / "bin" / "pip"), "install", "-q", "-c", str(LOCK), str(source)]
+    done = subprocess.run(pip, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder / "venv" / "bin"
 
 
 # --- a small job -----------------------------------------------------------------------------------------------
@@ -117,6 +131,17 @@ def write_dataset(folder: Path, n_train: int = 300, n_test: int = 100, seed: int
         write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images, 2051)
         write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", labels, 2049)
     return folder
+
+
+def write_tiny_image_folder(root: Path) -> Path:
+    """An image folder for checks, not training: train/<class>/ with two 8x8 grey PNGs in each of two classes."""
+    from PIL import Image
+
+    for label, shade in (("cats", 40), ("dogs", 200)):
+        (root / "train" / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), shade + i).save(root / "train" / label / f"{i}.png")
+    return root
 
 
 # --- the job as a process --------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from tests.helpers import (
     requires_fashion_mnist,
     running_server,
     small_job,
+    write_tiny_image_folder,
 )
 
 docker = pytest.importorskip("docker", reason="the docker SDK is not installed (pip install -e '.[test]')")
@@ -440,11 +441,14 @@ def test_credentials_and_tracking_uri_reach_the_container_but_never_the_output(f
 
 
 def test_a_failing_job_fails_the_command_and_its_run(image, tracking):
-    result = lr_finder(*run_args("failing", "-P", "lr=abc"), env=credentials(tracking), timeout=600)
+    # -v: the job logs at DEBUG (LR_FINDER_LOG_LEVEL), and a secret stays masked in what it logs
+    result = lr_finder(*run_args("failing", "-P", "lr=abc", "-v"), env=credentials(tracking), timeout=600)
     assert result.returncode != 0
     assert "error: invalid value for lr" in result.stdout
     (run,) = runs(tracking, "failing")
     assert run.info.status == "FAILED"
+    assert re.search(r"^\S+ \S+ DEBUG [\w.]+: ", result.stdout, flags=re.MULTILINE), result.stdout[-3000:]
+    assert PASSWORD not in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(
@@ -597,20 +601,58 @@ def test_run_and_build_show_a_pulls_layers_and_megabytes(engine, pushed, tmp_pat
 def test_doctor_passes_with_a_reachable_server_credentials_and_the_dataset(image, tracking):
     result = lr_finder("doctor", "--image", IMAGE, "--gpus", "none", "--network", "host", env=credentials(tracking))
     assert result.returncode == 0, result.stdout + result.stderr
-    for check in ("docker engine", "image", "tracking server", "dataset"):
+    for check in ("docker engine", "image", "tracking server", "data and code"):
         assert re.search(rf"^ok +{check}: ", result.stdout, flags=re.MULTILINE), check
+    assert re.search(r"^ok +data and code: ok: model lenet on fashion-mnist from /data$", result.stdout, re.M)
     assert "GPU" not in result.stdout
     assert PASSWORD not in result.stdout + result.stderr
 
 
-def test_doctor_names_each_failure_with_a_fix(engine, image, tracking, tmp_path):
+@pytest.fixture
+def shared_folder() -> Iterator[Path]:
+    """A folder the image's user (uid 1000) can read: tmp_path's parents are this user's alone."""
+    folder = Path(tempfile.mkdtemp(prefix="lrf-test-"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+USER_MODULE = """import lightning.pytorch as L, torch
+
+
+class Tiny(L.LightningModule):
+    def __init__(self, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.lr, self.net = lr, torch.nn.LazyLinear(2)
+"""
+
+
+def test_doctor_checks_an_image_folder_and_a_user_module_where_the_job_will_read_them(image, tracking, shared_folder):
+    images = write_tiny_image_folder(shared_folder / "images")
+    (shared_folder / "code").mkdir()
+    (shared_folder / "code" / "nets.py").write_text(USER_MODULE)
+    args = ["--data", str(images), "--code", str(shared_folder / "code"), "-P", "dataset=imagefolder"]
+    args += ["-P", "model=nets.Tiny", "-v"]  # the job's debug lines must not hide its verdict
+    result = lr_finder(
+        "doctor", "--image", IMAGE, "--gpus", "none", "--network", "host", *args, env=credentials(tracking)
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    verdict = "ok: model nets.Tiny (LightningModule) on the image folder /data: "
+    assert re.search(rf"^ok +data and code: {re.escape(verdict)}.*2 classes", result.stdout, re.M), result.stdout
+
+
+def test_doctor_names_each_failure_with_a_fix(engine, image, tracking):
     gpu_runtime = "nvidia" in (engine.info().get("Runtimes") or {})
     env = {"MLFLOW_TRACKING_URI": tracking}  # no credentials: the server answers 401
-    result = lr_finder("doctor", "--image", IMAGE, "--network", "host", "--data", str(tmp_path), env=env)
+    wrong = ["--code", str(REPO / "examples" / "tabular"), "-P", "model=tabular.NoSuchModule"]
+    result = lr_finder("doctor", "--image", IMAGE, "--network", "host", *wrong, env=env)
     assert result.returncode == 1
     out = result.stdout
     assert re.search(r"^FAIL +tracking server: .*401", out, flags=re.MULTILINE), out
-    assert re.search(r"^FAIL +dataset: no Fashion-MNIST", out, flags=re.MULTILINE), out
+    assert re.search(r"^FAIL +data and code: error: invalid value for model: 'tabular.NoSuchModule'", out, re.M), out
+    assert re.search(r"^      fix: pass --data DIR .*--code DIR .*-P key=value", out, flags=re.MULTILINE), out
     assert out.count("      fix: ") == out.count("FAIL")
     if not gpu_runtime:
         assert re.search(r"^FAIL +GPU in a container: .*could not select device driver", out, flags=re.MULTILINE)
