@@ -32,7 +32,9 @@ def import_class(param: str, path: str) -> type:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(param, path, f"an importable class path ({exc}); set code (-P code=, --code) to the folder holding it") from exc
+        raise ConfigError(
+            param, path, f"an importable class path ({exc}); set code (-P code=, --code) to the folder holding it"
+        ) from exc
     except Exception as exc:  # the user's module failed while importing: its error is the answer
         raise ConfigError(param, path, f"a module that imports ({type(exc).__name__}: {exc})") from exc
     found = getattr(module, attr, None)
