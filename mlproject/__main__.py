@@ -249,8 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         stopping.die_with_parent()  # launched by `mlflow run` or torchrun: stop when it goes away
     args = list(argv if argv is not None else sys.argv[1:])
     here = ranks.place()
-    code = _exit_code(args, here.zero)
-    launch.record_exit(code, here.rank)
+    launch.record_start(here.rank)
+    code = 1  # an exception no handler knows: its traceback follows
+    try:
+        code = _exit_code(args, here.zero)
+    finally:
+        launch.record_exit(code, here.rank)
     return code
 
 

@@ -78,8 +78,8 @@ class GuardHooks:
         self.iterables = iterables
         self.check_stop = check_stop
 
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        stopping.reclaim()
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        stopping.reclaim()  # the Trainer registers its own handlers after on_fit_start, before this hook
 
     def on_test_start(self, trainer: Any, pl_module: Any) -> None:
         stopping.reclaim()

@@ -115,7 +115,7 @@ def test_sigterm_to_every_rank_stops_all_once_and_resume_at_the_same_world_size_
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     job = start(tmp_path, *FOUR_EPOCHS, uri=uri)
-    run_id = wait_for_metric(client, "ddp", "epoch_seconds")
+    run_id = wait_for_metric(client, "ddp", "epoch_seconds", process=job)
     workers = worker_pids(uri)
     assert set(workers) == {0, 1}
     os.killpg(job.pid, signal.SIGTERM)  # what Kubernetes and Slurm do: every process of the job
@@ -146,7 +146,7 @@ def test_a_rank_killed_outright_fails_the_job_and_its_run_within_bounded_time(tm
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     job = start(tmp_path, *FOUR_EPOCHS, uri=uri)
-    run_id = wait_for_metric(client, "ddp", "epoch_seconds")
+    run_id = wait_for_metric(client, "ddp", "epoch_seconds", process=job)
     pids = worker_pids(uri)
     assert set(pids) == {0, 1}
     killed = time.monotonic()
