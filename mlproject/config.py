@@ -33,6 +33,7 @@ MAX_EPOCHS = 10_000
 MAX_BATCH_SIZE = 65_536
 MAX_LR_STEPS = 100_000
 MIN_LR_STEPS = 10  # fewer points than the suggestion rules need (lr_range.MIN_POINTS): no sweep could answer
+SWEEP_DECADE = 10.0  # lr_max / lr_min at least: the range test reads the slope over a decade of LR or more
 
 _CLASS_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
@@ -151,8 +152,9 @@ class JobConfig:
         _positive_finite("lr", self.lr)
         _positive_finite("lr_min", self.lr_min)
         _positive_finite("lr_max", self.lr_max)
-        if self.lr_min >= self.lr_max:
-            raise ConfigError("lr_min", self.lr_min, f"a value below lr_max ({self.lr_max})")
+        if self.lr_max < SWEEP_DECADE * self.lr_min:
+            # The range test reads the loss's slope against log10(LR): a narrower sweep is a fit at one LR.
+            raise ConfigError("lr_max", self.lr_max, f"at least {SWEEP_DECADE:g} x lr_min ({self.lr_min:g})")
         _int_in("epochs", self.epochs, 1, MAX_EPOCHS)
         _int_in("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         _int_in("lr_steps", self.lr_steps, MIN_LR_STEPS, MAX_LR_STEPS)
