@@ -24,6 +24,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from mlproject.errors import TrackingError
 from mlproject.stores import _detail, disk_full, is_outage, prepare_store
+from mlproject.tracking_env import redact
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +123,18 @@ class Tracker:
                 return action()
             except OUTAGE as exc:
                 if disk_full(exc):
-                    raise TrackingError(f"{what}: the store is full: {_detail(exc)}") from exc
+                    raise TrackingError(f"{what}: the store is full ({self._artifact_uri()}): {_detail(exc)}") from exc
                 if not is_outage(exc) or time.monotonic() > deadline:
                     raise
                 log.warning("tracking server unreachable while %s; retrying until it returns", what)
                 time.sleep(2.0)
+
+    def _artifact_uri(self) -> str:
+        """Where this run's artifacts go, for an error that names the place; the database when that cannot be read."""
+        try:
+            return redact(self.client.get_run(self.run_id).info.artifact_uri)
+        except Exception:  # the store that is full may be the database itself
+            return redact(mlflow.get_tracking_uri())
 
     def log_params(self, params: Mapping[str, str]) -> None:
         """Params are write-once: keys already on the run (e.g. logged by `mlflow run`) keep their spelling."""

@@ -195,13 +195,19 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -
     return found
 
 
-def wait_for_metric(client: MlflowClient, experiment: str, key: str, timeout: float = 300) -> str:
-    """The id of the experiment's first run once it has logged `key` (e.g. epoch_seconds: an epoch has ended)."""
+def wait_for_metric(
+    client: MlflowClient, experiment: str, key: str, timeout: float = 300, process: subprocess.Popen | None = None
+) -> str:
+    """The id of the experiment's first run once it has logged `key` (e.g. epoch_seconds: an epoch has ended);
+    `process`, the job's, ending first fails at once with its output."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         runs = runs_of(client.tracking_uri, experiment)
         if runs and client.get_metric_history(runs[0].info.run_id, key):
             return runs[0].info.run_id
+        if process is not None and process.poll() is not None:
+            _, err = process.communicate()
+            raise AssertionError(f"the job exited {process.returncode} before logging {key}: {(err or '')[-3000:]}")
         time.sleep(0.2)
     raise AssertionError(f"no run of {experiment} logged {key} within {timeout:.0f} s")
 

@@ -28,6 +28,7 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mlproject.sources import DataInput
 from mlproject.tracking import Tracker
 from tests.helpers import REPO, as_options, free_port, requires_fashion_mnist, run_jobs, running_server, small_job
 
@@ -225,7 +226,7 @@ def log_one_dataset_at_once(url: str, runs: list[str], images: np.ndarray, label
         tracker = Tracker(MlflowClient(url), run_id)
         start.wait()
         try:
-            tracker.log_dataset("test", images, labels, "/data/fashion-mnist", "testing")
+            tracker.log_dataset(DataInput("test", "testing", "/data/fashion-mnist", (images, labels)))
         except MlflowException as exc:
             errors.append(exc.message[:300])
 
