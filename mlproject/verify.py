@@ -91,8 +91,8 @@ def candidate_count(setting: str, suggestion: lr_range.Suggestion, spread: float
     the spread of repeated range tests (decades)."""
     if setting == "off":
         return 0, "lr_verify=off"
-    if suggestion.method == "fallback" or not suggestion.lr:
-        return 0, "the range test gave no suggestion to verify"
+    if not suggestion.lr:
+        return 0, "there is no LR to verify"
     if setting != "auto":
         return int(setting), f"lr_verify={setting}"
     doubt = doubts(suggestion, spread)
@@ -103,6 +103,8 @@ def candidate_count(setting: str, suggestion: lr_range.Suggestion, spread: float
 
 def doubts(suggestion: lr_range.Suggestion, spread: float = 0.0) -> str:
     """Why auto should verify this suggestion, or "" when it need not."""
+    if suggestion.method == "fallback":
+        return f"the range test gave no suggestion ({suggestion.reason}): the fallback lr is verified"
     if suggestion.confidence < AUTO_CONFIDENCE:
         return f"the suggestion's confidence is {suggestion.confidence:.2f} ({suggestion.reason})"
     if spread > AUTO_SPREAD:
@@ -172,7 +174,10 @@ def winner(trials: Sequence[Trial], mode: str, start: float = math.nan) -> Trial
 def moved(
     suggestion: lr_range.Suggestion, lr: float, lrs: Sequence[float], losses: Sequence[float]
 ) -> lr_range.Suggestion:
-    """The suggestion moved to the verified LR, with the one-cycle range the curve gives that LR."""
+    """The suggestion moved to the verified LR, with the one-cycle range the curve gives that LR (a fallback's
+    curve gives none: the range is the fallback's own, a tenth of the LR to the LR)."""
+    if suggestion.method == "fallback":
+        return replace(suggestion, lr=lr, lr_low=lr / 10, lr_high=lr)
     low, high = lr_range.lr_range(lr_range.usable_curve(lrs, losses), lr)
     return replace(suggestion, lr=lr, lr_low=low, lr_high=high)
 

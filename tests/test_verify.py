@@ -37,7 +37,8 @@ def test_candidates_are_the_suggestion_then_half_decades_below_and_above():
     [
         ("off", CONFIDENT, 0, "lr_verify=off"),
         ("4", CONFIDENT, 4, "lr_verify=4"),
-        ("3", Suggestion(1e-3, "fallback", 0.0, "flat"), 0, "no suggestion"),
+        ("3", Suggestion(1e-3, "fallback", 0.0, "flat"), 3, "lr_verify=3"),
+        ("auto", Suggestion(1e-3, "fallback", 0.0, "flat curve"), 3, "no suggestion (flat curve): the fallback"),
         ("auto", CONFIDENT, 0, "confident"),
         ("auto", Suggestion(1e-2, "combined", 0.6, "steepest far below the floor"), 3, "0.60 (steepest far below"),
     ],
