@@ -101,7 +101,7 @@ def verify_summary(checked: verify.Verification) -> dict[str, object]:
         "why": checked.plan.reason,
         "candidates": list(checked.plan.candidates),
         "steps_per_candidate": checked.plan.steps,
-        "start": checked.start,  # the monitored value before training: what each candidate's gain is measured from
+        "start": checked.start,  # the monitored value untrained: each candidate's gain is measured from it
         "steps_run": checked.steps,
         "seconds": round(checked.seconds, 3),
         "lr": checked.lr,

@@ -1,7 +1,7 @@
-"""Verification of the range test's suggestion by trial fits: a few candidate LRs around it, each trained from the
-same weights and batches for a bounded share of the fit's steps, scored on the validation figure the job monitors;
-the best is used. Whether to verify, which candidates, how long and who won are pure; `run_trials` drives the
-Trainers and takes what it needs as arguments."""
+"""Verification of the range test's suggestion by trial fits: a few candidate LRs around it, each trained from the same
+weights and batches for a bounded share of the fit's steps, scored on the validation figure the job monitors; the
+suggestion stands unless another candidate clearly beats it. Whether to verify, which candidates, how long and who
+won are pure; `run_trials` drives the Trainers and takes what it needs as arguments."""
 
 from __future__ import annotations
 
@@ -26,12 +26,17 @@ log = logging.getLogger(__name__)
 
 AUTO_CANDIDATES = 3  # auto tries the suggestion and its neighbours half a decade below and above
 SPACING_DECADES = 0.5  # the quality benchmark's grid: a closer spacing is within one trial's noise of the suggestion
-MIN_TRIAL_STEPS = 50  # a shorter trial scores the loss's first fall, not what the LR is worth over a fit
+# A trial shorter than this measures the optimizer's warm-up (momentum 0.9 and Adam's first moment average over
+# about ten steps), not what the LR is worth over a fit.
+MIN_TRIAL_STEPS = 30
 # auto verifies a suggestion whose confidence is below full (lr_range: the rule's two ends, steepest descent and
 # floor/SAFETY, lie more than a decade apart, so it weighs two answers rather than reads one) ...
 AUTO_CONFIDENCE = 1.0
 AUTO_SPREAD = 0.3  # ... or whose repeated range tests (lr_repeats) spread over more than 0.3 decades
-UPWARD_MARGIN = 0.1  # a larger candidate wins only with 10% more gain than the suggestion (winner())
+# Another candidate replaces the suggestion only if it gained 1.5 times as much from the untrained value: a short
+# trial orders two LRs half a decade apart in either direction of the whole fit's order, while a gross error (a
+# candidate that barely trains, or diverges) shows as a gain several times larger (docs/suggestion.md).
+CLEAR_GAIN = 1.5
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,7 @@ class Trial:
     score: float  # the monitored validation value after the trial; nan when the trial diverged
     steps: int  # optimizer steps actually run
     seconds: float
-    before: float = math.nan  # the monitored value before training (measured in the first trial only)
+    before: float = math.nan  # the monitored value before training (the first trial measures it)
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,7 @@ class Verification:
 
     @property
     def start(self) -> float:
-        """The monitored value of the untrained module, from which every candidate's gain is measured."""
+        """The untrained module's monitored value, from which each candidate's gain is measured."""
         return self.trials[0].before if self.trials else math.nan
 
 
@@ -147,7 +152,7 @@ def better(a: float, b: float, mode: str) -> bool:
 
 
 def best_of(trials: Sequence[Trial], mode: str) -> Trial | None:
-    """The trial with the best score (the first of equals); None when every trial diverged."""
+    """The trial with the best score, the first of equals; None when every trial diverged."""
     best: Trial | None = None
     for t in trials:
         if best is None or better(t.score, best.score, mode):
@@ -156,19 +161,13 @@ def best_of(trials: Sequence[Trial], mode: str) -> Trial | None:
 
 
 def winner(trials: Sequence[Trial], mode: str, start: float = math.nan) -> Trial | None:
-    """The best trial, the first (the suggestion) and the smaller candidates taken at their score, while a larger
-    candidate must also have gained UPWARD_MARGIN more from `start` (the untrained value) than that best: a short
-    trial favours the larger LR, whose head start a full fit's noise undoes. None when every trial diverged."""
-    if not trials:
-        return None
-    below = best_of([t for t in trials if t.lr <= trials[0].lr], mode)
-    above = best_of([t for t in trials if t.lr > trials[0].lr], mode)
-    if below is None or above is None:
-        return below or above
-    if not math.isfinite(start):
-        return above if better(above.score, below.score, mode) else below
-    gain = {t.lr: (start - t.score if mode == "min" else t.score - start) for t in (below, above)}
-    return above if gain[above.lr] > (1 + UPWARD_MARGIN) * max(gain[below.lr], 0.0) else below
+    """The first trial (the suggestion's) unless another scored better and gained CLEAR_GAIN times as much from
+    `start`, the untrained value (without it, the better score alone); None when every trial diverged."""
+    best = best_of(trials, mode)
+    if best is None or best is trials[0] or math.isnan(trials[0].score) or math.isnan(start):
+        return best
+    gain = {id(t): start - t.score if mode == "min" else t.score - start for t in (best, trials[0])}
+    return best if gain[id(best)] > CLEAR_GAIN * max(gain[id(trials[0])], 0.0) else trials[0]
 
 
 def moved(
@@ -213,7 +212,8 @@ def run_trials(kit: TrialKit, chosen: Plan, setting: str) -> Verification:
     best = winner(trials, kit.mode, trials[0].before)
     if best is None:
         return Verification(setting, chosen, tuple(trials), reason="every candidate diverged")
-    why = f"best {kit.monitor} ({best.score:.4g}) of {len(trials)} candidates after {chosen.steps} steps each"
+    why = f"{kit.monitor} {best.score:.4g} after {chosen.steps} steps, from {trials[0].before:.4g} untrained"
+    why += "" if best is trials[0] else f" (the suggestion's: {trials[0].score:.4g})"
     log.info("verify: chose lr=%.6g: %s", best.lr, why)
     return Verification(setting, chosen, tuple(trials), best.lr, why)
 
