@@ -141,8 +141,8 @@ class JobConfig:
     lr_probe: bool = False  # suggest from the loss on a fixed held-out batch after each step (Smith's validation test)
     lr_repeats: int = 1  # range tests with different seeds; the median suggestion is used, the spread logged
     lr_verify: str = "auto"  # off, auto (verify a doubtful suggestion) or a number of candidates to train
-    # The share of the fit's steps all verification trials together may take: the most the default job can give
-    # (benchmarks/RESULTS.md), since a shorter trial ranks the candidates worse.
+    # The share of the fit's steps all verification trials together may take: three candidates train a twelfth of
+    # the fit each; a shorter trial ranks the candidates worse (docs/suggestion.md).
     verify_fraction: float = 0.25
     accelerator: str = "auto"
     devices: int = 1
