@@ -12,6 +12,7 @@ ARG PYTHON=python3.11
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # Distribution packages follow the base image's release; the Python packages below are pinned exactly.
+# ~/.cache exists and is lrfinder's: docker fills a new named volume mounted there (--cache) with its owner.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
@@ -19,13 +20,14 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && "${PYTHON}" -m venv /opt/venv \
     && useradd --create-home --uid 1000 --user-group --shell /bin/bash lrfinder \
-    && install -d -o lrfinder -g lrfinder /data
+    && install -d -o lrfinder -g lrfinder /data /home/lrfinder/.cache
 
 ENV PATH=/opt/venv/bin:$PATH \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
     GIT_PYTHON_REFRESH=quiet \
+    PYTHONPATH=/opt/lr-finder \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 # torch first, in its own layer, so that neither a code change nor another pin reinstalls it (several GB).
@@ -36,6 +38,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 #   cpu    no GPU support, no driver
 # PIP_INDEX_URL / PIP_EXTRA_INDEX_URL: a private mirror (build args only: never stored in the image's environment).
 ARG TORCH_VARIANT=pypi
+# constraints.txt's torch and torchvision (tests/test_contract.py).
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 ARG PIP_INDEX_URL
@@ -45,14 +48,17 @@ ARG PIP_EXTRA_INDEX_URL
 RUN if [ "${TORCH_VARIANT}" != pypi ]; then set -- --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"; fi \
     && pip install "$@" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 
-# The rest of conda.yaml's pins, exactly (torch's pin there must match TORCH_VERSION, or pip replaces it).
-COPY conda.yaml /tmp/conda.yaml
-RUN sed -n 's/^ *- *\([A-Za-z0-9_.-]*==[^ ]*\) *$/\1/p' /tmp/conda.yaml > /tmp/requirements.txt \
-    && grep -q '^mlflow==' /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
-    && rm /tmp/conda.yaml /tmp/requirements.txt
+# The rest of the job's environment: pyproject.toml's [job] extra at constraints.txt's versions, exactly. torch
+# stays as installed above: its pin there matches TORCH_VERSION (tests/test_contract.py), a local +cu126 included.
+COPY pyproject.toml constraints.txt /tmp/lock/
+RUN python -c 'import tomllib; project = tomllib.load(open("/tmp/lock/pyproject.toml", "rb"))["project"]; \
+        print(*project["optional-dependencies"]["job"], sep="\n")' > /tmp/lock/job.txt \
+    && pip install -c /tmp/lock/constraints.txt -r /tmp/lock/job.txt \
+    && pip check \
+    && rm -rf /tmp/lock
 
-COPY MLproject conda.yaml /opt/lr-finder/
+# constraints.txt stays in the image: a derived image installs its extra packages against it (examples/docker).
+COPY MLproject conda.yaml constraints.txt /opt/lr-finder/
 COPY mlproject /opt/lr-finder/mlproject/
 
 # /data: the dataset (Fashion-MNIST's four IDX files, mounted read-only). Without it the job downloads into

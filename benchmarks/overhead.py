@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from mlproject import task, training
+from mlproject import callbacks, task, training
+from mlproject.classpaths import add_code_path
 from mlproject.config import JobConfig
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -49,9 +50,12 @@ def plain_fit(job: task.Task, rt: training.Runtime, cfg: JobConfig) -> float:
 def job_fit(job: task.Task, rt: training.Runtime, cfg: JobConfig, workdir: Path) -> float:
     module = fresh(job, rt, cfg)
     training.set_lr(job.lightning, module, job.lr_attr, cfg.lr)
-    reporter = job.lightning.make(training.ReporterHooks, "callbacks.Checkpoint", lambda e, m: None, workdir / "c.ckpt")
+    keep = lambda path: path.read_bytes()  # noqa: E731 - the job hands the checkpoint to the tracker: at least read it
+    reporter = job.lightning.make(
+        callbacks.ReporterHooks, "callbacks.Checkpoint", lambda e, m: None, workdir / "c.ckpt", keep
+    )
     loaders = job.loaders(cfg.seed, rt.device.type)
-    guard = job.lightning.make(training.GuardHooks, "Callback", loaders.iterables())
+    guard = job.lightning.make(callbacks.GuardHooks, "Callback", loaders.iterables())
     trainer = training.build_trainer(job.lightning, rt, cfg.epochs, [reporter, guard], enable_checkpointing=True)
     start = time.perf_counter()
     trainer.fit(module, **loaders.fit_kwargs())
@@ -74,7 +78,7 @@ def main() -> None:
     print("| case | repeat | plain fit (s) | job's fit (s) | job / plain |\n|---|---|---|---|---|")
     for case in args.cases.split(","):
         cfg = config(case, args.epochs)
-        task.add_code_path(cfg.code)
+        add_code_path(cfg.code)
         job, rt = task.build(cfg), training.detect_runtime(cfg)
         ratios = []
         with tempfile.TemporaryDirectory() as tmp:

@@ -49,6 +49,7 @@ from pytorch_lightning.tuner.lr_finder import _LRFinder
 from mlproject import lr_range, pipeline, task, training, verify
 from mlproject.artifacts import RangeTest
 from mlproject.catalog import FASHION_MNIST_DIR
+from mlproject.classpaths import add_code_path
 from mlproject.config import JobConfig
 from mlproject.errors import TrainingDiverged
 
@@ -114,7 +115,8 @@ def rule(found: RangeTest, rules: ModuleType = lr_range) -> float:
     """The LR the job trains at by the combined rule of `rules` (lr_range, or its version before) on the part the
     job's sweep runs: its suggestion, or JobConfig's lr where it falls back."""
     k = rules.stop_step(found.curve.lrs, found.curve.losses) or found.curve.steps_run
-    return float(rules.suggest(found.curve.lrs[:k], found.curve.losses[:k], train_steps=found.fit_steps).lr)
+    lrs, losses = found.curve.lrs[:k], found.curve.losses[:k]
+    return float(rules.suggest(lrs, losses, train_steps=found.fit_steps).lr)
 
 
 @functools.cache
@@ -132,7 +134,8 @@ def job_range_test(cfg: JobConfig, job: task.Task, rt: training.Runtime) -> Rang
     """The job's range test run to lr_max; its suggestion as the job's sweep, stopped early, gives it."""
     full = pipeline.one_sweep(cfg, job, rt, stop_early=False)
     k = job_steps(full)
-    s = lr_range.suggest(full.curve.lrs[:k], full.curve.losses[:k], cfg.lr_method, cfg.lr, full.fit_steps)
+    lrs, losses = full.curve.lrs[:k], full.curve.losses[:k]
+    s = lr_range.suggest(lrs, losses, cfg.lr_method, cfg.lr, full.fit_steps)
     return RangeTest(full.curve, s, (float(s.lr or 0),), 0.0, full.fit_steps)
 
 
@@ -149,7 +152,7 @@ def train(cfg: JobConfig, job: task.Task, rt: training.Runtime, lr: float) -> di
     with tempfile.TemporaryDirectory() as tmp:
         try:
             result = training.fit_and_test(job.lightning, module, loaders, rt, cfg.epochs, lambda e, m: None,
-                                           Path(tmp) / "last.ckpt")  # fmt: skip
+                                           Path(tmp) / "last.ckpt", lambda path: None)  # fmt: skip
         except TrainingDiverged:
             return {"diverged": 1.0, "seconds": time.perf_counter() - start}
     figures = {k: v for k, v in result.test.items() if math.isfinite(v)}
@@ -315,7 +318,7 @@ def summarize(case: Case, fit_steps: int, seeds: list[Seeded]) -> CaseResult:
 
 def run_case(case: Case, seeds: int, cache: Cache, data_dir: str) -> CaseResult:
     cfg = config(case, 42, data_dir)
-    task.add_code_path(cfg.code)
+    add_code_path(cfg.code)
     job, rt = task.build(cfg), training.detect_runtime(cfg)
     cfgs = [cfg.replace(seed=42 + k) for k in range(seeds)]
     runs = [run_seed(case, c, job, rt, cache) for c in cfgs]
@@ -358,7 +361,7 @@ def survey(case: Case, seeds: int, data_dir: str) -> None:
     """Range tests alone, seeds 0 .. seeds-1: each curve's depth, the combined rule's suggestion before and now
     with its confidence now; then the spread of both over the seeds (decades) and how many auto would verify."""
     cfg = config(case, 0, data_dir)
-    task.add_code_path(cfg.code)
+    add_code_path(cfg.code)
     job, rt = task.build(cfg), training.detect_runtime(cfg)
     before, now, doubtful = [], [], 0
     for seed in range(seeds):

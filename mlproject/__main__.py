@@ -5,97 +5,192 @@ Run `python -m mlproject --help`. MLproject's entry points call the commands her
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
-import tempfile
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from mlproject import stopping
-from mlproject.config import CHECKPOINT_ARTIFACT, ConfigError, JobConfig, field_names, parse_lrs
+from mlproject import __version__, logs, stopping
+from mlproject.config import CHECKPOINT_ARTIFACT, STUDY_STAGES, ConfigError, JobConfig, field_names, parse_lrs
 from mlproject.errors import DataError, HardwareError, Preempted, TrackingError, TrainingDiverged, UserCodeError
-from mlproject.options import convert, job_options
-from mlproject.provenance import git_commit
+from mlproject.options import Number, OneOf, convert, job_options
 from mlproject.tracking_env import configure_client
 
 if TYPE_CHECKING:
-    from mlproject.task import Task
-    from mlproject.tracking import Tracker
+    from mlproject.session import Body, Session
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 log = logging.getLogger("mlproject")
 
 
 @click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Log debug detail.")
+@click.version_option(__version__, message="%(prog)s %(version)s")
+@click.option("-v", "--verbose", is_flag=True, help=f"Log debug detail (also {logs.LEVEL_ENV}=DEBUG).")
 def cli(verbose: bool) -> None:
     """Find a learning rate with an LR range test, train with it, and track everything in MLflow."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    logs.setup(verbose)
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
     if not sys.stderr.isatty():  # progress bars (the range test's, MLflow's) are noise in CI logs
         os.environ.setdefault("TQDM_DISABLE", "1")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    warnings.filterwarnings("ignore", message=r".*defined a `validation_step` but have no `val_dataloader`.*")
 
 
 @cli.command("train")
 @job_options(JobConfig())
-def train_command(experiment_name: str, **options: Any) -> None:
+@click.pass_context
+def train_command(ctx: click.Context, experiment_name: str, **options: Any) -> None:
     """Range test (when --auto-lr true), then fit and test: the `main` entry point."""
 
-    def train(cfg: JobConfig, job: Task, tracker: Tracker, workdir: Path) -> None:
+    def train(session: Session) -> None:
         from mlproject import pipeline
 
-        result = pipeline.run(cfg, job, tracker, workdir)
-        figures = " ".join(f"{k}={v:.4f}" for k, v in result.final.items())
-        click.echo(f"run {tracker.run_id}: lr_used={result.choice.lr:.4g} ({result.choice.source}) {figures}")
+        result = pipeline.run(session)
+        if session.here.zero:
+            figures = " ".join(f"{k}={v:.4f}" for k, v in result.final.items())
+            click.echo(
+                f"run {session.tracker.run_id}: lr_used={result.choice.lr:.4g} ({result.choice.source}) {figures}"
+            )
 
-    _run_job(_config(options, JobConfig()), experiment_name, "train", train)
+    _run_job(ctx, _config(options, JobConfig()), experiment_name, "train", train)
 
 
 @cli.command("lr-find")
 @job_options(JobConfig())
-def lr_find_command(experiment_name: str, **options: Any) -> None:
+@click.pass_context
+def lr_find_command(ctx: click.Context, experiment_name: str, **options: Any) -> None:
     """The range test alone: logs the curve and the suggestion, trains nothing."""
 
-    def lr_find(cfg: JobConfig, job: Task, tracker: Tracker, workdir: Path) -> None:
+    def lr_find(session: Session) -> None:
         from mlproject import pipeline
 
-        choice = pipeline.lr_find(cfg, job, tracker)
+        choice = pipeline.lr_find(session)
         suggested = choice.found.suggestion.lr if choice.found else choice.lr
-        click.echo(f"run {tracker.run_id}: lr_suggested={suggested:.4g} lr_used={choice.lr:.4g} ({choice.source})")
+        if session.here.zero:
+            click.echo(
+                f"run {session.tracker.run_id}: lr_suggested={suggested:.4g} ({choice.source}); a one-cycle fit "
+                f"would peak at {choice.lr:.4g}"
+            )
 
-    _run_job(_config(options, JobConfig()), experiment_name, "lr-find", lr_find)
+    _run_job(ctx, _config(options, JobConfig()), experiment_name, "lr-find", lr_find)
 
 
 @cli.command("compare")
 @click.option(
     "--lrs", default="1e-5,1e-4,1e-1", show_default=True, help="Comma-separated fixed LRs, one child run each."
 )
+@click.option(
+    "--stage",
+    type=OneOf(STUDY_STAGES),
+    default="all",
+    show_default=True,
+    help="all: the whole study here; plan: the parent run, its range test and study.json; member: one member.",
+)
+@click.option("--parent-run", default="", help="stage=member: the study's parent run id.")
+@click.option("--member", default="", help="stage=member: the member to train, a label of study.json (lr=1e-05).")
+@click.option("--parallel", type=Number(int), default=1, show_default=True, help="Members trained at once, each "
+              "in its own process (and on its own GPU when there are several).")  # fmt: skip
 @job_options(JobConfig(auto_lr=True))
-def compare_command(experiment_name: str, lrs: str, **options: Any) -> None:
+@click.pass_context
+def compare_command(
+    ctx: click.Context, experiment_name: str, lrs: str, stage: str, parent_run: str, member: str, parallel: int,
+    **options: Any,
+) -> None:  # fmt: skip
     """The LR study: one parent run, a child run per LR in --lrs and one at the finder's LR (--auto-lr true)."""
+    from mlproject import study
+
     study_lrs = parse_lrs(lrs)
+    if not 1 <= parallel <= 64:
+        raise ConfigError("parallel", parallel, "an integer from 1 to 64")
+    invocation = _config(options, JobConfig(auto_lr=True))
+    if stage == "member":
+        plan = _plan(parent_run, member)
+        cfg = study.member_config(invocation.cfg, plan, member)
 
-    def compare(cfg: JobConfig, job: Task, tracker: Tracker, workdir: Path) -> None:
-        from mlproject import study
+        def one(session: Session) -> None:
+            study.run_member(session, plan, member)
+            if session.here.zero:
+                study.finish_if_complete(session, plan)
+                click.echo(f"run {session.tracker.run_id}: member {member} of study {plan.parent_run}")
 
-        tracker.log_params({"lrs": ",".join(f"{lr:g}" for lr in study_lrs)})
-        members = study.run_study(cfg, job, study_lrs, tracker, workdir)
-        click.echo(f"study {tracker.run_id}:\n{study.summary(members)}", nl=False)
+        _run_job(ctx, Invocation(cfg, invocation.from_file), experiment_name, "compare", one, parent_run)
+        return
 
-    _run_job(_config(options, JobConfig(auto_lr=True)), experiment_name, "compare", compare)
+    def compare(session: Session) -> None:
+        if stage == "plan":
+            plan = study.plan_study(session, study_lrs)
+            if session.here.zero:
+                click.echo(f"study {plan.parent_run}: {json.dumps(plan.as_json())}")
+            return
+        table = study.run_all(session, study_lrs, parallel, _member_argv(ctx.obj["argv"]))
+        if session.here.zero:
+            click.echo(f"study {session.tracker.run_id}:\n{table}", nl=False)
+
+    _run_job(ctx, invocation, experiment_name, "compare", compare)
 
 
-JobBody = Callable[[JobConfig, "Task", "Tracker", Path], None]
+def _plan(parent_run: str, member: str) -> Any:
+    """The plan a member belongs to, read from its parent run's study.json."""
+    from mlproject import study
+    from mlproject.stores import read_json
+
+    if not parent_run or not member:
+        raise ConfigError("parent_run" if not parent_run else "member", "", "a value with --stage member")
+    configure_client()
+    found = read_json(os.environ.get("MLFLOW_TRACKING_URI", ""), parent_run, study.PLAN_FILE)
+    if found is None:
+        raise ConfigError("parent_run", parent_run, f"a study's parent run (one with {study.PLAN_FILE})")
+    return study.Plan(found["parent_run"], tuple(found["members"]), found.get("finder") or {})
+
+
+def _member_argv(argv: list[str]) -> list[str]:
+    """The command line a member process gets: this one's, less the study's own stage and parallelism."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--stage", "--parallel", "--parent-run", "--member"):
+            skip = True
+            continue
+        if arg.split("=", 1)[0] in ("--stage", "--parallel", "--parent-run", "--member"):
+            continue
+        out.append(arg)
+    return out
+
+
+@cli.command("check")
+@job_options(JobConfig())
+def check_command(experiment_name: str, **options: Any) -> None:
+    """Check what the job would train, without training or tracking: the parameters, the user's classes (imported
+    from --code), and the data it would read. One line, exit 0; or the one-line error, exit 2."""
+    from mlproject import task
+
+    click.echo(f"ok: {task.describe(_config(options, JobConfig()).cfg)}")
+
+
+@cli.command("close")
+@click.argument("run_id")
+def close_command(run_id: str) -> None:
+    """End a RUNNING run whose process is gone (killed outright, a lost node) as FAILED, with why in error.txt.
+
+    Refused while the process still runs: on its own host it is looked up, elsewhere its heartbeat must have
+    stopped. Continue the run afterwards with --resume RUN_ID when it has a checkpoint.
+    """
+    import time
+
+    from mlproject import ownership
+
+    configure_client()
+    status = ownership.close_run(os.environ.get("MLFLOW_TRACKING_URI", ""), run_id, time.time())
+    click.echo(f"run {run_id}: {status}")
 
 
 @dataclass(frozen=True)
@@ -116,68 +211,30 @@ def _config(options: dict[str, Any], defaults: JobConfig) -> Invocation:
         from_file = {name: convert(name, value) for name, value in found.items()}
         options = configfile.merge(from_file, options, defaults.as_dict())
     cfg = JobConfig(**options)
-    from mlproject.task import add_code_path
+    from mlproject.classpaths import add_code_path
 
     add_code_path(cfg.code)
     return Invocation(cfg, tuple(k for k, v in from_file.items() if options[k] == v))
 
 
-def _run_job(invocation: Invocation, experiment_name: str, entry: str, body: JobBody) -> None:
-    """Attach to the run, record the configuration, run the command's body; end the run as the body ended."""
+def _run_job(
+    ctx: click.Context, invocation: Invocation, experiment_name: str, entry: str, body: Body, parent_run: str = ""
+) -> None:
+    """The job on this process (one rank of several, or all of it), or on processes it launches itself."""
+    from mlproject import launch, progress, ranks, session
+
     cfg = invocation.cfg
     run_id = os.environ.get("MLFLOW_RUN_ID", "")
     if cfg.resume and entry != "train":
         raise ConfigError("resume", cfg.resume, "nothing: only the train command resumes")
     if cfg.resume and run_id and run_id != cfg.resume:
         raise ConfigError("resume", cfg.resume, f"the run id given to `mlflow run --run-id` (here {run_id})")
-    from mlproject import task
-    from mlproject.tracking import Tracker, probe  # heavy imports only once the options are valid
-
-    job = None if cfg.resume else task.build(cfg)  # a model or dataset that cannot be built fails before any run
-    configure_client()
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    probe(uri)
-    tracker = Tracker.open(uri, cfg.resume or run_id, experiment_name)
-    stopping.install()
-    try:
-        with tempfile.TemporaryDirectory(prefix="mlproject-") as tmp:
-            cfg = _record_config(invocation, tracker, Path(tmp), entry)
-            body(cfg, job or task.build(cfg), tracker, Path(tmp))
-    except Preempted as exc:
-        tracker.end("KILLED", error=f"{exc}; continue it with resume={tracker.run_id}")
-        raise
-    except BaseException as exc:
-        tracker.end("FAILED", error=f"{type(exc).__name__}: {exc}")
-        raise
-    tracker.end("FINISHED")
-
-
-def _record_config(invocation: Invocation, tracker: Tracker, workdir: Path, entry: str) -> JobConfig:
-    """The configuration to run: the interrupted run's own when resuming, else the invocation's, logged as params."""
-    cfg = invocation.cfg
-    from mlproject import pipeline
-
-    for noisy in (
-        "pytorch_lightning",
-        "lightning",
-        "lightning.pytorch",
-        "lightning.fabric",
-        "lightning_fabric",
-        "mlflow",
-        "alembic",
-    ):
-        logging.getLogger(noisy).setLevel(logging.WARNING)  # after their import: Lightning sets its own level
-    if cfg.resume:
-        cfg = pipeline.resumed_config(tracker, workdir)
-        tracker.set_tags({"resumed": "true"})  # params are write-once: its resume param keeps the first start's value
-    else:
-        pipeline.log_config(tracker, cfg, entry)
-        # Under `mlflow run` MLflow logged every parameter's command-line value first (params are write-once).
-        tracker.set_tags({f"config.{k}": cfg.as_params()[k] for k in invocation.from_file})
-    commit = git_commit(Path(__file__).parent)  # `mlflow run` tags its own as mlflow.source.git.commit
-    if commit:
-        tracker.set_tags({"git_commit": commit})
-    return cfg
+    here = ranks.place()
+    if ranks.needs_launch(cfg.devices, cfg.num_nodes, here):
+        ctx.exit(launch.supervise(cfg, experiment_name, ctx.obj["argv"]))
+    session.check_world(cfg, here)
+    show = progress.mode(cfg.progress, sys.stderr.isatty())
+    session.run(session.Start(cfg, invocation.from_file, experiment_name, entry, parent_run), body, show)
 
 
 def _param_name(exc: click.exceptions.BadParameter) -> str:
@@ -185,37 +242,71 @@ def _param_name(exc: click.exceptions.BadParameter) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: returns the exit code; every failure is one line on stderr."""
+    """Entry point: returns the exit code; every failure is one line on stderr (from rank 0 of several)."""
+    from mlproject import launch, ranks
+
+    if any(k in os.environ for k in ("MLFLOW_RUN_ID", "TORCHELASTIC_RUN_ID")):
+        stopping.die_with_parent()  # launched by `mlflow run` or torchrun: stop when it goes away
+    args = list(argv if argv is not None else sys.argv[1:])
+    here = ranks.place()
+    code = _exit_code(args, here.zero)
+    launch.record_exit(code, here.rank)
+    return code
+
+
+def _exit_code(args: list[str], zero: bool) -> int:
     try:
-        cli.main(args=argv, prog_name="python -m mlproject", standalone_mode=False)
-        return 0
+        code = cli.main(args=args, obj={"argv": args}, prog_name=_prog_name(), standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except click.exceptions.BadParameter as exc:
-        return _fail(f"invalid value for {_param_name(exc)}: {exc.message}", EXIT_USAGE)
+        return _fail(f"invalid value for {_param_name(exc)}: {exc.message}", EXIT_USAGE, zero)
     except click.exceptions.UsageError as exc:
-        return _fail(exc.format_message(), EXIT_USAGE)
+        return _fail(exc.format_message(), EXIT_USAGE, zero)
     except click.exceptions.Abort:
-        return _fail("interrupted", 130)
+        return _fail("interrupted", 130, zero)
     except (ConfigError, DataError, HardwareError) as exc:
-        return _fail(str(exc), EXIT_USAGE)
+        return _fail(str(exc), EXIT_USAGE, zero)
     except (TrackingError, UserCodeError) as exc:
-        return _fail(str(exc), EXIT_FAILED)
+        return _fail(str(exc), EXIT_FAILED, zero)
     except TrainingDiverged as exc:
-        return _fail(f"{exc} (the last good checkpoint is the run's artifact {CHECKPOINT_ARTIFACT})", EXIT_FAILED)
+        kept = (
+            f" (the last good checkpoint is the run's artifact {CHECKPOINT_ARTIFACT})" if exc.checkpoint_logged else ""
+        )
+        return _fail(f"{exc}{kept}", EXIT_FAILED, zero)
     except Preempted as exc:
-        click.echo(f"error: {exc}; checkpoint logged as {CHECKPOINT_ARTIFACT}, the run ended KILLED", err=True)
+        if zero:
+            click.echo(f"error: {exc}; {_stopped(exc)}", err=True)
         return 128 + signal.Signals[exc.signal_name].value
     except KeyboardInterrupt:
-        return _fail("interrupted", 130)
+        return _fail("interrupted", 130, zero)
+    except SystemExit as exc:  # a rank other than 0, stopped with rank 0's mistake (rank 0 said what it was)
+        return int(exc.code or 0)
 
 
-def _fail(message: str, code: int) -> int:
+def _prog_name() -> str:
+    """How the job was invoked, for --help: `python -m mlproject` or its console script `lr-finder-job`."""
+    invoked = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return "python -m mlproject" if invoked in ("", "__main__.py", "-m", "-c") else invoked
+
+
+def _stopped(exc: Preempted) -> str:
+    if exc.checkpoint_logged:
+        return f"the run ended KILLED with its last epoch's checkpoint ({CHECKPOINT_ARTIFACT}): continue it with resume"
+    return "the run ended KILLED before its first epoch ended, with no checkpoint to resume from: rerun it"
+
+
+def _fail(message: str, code: int, zero: bool = True) -> int:
     click.echo(f"error: {message}", err=True)
     run_id = os.environ.get("MLFLOW_RUN_ID", "")
-    if run_id:  # `mlflow run` created the run before we could check anything: record why it failed
-        from mlproject.tracking import fail_run, run_is_active
+    if run_id and zero:  # `mlflow run` created the run before we could check anything: record why it failed
+        from mlproject.stores import fail_run, run_is_active
 
-        if run_is_active(os.environ.get("MLFLOW_TRACKING_URI", ""), run_id):
-            fail_run(os.environ.get("MLFLOW_TRACKING_URI", ""), run_id, message)
+        uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+        try:
+            if run_is_active(uri, run_id):
+                fail_run(uri, run_id, message)
+        except Exception as exc:  # a stale or foreign MLFLOW_RUN_ID, or no server: the one line above stands
+            log.debug("could not record the failure on run %s: %s", run_id, exc)
     return code
 
 

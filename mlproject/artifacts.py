@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,19 @@ def curve_csv(curve: LRCurve) -> str:
         row = [i, f"{lr:.6g}", f"{loss:.6g}", f"{smoothed[i]:.6g}" if i < len(smoothed) else "nan"]
         writer.writerow(row + ([f"{curve.probe_losses[i]:.6g}"] if curve.probe_losses else []))
     return rows.getvalue()
+
+
+def curve_metrics(curve: LRCurve) -> dict[str, list[float]]:
+    """The range test as metrics with step = sweep step, so that MLflow's chart view overlays the range tests of
+    several runs: with lr_find_log10_lr as the x axis (MLflow's charts take no log scale on a metric axis), or
+    lr_find_lr. Non-finite losses are left out, as every metric's are."""
+    smoothed = lr_range.usable_curve(curve.lrs, curve.losses).smoothed.tolist()
+    return {
+        "lr_find_lr": list(curve.lrs),
+        "lr_find_log10_lr": [math.log10(lr) for lr in curve.lrs],
+        "lr_find_loss": list(curve.losses),
+        "lr_find_smoothed_loss": smoothed,
+    }
 
 
 def plot(found: RangeTest, used: float, checked: verify.Verification | None = None, monitor: str = "") -> bytes:

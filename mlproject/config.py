@@ -23,6 +23,8 @@ ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 DATA_MODES = ("auto", "device", "loader")
 MONITOR_MODES = ("min", "max")
+PROGRESS = ("auto", "bar", "lines", "off")
+STUDY_STAGES = ("all", "plan", "member")  # the compare entry point's --stage
 
 CHECKPOINT_ARTIFACT = "checkpoints/last.ckpt"  # what a failed or preempted run keeps, and resume reads
 
@@ -30,6 +32,7 @@ CHECKPOINT_ARTIFACT = "checkpoints/last.ckpt"  # what a failed or preempted run 
 MAX_EPOCHS = 10_000
 MAX_BATCH_SIZE = 65_536
 MAX_LR_STEPS = 100_000
+MIN_LR_STEPS = 10  # fewer points than the suggestion rules need (lr_range.MIN_POINTS): no sweep could answer
 MAX_CANDIDATES = 9  # lr_verify: nine half-decade candidates already span four decades
 
 _CLASS_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
@@ -145,10 +148,15 @@ class JobConfig:
     # the fit each; a shorter trial ranks the candidates worse (docs/suggestion.md).
     verify_fraction: float = 0.25
     accelerator: str = "auto"
-    devices: int = 1
+    devices: int = 1  # per machine
+    num_nodes: int = 1  # machines, each started by a launcher (torchrun, srun); rank 0 of the first tracks the run
     precision: str = "auto"
     data_mode: str = "auto"  # device: whole split as one tensor on the device; loader: a DataLoader
     compile: bool = False  # torch.compile the network for the fit (not the range test)
+    progress: str = "auto"  # auto: Lightning's bar on a terminal, a line per epoch elsewhere (CI logs, docker logs)
+    system_metrics: bool = True  # MLflow's CPU, memory and GPU metrics beside the run's own
+    run_name: str = ""  # empty: what the run is, e.g. lenet-adam-finder
+    register_model: str = ""  # a registered model's name: the logged model becomes its next version
     resume: str = ""  # a run id: continue that run from its last checkpoint, with its configuration
 
     def __post_init__(self) -> None:
@@ -159,7 +167,7 @@ class JobConfig:
             raise ConfigError("lr_min", self.lr_min, f"a value below lr_max ({self.lr_max})")
         _int_in("epochs", self.epochs, 1, MAX_EPOCHS)
         _int_in("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
-        _int_in("lr_steps", self.lr_steps, 5, MAX_LR_STEPS)
+        _int_in("lr_steps", self.lr_steps, MIN_LR_STEPS, MAX_LR_STEPS)
         _int_in("lr_repeats", self.lr_repeats, 1, 20)
         _check_verify(self.lr_verify, self.verify_fraction)
         _int_in("seed", self.seed, 0, 2**32 - 1)
@@ -168,6 +176,7 @@ class JobConfig:
         _int_in("image_size", self.image_size, 8, 4096)
         _int_in("num_workers", self.num_workers, -1, 256)
         _int_in("devices", self.devices, 1, 64)
+        _int_in("num_nodes", self.num_nodes, 1, 4096)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("lr_method", self.lr_method, LR_METHODS)
@@ -175,6 +184,13 @@ class JobConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("data_mode", self.data_mode, DATA_MODES)
         _choice("monitor_mode", self.monitor_mode, MONITOR_MODES)
+        _choice("progress", self.progress, PROGRESS)
+        if len(self.run_name) > 250:
+            raise ConfigError("run_name", self.run_name, "at most 250 characters")
+        if self.register_model and not re.fullmatch(r"[\w.\-/ ]{1,200}", self.register_model):
+            raise ConfigError(
+                "register_model", self.register_model, "a model name (letters, digits, . _ - / and spaces)"
+            )
         self._check_names()
         json_object("model_args", self.model_args)
         json_object("dataset_args", self.dataset_args)

@@ -95,8 +95,13 @@ def find_dir(candidates: Sequence[Path]) -> Path | None:
     """The first candidate (or its torchvision raw/ subfolder) holding all four files."""
     for base in candidates:
         for directory in (base, *(base / name / "raw" for name in TORCHVISION_NAMES.values())):
-            if all(_locate(directory, stem) for stem in IDX_FILES.values()):
-                return directory
+            try:
+                if all(_locate(directory, stem) for stem in IDX_FILES.values()):
+                    return directory
+            except PermissionError as exc:
+                raise DataError(
+                    f"{base}: {exc.strerror}; make it readable by this user or pass another data_dir"
+                ) from exc
     return None
 
 
@@ -208,21 +213,30 @@ class DeviceBatches:
     """Batches cut from one uint8 tensor on the device: normalised, shuffled and sliced there, no per-sample Python.
 
     Shuffling uses its own generator seeded by (seed, epoch), so the batch order never depends on global RNG state.
-    Across ranks (shard()), each global batch of world x batch_size samples is cut into one slice per rank, so that
-    N ranks at batch b see exactly the samples one process sees at batch N x b.
+    Across the ranks of the default process group (or those given to shard()), each global batch of world x
+    batch_size samples is cut into one slice per rank, so that N ranks at batch b see exactly the samples one process
+    sees at batch N x b.
     """
 
     def __init__(self, split: Split, batch_size: int, data: ImageData, shuffle: bool, seed: int) -> None:
         self.images, self.labels = split.images, split.labels  # already on the device: see Split.to
         self.batch_size, self.mean, self.std = batch_size, data.mean, data.std
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
-        self.rank, self.world = 0, 1
+        self.place: tuple[int, int] | None = None  # (rank, world); None: the process group's, read when iterated
 
     def shard(self, rank: int, world: int) -> None:
-        self.rank, self.world = rank, world
+        self.place = (rank, world)
+
+    def _place(self) -> tuple[int, int]:
+        if self.place is not None:
+            return self.place
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
 
     def __len__(self) -> int:
-        return math.ceil(len(self.labels) / (self.batch_size * self.world))
+        return math.ceil(len(self.labels) / (self.batch_size * self._place()[1]))
 
     def set_epoch(self, epoch: int) -> None:
         """Pin the next pass's shuffle to `epoch`, e.g. when a fit resumes from a checkpoint."""
@@ -234,9 +248,10 @@ class DeviceBatches:
             gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             order = torch.randperm(n, generator=gen).to(self.images.device)
             self.epoch += 1
-        step = self.batch_size * self.world
+        rank, world = self._place()
+        step = self.batch_size * world
         for start in range(0, n, step):
-            lo, hi = _slice(min(step, n - start), self.rank, self.world)
+            lo, hi = _slice(min(step, n - start), rank, world)
             if self.shuffle:  # index_select: a tenth of the time of images[idx] for a batch of rows
                 idx = order[start + lo : start + hi]
                 images, labels = self.images.index_select(0, idx), self.labels.index_select(0, idx)

@@ -12,6 +12,8 @@ class HardwareError(RuntimeError):
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
 
+    checkpoint_logged = False  # set once the run holds the last good epoch's checkpoint
+
 
 class Preempted(BaseException):
     """SIGTERM or SIGINT arrived: stop, keep a checkpoint, end the run KILLED.
@@ -21,6 +23,7 @@ class Preempted(BaseException):
 
     def __init__(self, signal_name: str) -> None:
         self.signal_name = signal_name
+        self.checkpoint_logged = False  # set once the run holds a checkpoint to resume from
         super().__init__(f"stopped by {signal_name}")
 
 

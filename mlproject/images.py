@@ -41,7 +41,11 @@ class Listing:
 def scan(root: Path) -> Listing:
     """train/ (required), val/ and test/ (optional), one folder per class; clear errors for what cannot train."""
     train = root / "train"
-    if not train.is_dir():
+    try:
+        present = train.is_dir()
+    except PermissionError as exc:
+        raise DataError(f"{root}: {exc.strerror}; make it readable by this user or pass another data_dir") from exc
+    if not present:
         raise DataError(f"{root} has no train/ folder: an image folder holds train/<class>/<image>, val/ and test/ too")
     try:
         found = datasets.ImageFolder(str(train), allow_empty=True)

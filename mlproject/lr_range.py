@@ -123,8 +123,11 @@ def usable_curve(lrs: Sequence[float], losses: Sequence[float]) -> Curve:
 
 
 def _sigma(per_decade: float, points: int) -> float:
-    """SMOOTH_DECADES in steps of a sweep (1 at least); a thirtieth of the points if its LRs do not rise."""
-    return max(1.0, SMOOTH_DECADES * per_decade if per_decade else points / 30)
+    """SMOOTH_DECADES in steps of a sweep (1 at least); a thirtieth of the points if its LRs do not rise. At most a
+    third of the points: a sweep narrower than the window would otherwise smooth with a kernel millions of steps
+    wide, every check."""
+    wanted = SMOOTH_DECADES * per_decade if per_decade else points / 30
+    return max(1.0, min(wanted, points / 3))
 
 
 def _start_level(curve: Curve) -> float:
@@ -342,3 +345,22 @@ def suggest(
         return Suggestion(fallback_lr, "fallback", 0.0, found.reason, low, high, candidates)
     low, high = lr_range(curve, found.lr)
     return Suggestion(found.lr, found.method, found.confidence, found.reason, low, high, candidates)
+
+
+EDGE_SHARE = 0.05  # a smoothed minimum in the sweep's last 5% of points: the floor lies beyond lr_max, not in it
+
+
+def guard_edge(found: Suggestion, lrs: Sequence[float], losses: Sequence[float], ran_to_end: bool) -> Suggestion:
+    """A curve still falling at lr_max has no floor in the sweep: the rules' floor is then the sweep's edge, and a
+    one-cycle peak there can diverge over a long fit. The answer becomes the steepest descent, not the floor's,
+    with confidence 0 and the reason; a sweep that diverged, or stopped early, found its floor."""
+    curve = usable_curve(lrs, losses)
+    n = len(curve.smoothed)
+    if not ran_to_end or curve.reason or n < MIN_POINTS or found.method == "fallback":
+        return found
+    if int(np.argmin(curve.smoothed)) < n * (1 - EDGE_SHARE):
+        return found
+    steep = found.candidates.get("steepest") or found.lr
+    reason = (f"the loss still fell at lr_max={lrs[-1]:.3g}: the sweep found no floor, so the steepest descent "
+              f"({steep:.3g}) is used; raise lr_max for a better answer")  # fmt: skip
+    return Suggestion(steep, found.method, 0.0, reason, steep / 10, steep, found.candidates)

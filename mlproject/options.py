@@ -101,7 +101,8 @@ OPTIONS: list[tuple[str, Any, str]] = [
     ),
     ("verify_fraction", Number(float), "The share of the fit's steps all verification trials together may take."),
     ("accelerator", OneOf(config.ACCELERATORS), "Where to train: auto picks the GPU when there is one."),
-    ("devices", Number(int), "Devices per machine; more than one runs Lightning's DDP (gloo on CPUs)."),
+    ("devices", Number(int), "Devices per machine; more than one runs Lightning's DDP, under torchrun (gloo on CPUs)."),
+    ("num_nodes", Number(int), "Machines; each runs `torchrun --nnodes N ...` or srun (see docs/deploy.md)."),
     (
         "precision",
         OneOf(config.PRECISIONS),
@@ -113,6 +114,18 @@ OPTIONS: list[tuple[str, Any, str]] = [
         TrueFalse(),
         "torch.compile the network for the fit (true/false); off by default: slower for LeNet on a CPU.",
     ),
+    (
+        "progress",
+        OneOf(config.PROGRESS),
+        "auto: Lightning's progress bar on a terminal, a line per epoch elsewhere; bar; lines; off.",
+    ),
+    (
+        "system_metrics",
+        TrueFalse(),
+        "Log MLflow's system metrics (CPU, memory; GPU with NVIDIA's library) (true/false).",
+    ),
+    ("run_name", click.STRING, "The run's name; empty: what it is, e.g. lenet-adam-finder."),
+    ("register_model", click.STRING, "Register the logged model under this name (its version tagged with the LR)."),
     ("resume", click.STRING, "A run id: continue that run from its last checkpoint, with its configuration."),
 ]
 

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 
-from mlproject import artifacts, lr_range, sweep, task, training, verify
+from mlproject import artifacts, lr_range, progress, sources, sweep, training, verify
 from mlproject.artifacts import RangeTest
-from mlproject.config import CHECKPOINT_ARTIFACT, JobConfig
+from mlproject.config import JobConfig
 from mlproject.errors import Preempted, TrainingDiverged
+from mlproject.session import Session
 from mlproject.task import Task
 from mlproject.tracking import MLFLOW_VERSION, Tracker
 
@@ -56,6 +57,7 @@ def fit_steps(cfg: JobConfig, job: Task, rt: training.Runtime, batches_per_epoch
 
 def one_sweep(cfg: JobConfig, job: Task, rt: training.Runtime, stop_early: bool = True) -> RangeTest:
     """One range test; with lr_probe the suggestion comes from the held-out probe's curve."""
+    progress.sweep_start(cfg.lr_min, cfg.lr_max, cfg.lr_steps, shown=True)
     module = seeded_module(cfg, job, rt)
     probe = job.probe(rt.device) if cfg.lr_probe and job.probe else None
     inputs = job.loaders(cfg.seed + 1, rt.device.type).sweep_kwargs()
@@ -63,6 +65,9 @@ def one_sweep(cfg: JobConfig, job: Task, rt: training.Runtime, stop_early: bool 
     steps = fit_steps(cfg, job, rt, curve.batches_per_epoch)
     losses = curve.probe_losses if cfg.lr_probe else curve.losses
     found = lr_range.suggest(curve.lrs, losses, cfg.lr_method, cfg.lr, steps)
+    found = lr_range.guard_edge(found, curve.lrs, losses, curve.steps_run == curve.steps_requested)
+    if found.confidence == 0.0 and found.method != "fallback":
+        log.warning("range test: %s", found.reason)
     return RangeTest(curve, found, (float(found.lr or 0),), 0.0, steps)
 
 
@@ -79,8 +84,10 @@ def find_lr(cfg: JobConfig, job: Task, rt: training.Runtime, tracker: Tracker) -
                       median.fit_steps)  # fmt: skip
     source = "fallback" if found.suggestion.method == "fallback" else "finder"
     s = found.suggestion
-    log.info("range test: %d steps in %.2fs; %s lr=%.4g (%s)", found.curve.steps_run, found.curve.seconds, source,
-             s.lr, s.reason)  # fmt: skip
+    curve = found.curve
+    stop = f"stopped: {curve.stop_reason}" if curve.stop_reason else "ran to lr_max"
+    log.info("range test: %d of %d steps in %.2f s (%s); %s lr=%.4g (%s)", curve.steps_run, curve.steps_requested,
+             curve.seconds, stop, source, s.lr, s.reason)  # fmt: skip
     checked = verify.verify(cfg, job, rt, found, seeded_module)
     s, source = (checked.suggestion or s, "verified") if checked.ran else (s, source)
     onecycle = cfg.resolved_schedule == "onecycle"
@@ -125,10 +132,11 @@ def log_range_test(cfg: JobConfig, tracker: Tracker, choice: LRChoice, job: Task
         {
             "lr_suggested": float(found.suggestion.lr or 0),
             "lr_find_seconds": found.curve.seconds,
-            "lr_spread": found.spread_decades,
             "lr_verify_seconds": checked.seconds if checked is not None else 0.0,
         }  # fmt: skip
+        | ({"lr_spread": found.spread_decades} if len(found.repeat_suggestions) > 1 else {})
     )
+    tracker.log_metric_series(artifacts.curve_metrics(found.curve))
 
 
 def system_tags(rt: training.Runtime, job: Task) -> dict[str, str]:
@@ -162,20 +170,27 @@ def runtime(cfg: JobConfig, job: Task, tracker: Tracker) -> training.Runtime:
     return rt
 
 
-def lr_find(cfg: JobConfig, job: Task, tracker: Tracker) -> LRChoice:
+def lr_find(session: Session) -> LRChoice:
     """The `lr_find` entry point: the range test alone."""
+    cfg, job, tracker = session.cfg, session.job, session.tracker
     return find_lr(cfg, job, runtime(cfg, job, tracker), tracker)
 
 
-def run(cfg: JobConfig, job: Task, tracker: Tracker, workdir: Path) -> JobResult:
-    """The `main` entry point: range test (when auto_lr), fit, test; everything logged to `tracker`.
+def run(session: Session, forced: LRChoice | None = None) -> JobResult:
+    """The `main` entry point: range test (when auto_lr), fit, test; everything logged to the session's tracker.
 
-    With cfg.resume, the run's own checkpoint and LR choice are taken instead of a new range test.
+    A resumed session continues from its run's own checkpoint and LR choice instead of a new range test; a study's
+    finder member trains at its parent's range test's answer (`forced`).
     """
+    cfg, job, tracker, resume = session.cfg, session.job, session.tracker, session.resume
     rt = runtime(cfg, job, tracker)
-    resume_from = tracker.download(CHECKPOINT_ARTIFACT, workdir / "resume") if cfg.resume else None
-    if cfg.resume:
-        choice = resumed_choice(tracker)
+    if resume is not None:
+        choice = LRChoice(resume.lr, resume.source)
+    elif forced is not None:
+        for item in job.inputs:
+            tracker.log_dataset(item)
+        choice = forced
+        tracker.log_params({"lr_used": f"{choice.lr:.6g}", "lr_source": choice.source})
     else:
         for item in job.inputs:
             tracker.log_dataset(item)
@@ -188,23 +203,39 @@ def run(cfg: JobConfig, job: Task, tracker: Tracker, workdir: Path) -> JobResult
     if cfg.compile and hasattr(module, "compile_net"):
         module.compile_net()
     loaders = job.loaders(cfg.seed, rt.device.type)
-    sink = lambda epoch, metrics: tracker.log_metrics(metrics, step=epoch)  # noqa: E731
-    checkpoint = workdir / "last.ckpt"
+    lines = progress.EpochLines(cfg.epochs, session.show == "lines")
+
+    def sink(epoch: int, metrics: dict[str, float]) -> None:
+        tracker.log_metrics(metrics, step=epoch)
+        lines(epoch, metrics)
+
+    keep = lambda path: tracker.log_files({"last.ckpt": path.read_bytes()}, "checkpoints")  # noqa: E731
+    checkpoint = session.workdir / "last.ckpt"
+    resume_from = resume.checkpoint if resume is not None else None
     try:
-        result = training.fit_and_test(job.lightning, module, loaders, rt, cfg.epochs, sink, checkpoint, resume_from)
-    except (TrainingDiverged, Preempted):
-        if checkpoint.exists():  # the last epoch that ended with a finite loss
-            tracker.log_files({"last.ckpt": checkpoint.read_bytes()}, "checkpoints")
+        result = training.fit_and_test(
+            job.lightning, module, loaders, rt, cfg.epochs, sink, checkpoint, keep, resume_from, session.show == "bar"
+        )
+    except (TrainingDiverged, Preempted) as exc:
+        # The run holds the last epoch that ended with a finite loss (or a resumed run its earlier one).
+        exc.checkpoint_logged = checkpoint.exists() or resume is not None
         raise
     final = {f"final_{k}": v for k, v in result.validation.items()} | result.test
     tracker.log_metrics(result.test, step=cfg.epochs)
     tracker.log_params({k: f"{v:.4f}" for k, v in final.items()})
-    example = job.example() if job.example else artifacts.batch_input(_first_batch(loaders))
-    tracker.log_model(artifacts.model_payload(module, not job.user_module, example), cfg.code)
+    if session.here.zero:
+        example = job.example() if job.example else artifacts.batch_input(_first_batch(loaders))
+        model_uri = tracker.log_model(artifacts.model_payload(module, not job.user_module, example), cfg.code)
+        if cfg.register_model:
+            tags = {"lr_source": choice.source, "lr_used": f"{choice.lr:.6g}"} | {
+                k: f"{v:.4f}" for k, v in final.items()
+            }
+            version = tracker.register(cfg.register_model, model_uri, tags)
+            log.info("registered the model as %s version %s", cfg.register_model, version)
     return JobResult(choice, final, result.history)
 
 
-def _first_batch(loaders: task.Loaders) -> Any:
+def _first_batch(loaders: sources.Loaders) -> Any:
     """A real batch for the signature: the data module's validation (or training) loader's first."""
     source = loaders.datamodule
     if source is None:
@@ -227,9 +258,3 @@ def resumed_config(tracker: Tracker, workdir: Path) -> JobConfig:
     """The configuration the run started with (its config.json), marked as resumed."""
     params = json.loads(tracker.download("config.json", workdir).read_text())
     return JobConfig.from_params(params).replace(resume=tracker.run_id)
-
-
-def resumed_choice(tracker: Tracker) -> LRChoice:
-    """The LR the interrupted run chose; its schedule's state comes back with the checkpoint."""
-    params = tracker.client.get_run(tracker.run_id).data.params
-    return LRChoice(float(params["lr_used"]), params["lr_source"])

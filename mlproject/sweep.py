@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from mlproject import lr_range
+from mlproject import lr_range, ranks, stopping
 from mlproject.errors import UserCodeError
 from mlproject.lightning_api import Lightning
 from mlproject.training import Runtime, build_trainer
@@ -82,6 +82,7 @@ class _Recorder:
 
     def __init__(self, io: MemoryCheckpointIOHooks, probe: Callable[[], float] | None, stop_early: bool) -> None:
         self.io, self.probe, self.stop_early = io, probe, stop_early
+        self.check_stop: Callable[[], None] = lambda: None
         self.lrs: list[float] = []
         self.raw: list[float] = []
         self.probed: list[float] = []
@@ -110,6 +111,7 @@ class _Recorder:
             self._pending = checkpoint  # complete now; copied before the first step changes the weights
 
         def on_train_start() -> None:
+            stopping.reclaim()  # lr_find's Trainer registered its own signal handlers
             originals["on_train_start"]()
             trainer = module.trainer
             self.batches_per_epoch, self.world_size = int(trainer.num_training_batches), trainer.world_size
@@ -124,6 +126,7 @@ class _Recorder:
     def step(self, trainer: Any, loss: torch.Tensor) -> None:
         """One host sync a step, as Lightning's own finder makes; with a probe, also its loss under the weights this
         step's LR produced."""
+        self.check_stop()
         self.raw.append(float(trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")))
         if self.probe is not None:
             self.probed.append(self.probe())
@@ -171,7 +174,8 @@ def range_test(
     recorder = _Recorder(io, probe_loss(private, probe) if probe is not None else None, stop_early)
     recorder.instrument(private)
     devices = [torch.cuda.current_device()] if rt.accelerator == "gpu" else []
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), ranks.stop_together(rt.world_size) as check_stop:
+        recorder.check_stop = check_stop
         trainer = build_trainer(lightning, rt, -1, [], plugins=[io], check_val_every_n_epoch=NEVER)
         finder = lightning.tuner(trainer).lr_find(
             private,

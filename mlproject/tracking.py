@@ -9,9 +9,9 @@ import re
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import mlflow
 import requests
@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from mlproject.errors import TrackingError
-from mlproject.tracking_env import redact
+from mlproject.stores import _detail, disk_full, is_outage, prepare_store
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ T = TypeVar("T")
 
 if TYPE_CHECKING:
     from mlproject.artifacts import ModelPayload
-    from mlproject.task import DataInput
+    from mlproject.sources import DataInput
 MLFLOW_VERSION = mlflow.__version__
 
 
@@ -50,16 +50,58 @@ class Tracker:
         self.pending: list[Metric] = []  # metrics the server did not take yet (an outage): sent later, in order
 
     @classmethod
-    def open(cls, tracking_uri: str, run_id: str, experiment_name: str) -> Tracker:
-        """Attach to `run_id` (set by `mlflow run`) or start a run in `experiment_name`."""
+    def open(
+        cls, tracking_uri: str, run_id: str, experiment_name: str, parent_run: str = "", system_metrics: bool = False
+    ) -> Tracker:
+        """Attach to `run_id` (set by `mlflow run`), or start a run: a child of `parent_run` in its experiment, or
+        a run of `experiment_name`."""
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
+        prepare_store(mlflow.get_tracking_uri())
+        client = MlflowClient(mlflow.get_tracking_uri())
+        if not run_id and parent_run:
+            experiment_id = client.get_run(parent_run).info.experiment_id
+            run_id = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent_run}).info.run_id
         if run_id:
-            run = mlflow.start_run(run_id=run_id)
+            run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
         else:
-            mlflow.set_experiment(experiment_name)
-            run = mlflow.start_run()
-        return cls(MlflowClient(mlflow.get_tracking_uri()), run.info.run_id)
+            _set_experiment(experiment_name)
+            run = mlflow.start_run(log_system_metrics=system_metrics)
+        return cls(client, run.info.run_id)
+
+    def of_run(self, run_id: str) -> Tracker:
+        """Another run, written through the same client (a study member writing its parent's comparison)."""
+        return Tracker(self.client, run_id)
+
+    def tags(self) -> dict[str, str]:
+        return dict(self.patiently(lambda: self.client.get_run(self.run_id), "reading the run").data.tags)
+
+    def study_members(self, parent_run: str) -> list[Any]:
+        """The parent's child runs as study members: label, status, LR, final figures, per-epoch values, seconds."""
+        parent = self.patiently(lambda: self.client.get_run(parent_run), "reading the study")
+        found = self.patiently(
+            lambda: self.client.search_runs(
+                [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run}'", max_results=1000
+            ),
+            "reading the study",
+        )
+        return [self._member(run) for run in found if "study_member" in run.data.tags]
+
+    def _member(self, run: Any) -> Any:
+        from mlproject.study import Member
+
+        params, info = run.data.params, run.info
+        final = {k: float(v) for k, v in params.items() if k.startswith(("final_", "test_")) and _is_number(v)}
+        history: dict[int, dict[str, float]] = {}
+        for key in ("val_acc", "val_loss", *(k.removeprefix("final_") for k in final if k.startswith("final_"))):
+            for m in self.client.get_metric_history(info.run_id, key):
+                history.setdefault(m.step, {})[key] = m.value
+        end = info.end_time or _now_ms()
+        return Member(
+            label=run.data.tags["study_member"], run_id=info.run_id, status=info.status,
+            lr_used=float(params.get("lr_used", "nan")), lr_source=params.get("lr_source", ""), final=final,
+            history=[history[step] for step in sorted(history)], seconds=(end - info.start_time) / 1000,
+        )  # fmt: skip
 
     def child(self, name: str) -> Tracker:
         """A nested run under this one (a study's member); end() it before starting the next."""
@@ -72,12 +114,15 @@ class Tracker:
         return Tracker(self.client, run.info.run_id)
 
     def patiently(self, action: Callable[[], T], what: str) -> T:
-        """Run a write, waiting out a server outage (up to PATIENCE_S) instead of losing what it writes."""
+        """Run a write, waiting out a server outage (up to PATIENCE_S) instead of losing what it writes; a full disk
+        is no outage: it fails at once, naming the place."""
         deadline = time.monotonic() + PATIENCE_S
         while True:
             try:
                 return action()
             except OUTAGE as exc:
+                if disk_full(exc):
+                    raise TrackingError(f"{what}: the store is full: {_detail(exc)}") from exc
                 if not is_outage(exc) or time.monotonic() > deadline:
                     raise
                 log.warning("tracking server unreachable while %s; retrying until it returns", what)
@@ -106,6 +151,18 @@ class Tracker:
         if skipped:
             log.warning("not logging non-finite metrics %s at step %d", skipped, step)
         self.pending.extend(rows)
+        try:
+            self._send_pending()
+        except OUTAGE as exc:
+            log.warning("tracking server unreachable, %d metric values kept for later: %s", len(self.pending), exc)
+
+    def log_metric_series(self, series: Mapping[str, Sequence[float]]) -> None:
+        """Each key's values at steps 0, 1, 2, ... (a curve), batched as log_metrics batches a step's values."""
+        now = _now_ms()
+        self.pending.extend(
+            Metric(key, float(v), now, step) for key, values in series.items() for step, v in enumerate(values)
+            if math.isfinite(v)
+        )  # fmt: skip
         try:
             self._send_pending()
         except OUTAGE as exc:
@@ -171,9 +228,9 @@ class Tracker:
                     raise
                 time.sleep(0.5)
 
-    def log_model(self, payload: ModelPayload, code: str = "") -> None:
+    def log_model(self, payload: ModelPayload, code: str = "") -> str:
         """torch.export's program where the model exports (it loads where this package and the user's code are
-        absent); a pickle otherwise, with the user's code folder alongside."""
+        absent); a pickle otherwise, with the user's code folder alongside. Returns the model's URI."""
         from mlflow.models import infer_signature
 
         if payload.why_no_signature:
@@ -181,9 +238,9 @@ class Tracker:
         signature = infer_signature(payload.example, payload.output) if payload.example is not None else None
         requirements = [f"torch=={torch_version()}"]
 
-        def write(serialization: str) -> None:
+        def write(serialization: str) -> str:
             extra = {"code_paths": [code]} if code and serialization == "pickle" else {}
-            mlflow.pytorch.log_model(  # type: ignore[attr-defined]
+            return mlflow.pytorch.log_model(  # type: ignore[attr-defined]
                 payload.model,
                 name="model",
                 signature=signature,
@@ -191,29 +248,46 @@ class Tracker:
                 pip_requirements=requirements,
                 serialization_format=serialization,
                 **extra,
-            )
+            ).model_uri
 
         if payload.example is None:  # torch.export traces the model on an example input
-            self.patiently(lambda: write("pickle"), "logging the model")
-            return
+            return self.patiently(lambda: write("pickle"), "logging the model")
         try:
             with warnings.catch_warnings():  # torch.export's advice on how the user's module stores tensors
                 warnings.simplefilter("ignore", UserWarning)
-                self.patiently(lambda: write("pt2"), "logging the model")
-        except MlflowException:
+                return self.patiently(lambda: write("pt2"), "logging the model")
+        except (MlflowException, TrackingError):
             raise
         except Exception as exc:  # torch.export cannot trace every user forward(): keep the model as a pickle
             log.warning("torch.export failed (%s: %s); logging the model as a pickle", type(exc).__name__, exc)
-            self.patiently(lambda: write("pickle"), "logging the model")
+            return self.patiently(lambda: write("pickle"), "logging the model")
+
+    def register(self, name: str, model_uri: str, tags: Mapping[str, str]) -> str:
+        """The logged model as the next version of the registered model `name`, tagged; returns the version."""
+        version = self.patiently(lambda: mlflow.register_model(model_uri, name), "registering the model").version
+        for key, value in tags.items():
+            self.patiently(lambda k=key, v=value: self.client.set_model_version_tag(name, version, k, v), "tagging")
+        return str(version)
+
+    def rename(self, name: str) -> None:
+        self.set_tags({"mlflow.runName": name})
+
+    def name(self) -> str:
+        return self.tags().get("mlflow.runName", "")
 
     def end(self, status: str, error: str | None = None) -> None:
-        """End the run with FINISHED, FAILED or KILLED; a failure's message goes to error.txt."""
+        """End the run with FINISHED, FAILED or KILLED; a failure's message goes to error.txt. What cannot be
+        written (held-back metrics, error.txt on a full store) is said, and the status is still recorded."""
         try:
             self.flush()
             if error:
                 self.log_files({"error.txt": error.rstrip() + "\n"})
-        finally:
-            self.patiently(lambda: mlflow.end_run(status), "ending the run")
+        except (TrackingError, *OUTAGE) as exc:
+            log.warning("the run's last writes were lost: %s", _detail(exc))
+        self.patiently(lambda: mlflow.end_run(status), "ending the run")
+
+    def params(self) -> dict[str, str]:
+        return dict(self.patiently(lambda: self.client.get_run(self.run_id), "reading the run").data.params)
 
     def download(self, path: str, dst: Path) -> Path:
         """An artifact of this run, e.g. the checkpoint or config.json of a run being resumed."""
@@ -223,34 +297,8 @@ class Tracker:
             raise TrackingError(f"run {self.run_id} has no artifact {path}: {exc.message}") from exc
 
 
-def probe(tracking_uri: str, timeout_s: float = 20.0) -> None:
-    """Fail fast, naming the URI, when an HTTP tracking server does not answer (MLflow's retries take minutes)."""
-    if not tracking_uri.startswith(("http://", "https://")):
-        return
-    deadline = time.monotonic() + timeout_s
-    reason = ""
-    while time.monotonic() < deadline:
-        try:
-            answer = requests.get(tracking_uri.rstrip("/") + "/health", timeout=5)
-            if answer.status_code < 500:
-                return
-            reason = f"HTTP {answer.status_code}"
-        except requests.RequestException as exc:
-            reason = type(exc).__name__
-        time.sleep(1.0)
-    raise TrackingError(
-        f"tracking server {redact(tracking_uri)} unreachable for {timeout_s:.0f} s ({reason}); "
-        "check MLFLOW_TRACKING_URI and that the server is up"
-    )
-
-
-def is_outage(exc: BaseException) -> bool:
-    """A connection failure or a 5xx: the server is away, not refusing the write (which retrying cannot fix)."""
-    if isinstance(exc, (requests.RequestException, ConnectionError)):
-        return True
-    if isinstance(exc, MlflowException):
-        return exc.get_http_status_code() >= 500 or "Max retries exceeded" in exc.message
-    return False
+def _set_experiment(name: str) -> None:
+    mlflow.set_experiment(name)
 
 
 def _lost_insert_race(exc: MlflowException) -> bool:
@@ -258,25 +306,34 @@ def _lost_insert_race(exc: MlflowException) -> bool:
     return exc.error_code == "RESOURCE_ALREADY_EXISTS" or DUPLICATE_KEY.search(exc.message) is not None
 
 
-def fail_run(tracking_uri: str, run_id: str, error: str) -> None:
-    """Mark an existing run FAILED with error.txt: for errors found before the job could attach to it."""
-    client = MlflowClient(tracking_uri or None)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "error.txt").write_text(error.rstrip() + "\n")
-        client.log_artifacts(run_id, tmp)
-    client.set_terminated(run_id, "FAILED")
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def run_is_active(tracking_uri: str, run_id: str) -> bool:
-    """Whether the run is still RUNNING, i.e. nobody has recorded how it ended."""
-    return MlflowClient(tracking_uri or None).get_run(run_id).info.status == "RUNNING"
-
-
 def torch_version() -> str:
     import torch
 
     return torch.__version__.split("+")[0]
+
+
+class NullTracker:
+    """The tracker of a rank other than 0: every write is dropped, so that only one process writes to the run and
+    the others never contact the tracking server."""
+
+    run_id = ""
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        if name.startswith(("log_", "set_")) or name in ("flush", "end"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(f"{name}: rank 0 alone reads from the tracking server")
+
+    def child(self, name: str) -> NullTracker:
+        return self

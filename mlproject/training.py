@@ -5,30 +5,23 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 import os
-import time
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mlproject import data, stopping
+from mlproject import callbacks, ranks
 from mlproject.config import ConfigError, JobConfig
-from mlproject.errors import HardwareError, TrainingDiverged, UserCodeError
+from mlproject.errors import HardwareError, UserCodeError
 from mlproject.lightning_api import Lightning
 
 log = logging.getLogger(__name__)
 
-EpochSink = Callable[[int, dict[str, float]], None]
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # torch's switch for an NVML-based torch.cuda.is_available()
-# How long a rank waits for the others in a collective before the job fails: a rank that died must not leave
-# the rest hanging until a CI timeout, and a slow step or checkpoint upload must not trip it.
-PROCESS_GROUP_TIMEOUT = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -64,7 +57,7 @@ def resolve_runtime(cfg: JobConfig, cuda_available: bool, gpu_bf16: bool, cpu_bf
         precision = "bf16-mixed" if (gpu_bf16 if accelerator == "gpu" else cpu_bf16) else "32-true"
     # channels_last: convolutions on a CPU are markedly faster in it (benchmarks/RESULTS.md); an MLP has none.
     channels_last = accelerator == "cpu" and cfg.model != "mlp"
-    return Runtime(accelerator, cfg.devices, precision, channels_last)
+    return Runtime(accelerator, cfg.devices, precision, channels_last, cfg.num_nodes)
 
 
 def detect_runtime(cfg: JobConfig) -> Runtime:
@@ -88,7 +81,7 @@ def _strategy(lightning: Lightning, rt: Runtime) -> Any:
         return "auto"
     strategies = importlib.import_module(f"{lightning.name}.strategies")
     backend = "nccl" if rt.accelerator == "gpu" else "gloo"
-    return strategies.DDPStrategy(process_group_backend=backend, timeout=PROCESS_GROUP_TIMEOUT)
+    return strategies.DDPStrategy(process_group_backend=backend, timeout=ranks.TIMEOUT)
 
 
 def build_trainer(lightning: Lightning, rt: Runtime, max_epochs: int, callbacks: list[Any], **overrides: object) -> Any:
@@ -156,101 +149,6 @@ def _optimizers(configured: Any, owner: str) -> list[torch.optim.Optimizer]:
     raise UserCodeError(f"{owner}.configure_optimizers returned {type(configured).__name__}, not an optimizer")
 
 
-# --- callbacks -------------------------------------------------------------------------------------------------
-
-
-def epoch_values(trainer: Any) -> dict[str, float]:
-    """What the active loop's self.log calls produced at epoch level (step-level values left out), by the names
-    Lightning's own loggers use; logger=False values too are left out."""
-    results = trainer._results  # Lightning's per-loop result collection: the one source of on_epoch vs on_step
-    if results is None:
-        return {}
-    return {k: float(v) for k, v in results.metrics(on_step=False)["log"].items() if torch.is_tensor(v)}
-
-
-class ReporterHooks:
-    """At the end of every epoch (after validation and the module's own epoch-end hooks, as a Checkpoint
-    callback runs), writes `last.ckpt` if the epoch's training values are finite (the last good state), then hands
-    every epoch-level value to a sink: one host sync per epoch, not per step.
-
-    The two happen under stopping.held(): a SIGTERM between them would leave a run that shows an epoch it has
-    no checkpoint of, or a checkpoint of an epoch it never showed (which a resume would then skip).
-    """
-
-    def __init__(self, sink: EpochSink, checkpoint: Path) -> None:
-        self.sink = sink
-        self.checkpoint = checkpoint
-        self.history: list[dict[str, float]] = []
-        self.validation: dict[str, float] = {}
-        self.started = 0.0
-        self.lr = math.nan
-
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        self.started = time.perf_counter()
-        self.lr = float(trainer.optimizers[0].param_groups[0]["lr"])
-        self.validation = {}
-
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if not trainer.sanity_checking:
-            self.validation = epoch_values(trainer)
-
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        train = epoch_values(trainer)
-        metrics = {**train, **self.validation, "learning_rate": self.lr}
-        metrics["epoch_seconds"] = time.perf_counter() - self.started  # training and validation
-        self.history.append(metrics)
-        with stopping.held():
-            if all(math.isfinite(v) for v in train.values()):
-                trainer.save_checkpoint(self.checkpoint)
-            self.sink(trainer.current_epoch, metrics)
-
-
-class GuardHooks:
-    """Keeps training honest and resumable: pins the shuffle to the epoch, checks that training_step returns a
-    scalar loss, and stops on a non-finite loss (after the reporter has shown that epoch; its checkpoint is the
-    epoch before)."""
-
-    CHECK_EVERY = 25  # batches between finiteness checks: each check is one host sync
-
-    def __init__(self, iterables: list[Any]) -> None:
-        self.iterables = iterables
-
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        for batches in self.iterables:
-            if isinstance(batches, data.DeviceBatches) and batches.shuffle:
-                batches.set_epoch(trainer.current_epoch)
-
-    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
-        if loss.numel() != 1:
-            owner = type(pl_module).__qualname__
-            raise UserCodeError(
-                f"{owner}.training_step returned a loss of shape {tuple(loss.shape)}: it must be a scalar"
-            )
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is None:
-            owner = type(pl_module).__qualname__
-            raise UserCodeError(
-                f'{owner}.training_step returned no loss: return the loss tensor, or a dict with "loss"'
-            )
-        if batch_idx % self.CHECK_EVERY == 0:
-            self._check(float(loss), trainer, f"step {trainer.global_step}")
-
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        bad = {k: v for k, v in epoch_values(trainer).items() if not math.isfinite(v)}
-        if bad:
-            self._check(next(iter(bad.values())), trainer, f"the epoch's {next(iter(bad))}")
-
-    def _check(self, loss: float, trainer: Any, where: str) -> None:
-        if not math.isfinite(loss):
-            lr = trainer.optimizers[0].param_groups[0]["lr"]
-            raise TrainingDiverged(
-                f"training loss is {loss} at epoch {trainer.current_epoch} ({where}, lr {lr:.3g}): "
-                "the learning rate is too high for this model; lower lr, or use auto_lr=true"
-            )
-
-
 @dataclass(frozen=True)
 class FitResult:
     history: list[dict[str, float]]  # every epoch's reported values
@@ -264,16 +162,21 @@ def fit_and_test(
     loaders: Any,
     rt: Runtime,
     epochs: int,
-    sink: EpochSink,
+    sink: callbacks.EpochSink,
     checkpoint: Path,
+    keep: Callable[[Path], None],
     resume_from: Path | None = None,
+    bar: bool = False,
 ) -> FitResult:
     """Fit (from `resume_from` when given), then test; `checkpoint` holds the last good epoch's state."""
-    reporter = lightning.make(ReporterHooks, "callbacks.Checkpoint", sink, checkpoint)
-    guard = lightning.make(GuardHooks, "Callback", loaders.iterables())
-    trainer = build_trainer(lightning, rt, epochs, [reporter, guard], enable_checkpointing=True)  # the reporter
-    trainer.fit(module, **loaders.fit_kwargs(), ckpt_path=resume_from)
-    test_inputs = loaders.test_kwargs()
-    results = trainer.test(module, **test_inputs, verbose=False) if test_inputs else [{}]
+    with ranks.stop_together(rt.world_size) as check_stop:
+        reporter = lightning.make(callbacks.ReporterHooks, "callbacks.Checkpoint", sink, checkpoint, keep)
+        guard = lightning.make(callbacks.GuardHooks, "Callback", loaders.iterables(), check_stop)
+        trainer = build_trainer(
+            lightning, rt, epochs, [reporter, guard], enable_checkpointing=True, enable_progress_bar=bar
+        )  # enable_checkpointing: the reporter is the checkpoint callback
+        trainer.fit(module, **loaders.fit_kwargs(), ckpt_path=resume_from)
+        test_inputs = loaders.test_kwargs()
+        results = trainer.test(module, **test_inputs, verbose=False) if test_inputs else [{}]
     test = {k: float(v) for k, v in (results[0] if results else {}).items()}
     return FitResult(reporter.history, reporter.validation, test)

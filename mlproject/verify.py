@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 from mlproject import lr_range, training
 from mlproject.config import JobConfig
 from mlproject.lightning_api import Lightning
+from mlproject.sources import Loaders
 from mlproject.sweep import NEVER
-from mlproject.task import Loaders, Task
+from mlproject.task import Task
 
 if TYPE_CHECKING:
     from mlproject.artifacts import RangeTest

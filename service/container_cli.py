@@ -1,92 +1,18 @@
-"""Container commands: `lr-finder build`, `lr-finder run` (the job container) and `lr-finder doctor`."""
+"""Container commands: `lr-finder build` (the job image) and `lr-finder run` (the job container)."""
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from mlproject.catalog import FASHION_MNIST_DIR
 from mlproject.provenance import git_commit
-from mlproject.tracking_env import configure_client, run_url
-from service import launcher, spec
-
-DEFAULT_IMAGE = "lr-finder:latest"
-DEBIAN_DATASET = Path(FASHION_MNIST_DIR)
-
-
-def _fail(message: str, code: int = 1) -> click.ClickException:
-    exc = click.ClickException(message)
-    exc.exit_code = code
-    return exc
-
-
-def _container_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """The options `run` and `doctor` share, so that doctor checks exactly what run would launch."""
-    default_data = str(DEBIAN_DATASET) if DEBIAN_DATASET.is_dir() else ""
-    options = [
-        click.option("--image", default=DEFAULT_IMAGE, show_default=True, help="The job image (lr-finder build)."),
-        click.option("--gpus", default="all", show_default=True, help="all, a count, device=ID[,ID...] or none."),
-        click.option(
-            "--data",
-            default=default_data,
-            help=f"Dataset folder or volume, mounted read-only at /data [default: {DEBIAN_DATASET} when present].",
-        ),
-        click.option(
-            "--cache",
-            default="",
-            help="Volume or folder for the job's downloads (the dataset if --data "
-            "has none), at ~/.cache in the container.",
-        ),
-        click.option(
-            "--tracking-uri",
-            envvar=spec.TRACKING_ENV,
-            default="",
-            help=f"MLflow tracking server as the container reaches it [default: ${spec.TRACKING_ENV}]; never printed.",
-        ),
-        click.option(
-            "--env",
-            "env_extra",
-            multiple=True,
-            metavar="NAME",
-            help="Also pass this variable, by name, "
-            "from this environment (credentials MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN always are).",
-        ),
-        click.option(
-            "--network", default="", help="Docker network; host reaches a server on this machine's 127.0.0.1."
-        ),
-        click.option("--shm-size", default="2g", show_default=True, help="Shared memory (DataLoader workers)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _plan(
-    image: str,
-    gpus: str,
-    data: str,
-    cache: str,
-    tracking_uri: str,
-    env_extra: tuple[str, ...],
-    network: str,
-    shm_size: str,
-    **job: Any,
-) -> tuple[spec.LaunchSpec, dict[str, str]]:
-    """The launch spec and the values of its environment (read here, at the command line, and only passed on)."""
-    if data.startswith("/") and not Path(data).is_dir():
-        raise _fail(f"--data {data}: no such folder on this machine", 2)
-    environ = {**os.environ, spec.TRACKING_ENV: tracking_uri}
-    try:
-        names = spec.env_names(environ, env_extra)
-        job_spec = spec.launch_spec(image, gpus, shm_size, data, cache, names, network, **job)
-    except spec.SpecError as exc:
-        raise _fail(str(exc), 2) from exc
-    return job_spec, {n: environ[n] for n in names}
+from mlproject.tracking_env import configure_client
+from service import job_args, launcher, run_outputs, spec
+from service.container_options import DEFAULT_IMAGE, container_options, fail, job_options, plan
 
 
 @click.command("build")
@@ -125,27 +51,36 @@ def build_command(
 ) -> None:
     """Build the job image, streaming the build log."""
     if not (context / "Dockerfile").is_file():
-        raise _fail(f"no Dockerfile in {context}: run from the project folder or pass --context", 2)
+        raise fail(f"no Dockerfile in {context}: run from the project folder or pass --context", 2)
     try:
         args = spec.build_args(pairs, base_image, torch_variant or "", git_commit(context) or "unknown")
     except spec.SpecError as exc:
-        raise _fail(str(exc), 2) from exc
+        raise fail(str(exc), 2) from exc
     start = time.monotonic()
+    files, size = launcher.context_size(context)
+    click.echo(f"lr-finder: sending the build context ({files} files, {size / 1e3:.0f} kB)")
     try:
         client = launcher.connect()
         for line in launcher.build(client, context, tag, args, network, no_cache):
             click.echo(line, nl=False)
         info = launcher.image_info(client, tag)
     except launcher.LaunchError as exc:
-        raise _fail(str(exc)) from exc
+        raise fail(str(exc)) from exc
     click.echo(f"lr-finder: built {tag} ({info.id[:19]}) in {time.monotonic() - start:.0f} s")
 
 
 @click.command("run")
-@_container_options
-@click.option("-P", "params", multiple=True, metavar="KEY=VALUE", help="A job parameter, passed to mlflow run.")
-@click.option("--entry-point", "-e", default="main", show_default=True, help="MLproject entry point.")
+@container_options
+@job_options
 @click.option("--experiment-name", default="", help="MLflow experiment [default: mlflow run's].")
+@click.option("--run-name", default="", help="Name of the MLflow run [default: MLflow's].")
+@click.option(
+    "--resume",
+    default="",
+    metavar="RUN_ID",
+    help="Continue this stopped run from its last checkpoint, with its own configuration (no -P); "
+    "pass the mounts it had.",
+)
 @click.option("--name", default="", help="Container name [default: docker's].")
 @click.option(
     "--stop-timeout",
@@ -160,6 +95,13 @@ def build_command(
     default=None,
     help="Append a markdown summary (run link, LRs, final metrics) here, e.g. $GITHUB_STEP_SUMMARY.",
 )
+@click.option(
+    "--outputs",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write run.json (run id, experiment, status, link) and the run's LR plot, lr_find/summary.json and "
+    "study.json here, for a CI artifact.",
+)
 @click.option("--ui-url", default="", help="MLflow UI address for the run link (the tracking URI is never shown).")
 @click.pass_context
 def run_command(
@@ -167,102 +109,52 @@ def run_command(
     params: tuple[str, ...],
     entry_point: str,
     experiment_name: str,
+    run_name: str,
+    resume: str,
     name: str,
     stop_timeout: int,
     summary: Path | None,
+    outputs: Path | None,
     ui_url: str,
     **options: Any,
 ) -> None:
     """Run the job container (mlflow run of the baked project); the job's exit code is this command's.
 
-    Ctrl-C or SIGTERM stops and removes the container, and the run ends KILLED.
+    Ctrl-C or SIGTERM stops and removes the container, and the run ends KILLED: --resume RUN_ID continues it.
     """
     problem = spec.tracking_problem(options["tracking_uri"])
     if problem:
-        raise _fail(problem, 2)
-    job_spec, env = _plan(**options, params=params, entry_point=entry_point, experiment=experiment_name, name=name)
+        raise fail(problem, 2)
+    job = dict(params=params, entry_point=entry_point, experiment=experiment_name, run_name=run_name, resume=resume)
+    job_spec, command, env = plan(**options, **job, name=name)
+    for line in job_spec.describe():
+        click.echo(f"lr-finder: {line}", err=True)
+    secrets = spec.secret_values(env)
     try:
         client = launcher.connect()
-        info = launcher.image_info(client, job_spec.image)
-        for line in job_spec.describe():
-            click.echo(f"lr-finder: {line}", err=True)
-        secrets = list(env.values())
+        info = launcher.ensure_image(client, job_spec.image, lambda line: click.echo(line, nl=False, err=True))
         outcome = launcher.supervise(
             client, job_spec, env, stop_timeout, lambda line: click.echo(spec.scrub(line, secrets), nl=False)
         )
     except launcher.LaunchError as exc:
-        raise _fail(str(exc)) from exc
-    run_id = spec.find_run_id(outcome.log)
-    if run_id:
-        _record(options["tracking_uri"], run_id, outcome.stopped, job_spec.image, info, ui_url, summary)
+        raise fail(str(exc)) from exc
+    run_id = command.resume or job_args.find_run_id(outcome.log)
+    uri, image = options["tracking_uri"], job_spec.image
+    _tell_run(run_outputs.Record(uri, image, info.id, info.revision, ui_url, summary, outputs), run_id, outcome)
     ctx.exit(outcome.code)
 
 
-def _record(
-    uri: str, run_id: str, stopped: bool, image: str, info: launcher.ImageInfo, ui_url: str, summary: Path | None
-) -> None:
-    """From this machine: a stopped run ends KILLED; tag the image; print the link; write the summary."""
-    configure_client()
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    tags = {"mlflow.docker.image.uri": image, "mlflow.docker.image.id": info.id}
-    if info.revision not in ("", "unknown"):  # the image has no .git: the build recorded the commit
-        tags["mlflow.source.git.commit"] = info.revision
-    try:
-        if stopped and client.get_run(run_id).info.status != "KILLED":
-            client.set_terminated(run_id, "KILLED")
-        for key, value in tags.items():
-            client.set_tag(run_id, key, value)
-        run = client.get_run(run_id)
-    except MlflowException as exc:
-        reason = spec.scrub(exc.message, [uri])
-        click.echo(f"lr-finder: run {run_id}: cannot reach the tracking server from here: {reason}", err=True)
+def _tell_run(record: run_outputs.Record, run_id: str | None, outcome: launcher.Outcome) -> None:
+    """The run's status and link, its --outputs and --summary, from this machine; a job that started no run has
+    none."""
+    if not run_id:
+        if record.outputs is not None:
+            click.echo(f"lr-finder: the job started no run: nothing written to {record.outputs}", err=True)
         return
-    link = run_url(ui_url, run.info.experiment_id, run_id)
-    where = link or f"(experiment {run.info.experiment_id}; --ui-url for a link)"
-    click.echo(f"lr-finder: run {run_id} {run.info.status} {where}", err=True)
-    if summary is not None:
-        figures = {**run.data.params, **{k: f"{v:.4g}" for k, v in run.data.metrics.items()}}
-        with summary.open("a") as out:
-            out.write(spec.summary_markdown(run_id, run.info.status, link, figures))
+    configure_client()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file, for a few kB
+    for line in run_outputs.record(record, run_id, outcome.stopped):
+        click.echo(f"lr-finder: {line}", err=True)
 
 
-@click.command("doctor")
-@_container_options
-def doctor_command(**options: Any) -> None:
-    """Check the Docker engine, a GPU in a container, the tracking server and the dataset; exit 1 if any fails."""
-    job_spec, env = _plan(**options)
-    try:
-        client = launcher.connect()
-    except launcher.LaunchError as exc:
-        _report([("docker engine", False, str(exc), spec.ENGINE_HINT)])
-    results = [("docker engine", True, launcher.engine_version(client), "")]
-    try:
-        info = launcher.image_info(client, job_spec.image)
-    except launcher.LaunchError as exc:
-        _report([*results, ("image", False, str(exc), f"lr-finder build --tag {job_spec.image}")])
-    results.append(("image", True, f"{job_spec.image} ({info.id[:19]}, user {info.user})", ""))
-    problem = spec.tracking_problem(options["tracking_uri"])
-    for probe in spec.doctor_probes(job_spec):
-        if probe.name == "tracking server" and problem:
-            results.append((probe.name, False, problem, probe.hint))
-            continue
-        ok, answer = launcher.probe(client, job_spec, env, probe)
-        results.append((probe.name, ok, spec.scrub(answer, env.values()), probe.hint))
-    _report(results)
-
-
-def _report(results: list[tuple[str, bool, str, str]]) -> None:
-    """One line per check, a fix under each failure; exit 1 if any failed."""
-    for check, ok, detail, hint in results:
-        click.echo(f"{'ok  ' if ok else 'FAIL'}  {check}: {detail}")
-        if not ok:
-            click.echo(f"      fix: {hint}")
-    failed = sum(not ok for _, ok, _, _ in results)
-    if failed:
-        raise _fail(f"{failed} check(s) failed")
-
-
-container_commands: list[click.Command] = [build_command, run_command, doctor_command]
+container_commands: list[click.Command] = [build_command, run_command]

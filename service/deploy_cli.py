@@ -12,8 +12,11 @@ import click
 import yaml
 
 from service import deploy as D
+from service import deploy_study
+from service import deploy_target as T
 
-CHECKOUT = Path(__file__).resolve().parent.parent  # deploy/ and MLproject sit beside the service package
+# deploy/ and MLproject sit beside the service package in a checkout (an editable install), not in a wheel.
+CHECKOUT = Path(__file__).resolve().parent.parent
 MANIFESTS = ("indexed-job", "trainjob", "mlflow-backend")
 BACKEND_HEADER = """MLflow's Kubernetes backend runs this project, from the repository root:
   mlflow run deploy/kubernetes/mlflow-backend --backend kubernetes \\
@@ -44,7 +47,7 @@ def _bad_parameter() -> Iterator[None]:
     """deploy's DeployError as click's BadParameter: exit 2, one line naming the option."""
     try:
         yield
-    except D.DeployError as exc:
+    except T.DeployError as exc:
         raise click.BadParameter(exc.detail, param_hint=exc.option) from exc
 
 
@@ -54,7 +57,7 @@ def _shared_options(slurm: bool) -> Callable[[Callable[..., Any]], Callable[...,
         click.option(
             "--image",
             required=True,
-            callback=_checked(D.check_image, slurm),
+            callback=_checked(T.check_image, slurm),
             help="The job image as the nodes reach it: a squashfs file or pyxis reference (host#image:tag)"
             if slurm
             else "The job image in a registry the nodes pull from (lr-finder build, then docker push).",
@@ -77,7 +80,7 @@ def _shared_options(slurm: bool) -> Callable[[Callable[..., Any]], Callable[...,
             "--entry-point",
             "-e",
             "entry",
-            type=click.Choice(tuple(D.ENTRY_COMMANDS)),
+            type=click.Choice(tuple(T.ENTRY_COMMANDS)),
             default="main",
             show_default=True,
             help="MLproject entry point to run.",
@@ -86,8 +89,9 @@ def _shared_options(slurm: bool) -> Callable[[Callable[..., Any]], Callable[...,
         click.option(
             "--project",
             type=click.Path(exists=True, file_okay=False, path_type=Path),
-            default=CHECKOUT,
-            help="The checkout whose deploy/ templates and MLproject to use [default: this one].",
+            default=lambda: default_project(CHECKOUT, Path.cwd()),
+            help="The checkout whose deploy/ templates and MLproject to use [default: the one lr-finder runs from, "
+            "else the current folder].",
         ),
         click.option(
             "--out",
@@ -105,6 +109,12 @@ def _shared_options(slurm: bool) -> Callable[[Callable[..., Any]], Callable[...,
     return decorate
 
 
+def default_project(installed: Path, here: Path) -> Path:
+    """The checkout lr-finder was installed from in place (pip install -e), else the current folder: the host
+    install (pip install -c constraints.txt .) holds no templates."""
+    return installed if (installed / "MLproject").is_file() else here
+
+
 def _read(project: Path, relative: str) -> str:
     path = project / relative
     if not path.is_file():
@@ -112,12 +122,12 @@ def _read(project: Path, relative: str) -> str:
     return path.read_text()
 
 
-def _target(project: Path, entry: str, params: tuple[str, ...], **values: Any) -> D.Target:
+def _target(project: Path, entry: str, params: tuple[str, ...], **values: Any) -> T.Target:
     """The Target, with -P checked against the entry point's parameters in the project's MLproject."""
     declared = yaml.safe_load(_read(project, "MLproject"))["entry_points"][entry]["parameters"]
     with _bad_parameter():
-        checked = D.check_params(params, entry, declared)
-    return D.Target(entry=entry, params=checked, **values)
+        checked = T.check_params(params, entry, declared)
+    return T.Target(entry=entry, params=checked, **values)
 
 
 def _emit(files: dict[str, str], out: Path | None, project: Path) -> None:
@@ -152,16 +162,16 @@ def deploy_group() -> None:
 )
 @click.option(
     "--secret",
-    callback=_checked(D.check_name, True),
+    callback=_checked(T.check_name, True),
     default="lr-finder-tracking",
     show_default=True,
     help="Secret with MLFLOW_TRACKING_URI and MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN.",
 )
-@click.option("--name", callback=_checked(D.check_name), default="lr-finder", show_default=True, help="Job name.")
-@click.option("--namespace", callback=_checked(D.check_name), default="default", show_default=True, help="Namespace.")
+@click.option("--name", callback=_checked(T.check_name), default="lr-finder", show_default=True, help="Job name.")
+@click.option("--namespace", callback=_checked(T.check_name), default="default", show_default=True, help="Namespace.")
 @click.option(
     "--data-claim",
-    callback=_checked(D.check_name, True),
+    callback=_checked(T.check_name, True),
     default="",
     help="PersistentVolumeClaim with the dataset, mounted read-only at /data [default: the job downloads it].",
 )
@@ -177,7 +187,7 @@ def kubernetes_command(
     _emit(files, out, project)
 
 
-def _kubernetes_files(manifest: str, project: Path, target: D.Target, out: Path) -> dict[str, str]:
+def _kubernetes_files(manifest: str, project: Path, target: T.Target, out: Path) -> dict[str, str]:
     """The manifest's files by name: its template filled in (the backend's MLproject derived from the root one)."""
     if manifest != "mlflow-backend":
         source = f"deploy/kubernetes/{manifest}.yaml"
@@ -204,7 +214,7 @@ def _header(manifest: str, source: str) -> str:
 @click.option(
     "--time",
     "time_limit",
-    callback=_checked(D.check_time),
+    callback=_checked(T.check_time),
     default="04:00:00",
     show_default=True,
     help="Slurm's time limit; SIGTERM comes 300 s before it.",
@@ -243,13 +253,13 @@ def slurm_command(
 def study_command(study_file: Path, ci: str, pipeline: Path) -> None:
     """The study's members for a CI fan-out: one GPU job per member, each a child run of the parent run."""
     with _bad_parameter():
-        study = D.read_study(study_file.read_text())
+        study = deploy_study.read_study(study_file.read_text())
         if ci == "github":
-            click.echo(D.github_outputs(study), nl=False)
+            click.echo(deploy_study.github_outputs(study), nl=False)
             return
         if not pipeline.is_file():
-            raise D.DeployError("--pipeline", f"no file {pipeline}: pass the project's .gitlab-ci.yml")
-        child = D.gitlab_child(yaml.safe_load(pipeline.read_text()), study)
+            raise T.DeployError("--pipeline", f"no file {pipeline}: pass the project's .gitlab-ci.yml")
+        child = deploy_study.gitlab_child(yaml.safe_load(pipeline.read_text()), study)
     header = f"Child pipeline for study {study.parent_run}: written by `lr-finder deploy study --ci gitlab`."
     click.echo(D.dump_yaml([child], header), nl=False)
 

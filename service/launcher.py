@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import codecs
+import contextlib
 import logging
-import re
 import signal
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,18 +13,20 @@ from types import FrameType
 
 import docker
 import requests
-from docker.errors import DockerException, ImageNotFound
+from docker.errors import DockerException, ImageNotFound, NotFound
 from docker.models.containers import Container
 from docker.types import DeviceRequest
 from docker.types import Mount as DockerMount
+from docker.utils.build import exclude_paths
 
 from mlproject.tracking_env import QUIET
-from service.spec import LABEL, GpuRequest, LaunchSpec, Probe
+from service.probes import Probe, answer
+from service.progress import TransferProgress, log_lines
+from service.spec import LABEL, GpuRequest, LaunchSpec, name_conflict
 
 log = logging.getLogger(__name__)
 # A probe must answer quickly: MLflow's default retries take minutes against a server that is down.
 PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)")
 
 
 class LaunchError(RuntimeError):
@@ -66,10 +68,21 @@ def engine_version(client: docker.DockerClient) -> str:
     return f"Docker engine {info.get('Version', '?')} (API {info.get('ApiVersion', '?')})"
 
 
+def context_size(context: Path) -> tuple[int, int]:
+    """The files and bytes a build sends to the engine: the context less what .dockerignore leaves out."""
+    ignore = context / ".dockerignore"
+    patterns = [line.strip() for line in ignore.read_text().splitlines()] if ignore.is_file() else []
+    kept = [context / name for name in exclude_paths(str(context), [p for p in patterns if p and p[0] != "#"])]
+    files = [path for path in kept if path.is_file()]
+    return len(files), sum(path.stat().st_size for path in files)
+
+
 def build(
     client: docker.DockerClient, context: Path, tag: str, build_args: Mapping[str, str], network: str, no_cache: bool
 ) -> Iterator[str]:
-    """Build the image, yielding the build log as it comes; LaunchError on a failed step."""
+    """Build the image, yielding the build log as it comes (a base image's pull as a line now and then: layers,
+    megabytes); LaunchError on a failed step."""
+    progress = TransferProgress()
     try:
         stream = client.api.build(
             path=str(context),
@@ -84,7 +97,7 @@ def build(
         for chunk in stream:
             if "error" in chunk:
                 raise LaunchError(f"build failed: {chunk['error'].strip()}")
-            text = chunk.get("stream") or chunk.get("status")
+            text = chunk.get("stream") or (progress.line(chunk, time.monotonic()) if "status" in chunk else None)
             if text:
                 yield text if text.endswith("\n") else text + "\n"
     except (DockerException, requests.RequestException) as exc:
@@ -99,6 +112,42 @@ def image_info(client: docker.DockerClient, ref: str) -> ImageInfo:
     config = image.attrs.get("Config") or {}
     labels = config.get("Labels") or {}
     return ImageInfo(image.id, config.get("User") or "root", labels.get("org.opencontainers.image.revision", ""))
+
+
+def ensure_image(client: docker.DockerClient, ref: str, on_line: Callable[[str], None]) -> ImageInfo:
+    """The image's facts, pulled first (its progress passed to on_line) when this engine does not have it."""
+    with contextlib.suppress(LaunchError):
+        return image_info(client, ref)
+    on_line(f"lr-finder: pulling {ref} (not on this engine)\n")
+    progress = TransferProgress()
+    try:
+        for event in client.api.pull(ref, stream=True, decode=True):
+            if "error" in event:
+                raise DockerException(event["error"])
+            line = progress.line(event, time.monotonic())
+            if line:
+                on_line(line + "\n")
+    except (DockerException, requests.RequestException) as exc:
+        reason = (getattr(exc, "explanation", None) or str(exc)).strip().splitlines()[0][:300]
+        hint = f"build it (lr-finder build --tag {ref}), or docker login to its registry"
+        raise LaunchError(f"no image {ref} here, and pulling it failed ({reason}); {hint}") from exc
+    return image_info(client, ref)
+
+
+def clear_name(client: docker.DockerClient, name: str) -> bool:
+    """Make `name` free for the job container: True when an exited leftover of this service was removed;
+    LaunchError when a running container, or one this service did not start, holds it."""
+    try:
+        held = client.containers.get(name)
+    except NotFound:
+        return False
+    except (DockerException, requests.RequestException) as exc:
+        raise LaunchError(f"cannot look up container {name}: {exc}") from exc
+    problem = name_conflict(name, held.status, LABEL in held.labels)
+    if problem:
+        raise LaunchError(problem)
+    _remove(held)
+    return True
 
 
 def _device_requests(gpus: GpuRequest) -> list[DeviceRequest]:
@@ -152,11 +201,13 @@ def supervise(
     def on_term(signum: int, frame: FrameType | None) -> None:
         raise _Stopped()
 
+    if spec.name and clear_name(client, spec.name):
+        on_line(f"lr-finder: removed the exited container {spec.name} that an earlier run left\n")
+    container = _create(client, spec, environment, list(spec.args), list(spec.entrypoint) or None)
     previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.signal(signal.SIGTERM, on_term)}
-    container = _create(client, spec, environment, list(spec.args))
     try:
         container.start()
-        for line in _lines(container):
+        for line in log_lines(container.logs(stream=True, follow=True)):
             on_line(line)
         return Outcome(int(container.wait()["StatusCode"]), _logs(container), stopped=False)
     except (KeyboardInterrupt, _Stopped) as exc:
@@ -177,22 +228,6 @@ def supervise(
             signal.signal(sig, handler)
 
 
-def _lines(container: Container) -> Iterator[str]:
-    """The container's stdout and stderr as they come, cut after each newline or carriage return (progress bars)."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending = ""
-    for chunk in container.logs(stream=True, follow=True):
-        pending += decoder.decode(chunk)
-        end = 0
-        for match in _LINE.finditer(pending):
-            yield match.group(0)
-            end = match.end()
-        pending = pending[end:]
-    pending += decoder.decode(b"", final=True)
-    if pending:
-        yield pending
-
-
 def _logs(container: Container) -> str:
     return container.logs().decode("utf-8", errors="replace")
 
@@ -210,16 +245,16 @@ def probe(
     """Run one check in a throwaway container of the job image: (passed, its one-line answer)."""
     try:
         container = _create(
-            client, spec, {**environment, **PROBE_ENV}, ["-c", check.code], entrypoint=["python"], gpus=check.gpus
+            client, spec, {**environment, **PROBE_ENV}, list(check.command), entrypoint=["python"], gpus=check.gpus
         )
     except LaunchError as exc:
         return False, str(exc)
     try:
         container.start()
         status = int(container.wait()["StatusCode"])
-        output = _logs(container).strip().splitlines()
+        output = _logs(container)
     except (DockerException, requests.RequestException) as exc:
         return False, f"the engine refused: {getattr(exc, 'explanation', None) or exc}"
     finally:
         _remove(container)
-    return status == 0, output[-1] if output else f"exit code {status}, no output"
+    return status == 0, answer(output, status)

@@ -1,4 +1,4 @@
-"""Tracking-server commands: `lr-finder server` starts the team's MLflow server, `lr-finder report` lists runs."""
+"""`lr-finder server`: start the team's MLflow tracking server, print its URL once it answers, stop it cleanly."""
 
 from __future__ import annotations
 
@@ -7,15 +7,13 @@ import importlib.util
 import os
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
 import click
 from click.core import ParameterSource
 
-from mlproject.tracking_env import configure_client
-from service import report, server
+from service import server, server_process, uris
 
 DEFAULTS = server.ServerOptions()
 
@@ -140,16 +138,17 @@ def _checked_plan(options: server.ServerOptions) -> server.ServerPlan:
     except server.ServerConfigError as exc:
         raise click.BadParameter(str(exc), param_hint=exc.option) from exc
     needed = server.needed_modules(options)
-    missing = sorted(pip for module, pip in needed.items() if not importlib.util.find_spec(module))
+    missing = sorted({pip for module, pip in needed.items() if importlib.util.find_spec(module) is None})
     if missing:
-        raise click.ClickException(f"this server needs {', '.join(missing)}: pip install 'lr-finder[service]'")
+        installs = f"pip install '{server.SERVER_EXTRA}'"
+        raise click.ClickException(f"lr-finder server needs {', '.join(missing)}, not installed here: {installs}")
     return plan
 
 
 def _check_port(plan: server.ServerPlan) -> None:
     """Refuse, before anything starts, a port another process holds or an address this machine does not have."""
     try:
-        server.check_port(plan.host, plan.port)
+        server_process.check_port(plan.host, plan.port)
     except server.ServerConfigError as exc:
         raise click.BadParameter(str(exc), param_hint=exc.option) from exc
     except server.ServerStartError as exc:
@@ -169,7 +168,7 @@ def _typed_secrets(options: server.ServerOptions) -> list[str]:
     return [
         f"{option} holds a password, visible to every user of this machine (ps) while this runs: set {env} instead"
         for (option, env, param), uri in typed.items()
-        if _typed(param) and server.has_password(uri)
+        if _typed(param) and uris.has_password(uri)
     ]
 
 
@@ -192,21 +191,23 @@ def _serve(plan: server.ServerPlan, wait_s: float) -> None:
         signal.signal(sig, _interrupt)
     process = None
     try:
-        process = server.start(plan, os.environ)
-        seconds = server.wait_healthy(process, plan, wait_s)
+        process = server_process.start(plan, os.environ)
+        seconds = server_process.wait_healthy(process, plan, wait_s)
         click.echo(f"lr-finder server: ready at {plan.url} after {seconds:.0f} s")
         click.echo(f"  clients: export MLFLOW_TRACKING_URI={plan.url}")
         code = process.wait()
-        server.stop(process)  # uvicorn's workers outlive a server killed under them
-        raise click.ClickException(f"mlflow server stopped on its own ({server.exit_reason(code)}); see its output")
+        server_process.stop(process)  # uvicorn's workers outlive a server killed under them
+        raise click.ClickException(
+            f"mlflow server stopped on its own ({server_process.exit_reason(code)}); see its output"
+        )
     except server.ServerStartError as exc:
         if process is not None:
-            server.stop(process)
+            server_process.stop(process)
         raise click.ClickException(str(exc)) from exc
     except KeyboardInterrupt:
         if process is not None:
-            code = server.stop(process)
-            click.echo(f"lr-finder server: stopped ({server.exit_reason(code)})", err=True)
+            code = server_process.stop(process)
+            click.echo(f"lr-finder server: stopped ({server_process.exit_reason(code)})", err=True)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -219,76 +220,4 @@ def _mlflow_exe() -> str:
     return str(beside) if beside.exists() else "mlflow"
 
 
-def _checked(check: Callable[[str], str]) -> Callable[[click.Context, click.Parameter, str | None], str | None]:
-    """A click callback from one of report's checks: its ValueError becomes a usage error naming the option."""
-
-    def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-        try:
-            return None if value is None else check(value)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), ctx, param) from exc
-
-    return callback
-
-
-@click.command("report")
-@click.option(
-    "--experiment",
-    default=None,
-    callback=_checked(report.experiment_name),
-    help="Experiment whose runs to list; with --parent, optional (checked if given).",
-)
-@click.option(
-    "--parent",
-    metavar="RUN_ID",
-    default=None,
-    callback=_checked(report.run_id),
-    help="Only this study: the parent run and its child runs.",
-)
-@click.option(
-    "--tracking-uri",
-    envvar="MLFLOW_TRACKING_URI",
-    default="sqlite:///mlflow.db",
-    show_default=True,
-    callback=_checked(report.tracking_uri),
-    help="Tracking server URL or database URI (default: MLFLOW_TRACKING_URI, else the local mlflow.db).",
-)
-@click.option(
-    "--ui-url",
-    default="",
-    callback=_checked(report.ui_url),
-    help="Base URL of the MLflow UI for the run links; default: the tracking URI if http(s).",
-)
-@click.option(
-    "--ranked-by",
-    default=report.DEFAULT_METRIC,
-    show_default=True,
-    callback=_checked(report.metric_key),
-    help="Metric that picks the best run (e.g. val_loss with --mode min).",
-)
-@click.option(
-    "--mode",
-    type=click.Choice(report.MODES),
-    default="max",
-    show_default=True,
-    help="Whether the best run has the highest or the lowest --ranked-by.",
-)
-def report_command(
-    experiment: str | None, parent: str | None, tracking_uri: str, ui_url: str, ranked_by: str, mode: str
-) -> None:
-    """Print an experiment's runs, or one study's, as a markdown table: append it to $GITHUB_STEP_SUMMARY in CI."""
-    if not experiment and not parent:
-        raise click.UsageError("give --experiment NAME, or --parent RUN_ID for one study")
-    if not ui_url and tracking_uri.startswith(("http://", "https://")):
-        ui_url = tracking_uri
-    configure_client()  # MLflow's own retries take minutes against a server that is down
-    try:
-        found = report.fetch(tracking_uri, experiment or "", parent or "")
-    except report.ReportError as exc:
-        raise click.ClickException(str(exc)) from exc
-    table = report.rows(found.runs, ranked_by)
-    ranking = report.Ranking(ranked_by, mode)
-    click.echo(report.render(found.experiment, table, ui_url, ranking, found.study), nl=False)
-
-
-server_commands: list[click.Command] = [server_command, report_command]
+server_commands: list[click.Command] = [server_command]

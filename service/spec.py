@@ -1,4 +1,5 @@
-"""What to launch, decided without docker: command-line choices -> a LaunchSpec, and the pure checks around it."""
+"""The job container, decided without docker: command-line choices -> a LaunchSpec (image, GPUs, mounts,
+environment by name), and the pure checks around it; the job's own arguments are job_args'."""
 
 from __future__ import annotations
 
@@ -7,17 +8,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from mlproject import markdown
-from mlproject.catalog import IDX_FILES
+from mlproject.logs import LEVEL_ENV
 from mlproject.tracking_env import CREDENTIAL_ENV
 
 DATA_TARGET = "/data"  # the image's dataset volume (FASHION_MNIST_DIR)
 CACHE_TARGET = "/home/lrfinder/.cache"  # the job downloads into ~/.cache/mlproject when /data is empty
+CODE_TARGET = "/code"  # the user's code, which the job puts on its import path (-P code=/code)
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+# Passed by name as the credentials are, but no secret: scrub must not mask its value (DEBUG) in the job's log.
+PLAIN_ENV = (LEVEL_ENV,)
 LABEL = "org.lr-finder.job"  # marks containers this service launched
 ENGINE_HINT = "install Docker (apt-get install docker.io) and start it (systemctl start docker), or set DOCKER_HOST"
-_RUN_ID = re.compile(r"in run with ID '([0-9a-f]{32})'")  # `mlflow run` logs this line before it starts the job
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]+")  # docker's rule for a named volume
 
 
 class SpecError(ValueError):
@@ -59,13 +62,14 @@ class LaunchSpec:
     """The job container. env_names only: values are looked up at launch and never stored or shown here."""
 
     image: str
-    args: tuple[str, ...]  # appended to the image's entrypoint (`mlflow run <project> --env-manager local`)
+    args: tuple[str, ...]  # appended to the entrypoint
     gpus: GpuRequest
     shm_size: str
     mounts: tuple[Mount, ...]
     env_names: tuple[str, ...]
     network: str
     name: str = ""
+    entrypoint: tuple[str, ...] = ()  # empty: the image's own, `mlflow run <project> --env-manager local`
 
     def describe(self) -> list[str]:
         """What a person should see before the job starts: no environment values."""
@@ -75,7 +79,7 @@ class LaunchSpec:
             f"image {self.image}, gpus {self.gpus.describe()}, shm {self.shm_size}, network {network}",
             f"mounts: {mounts or 'none'}",
             f"environment (values hidden): {', '.join(self.env_names) or 'none'}",
-            "job: mlflow run " + " ".join(self.args),
+            "job: " + " ".join(self.entrypoint or ("mlflow run",)) + "".join(" " + a for a in self.args),
         ]
 
 
@@ -95,15 +99,9 @@ def parse_gpus(value: str) -> GpuRequest:
     raise SpecError(f"--gpus {value!r}: pass all, a count (2), device=ID[,ID...] (device=0,1) or none")
 
 
-def parse_params(params: Iterable[str]) -> tuple[str, ...]:
-    """-P key=value, checked for shape only: the job checks the values and names what is wrong."""
-    args: list[str] = []
-    for item in params:
-        key, sep, _ = item.partition("=")
-        if not sep or not key.strip():
-            raise SpecError(f"-P {item!r}: expected key=value, e.g. -P auto_lr=true")
-        args += ["-P", item]
-    return tuple(args)
+def is_host_folder(value: str, is_folder_here: bool) -> bool:
+    """--data, --cache: a host folder when one exists by that name or the value has a slash, else a docker volume."""
+    return is_folder_here or "/" in value
 
 
 def tracking_problem(uri: str) -> str | None:
@@ -115,8 +113,15 @@ def tracking_problem(uri: str) -> str | None:
     return None
 
 
+def job_environ(environ: Mapping[str, str], tracking_uri: str, verbose: bool) -> dict[str, str]:
+    """Where the container's variables are taken from: the caller's environment, the tracking URI, and -v's
+    LR_FINDER_LOG_LEVEL=DEBUG (the job reads it, under `mlflow run` too)."""
+    return {**environ, TRACKING_ENV: tracking_uri, **({LEVEL_ENV: "DEBUG"} if verbose else {})}
+
+
 def env_names(available: Iterable[str], extra: Iterable[str] = ()) -> tuple[str, ...]:
-    """The tracking URI, the credentials the caller has set, and any extra names asked for: sorted, by name."""
+    """The tracking URI, the credentials and log level the caller has set, and any extra names asked for: sorted,
+    by name."""
     bad = [n for n in extra if not _ENV_NAME.fullmatch(n)]
     if bad:
         raise SpecError(f"--env {bad[0]!r}: pass a variable name (its value is taken from this environment)")
@@ -124,7 +129,12 @@ def env_names(available: Iterable[str], extra: Iterable[str] = ()) -> tuple[str,
     missing = [n for n in extra if n not in present]
     if missing:
         raise SpecError(f"--env {missing[0]}: not set in this environment")
-    return tuple(sorted({TRACKING_ENV, *(n for n in CREDENTIAL_ENV if n in present), *extra}))
+    return tuple(sorted({TRACKING_ENV, *(n for n in (*CREDENTIAL_ENV, *PLAIN_ENV) if n in present), *extra}))
+
+
+def secret_values(env: Mapping[str, str]) -> list[str]:
+    """The values scrub masks: those of every variable passed, but the plain ones."""
+    return [value for name, value in env.items() if name not in PLAIN_ENV]
 
 
 def launch_spec(
@@ -135,30 +145,38 @@ def launch_spec(
     cache: str,
     names: tuple[str, ...],
     network: str,
-    params: Iterable[str] = (),
-    entry_point: str = "main",
-    experiment: str = "",
+    command: tuple[str, ...] = (),
+    entrypoint: tuple[str, ...] = (),
     name: str = "",
+    code: str = "",
 ) -> LaunchSpec:
-    """The container `lr-finder run` starts; raises SpecError on anything the job could not survive."""
+    """The job container; raises SpecError on anything the job could not survive. command and entrypoint are
+    job_args' JobCommand; data, cache and code are host folders as absolute paths, or (data and cache) docker
+    volume names."""
     if not re.fullmatch(r"\d+[bkmg]?", shm_size.strip().lower()):
         raise SpecError(f"--shm-size {shm_size!r}: pass a size such as 2g or 512m")
-    mounts = [Mount(data, DATA_TARGET, read_only=True)] if data else []
+    mounts = [_mount("--data", data, DATA_TARGET, read_only=True)] if data else []
     if cache:
-        mounts.append(Mount(cache, CACHE_TARGET, read_only=False))
-    args: tuple[str, ...] = ("-e", entry_point)
-    if experiment:
-        args += ("--experiment-name", experiment)
+        mounts.append(_mount("--cache", cache, CACHE_TARGET, read_only=False))
+    if code:
+        mounts.append(_mount("--code", code, CODE_TARGET, read_only=True))
     return LaunchSpec(
         image=image,
-        args=args + parse_params(params),
+        args=command,
         gpus=parse_gpus(gpus),
         shm_size=shm_size.strip().lower(),
         mounts=tuple(mounts),
         env_names=names,
         network=network,
         name=name,
+        entrypoint=entrypoint,
     )
+
+
+def _mount(option: str, source: str, target: str, read_only: bool) -> Mount:
+    if not source.startswith("/") and not _VOLUME_NAME.fullmatch(source):
+        raise SpecError(f"{option} {source!r}: pass a folder (./{source}) or a docker volume name ([A-Za-z0-9_.-])")
+    return Mount(source, target, read_only)
 
 
 TORCH_VARIANTS = ("pypi", "cu128", "cu126", "cpu")  # the Dockerfile's TORCH_VARIANT; README: the driver each needs
@@ -179,82 +197,14 @@ def build_args(pairs: Iterable[str], base_image: str, torch_variant: str, revisi
     return args
 
 
-def find_run_id(log: str) -> str | None:
-    """The MLflow run `mlflow run` created, from its log; None when it never got that far."""
-    found = _RUN_ID.search(log)
-    return found.group(1) if found else None
-
-
-@dataclass(frozen=True)
-class Probe:
-    """One `lr-finder doctor` check that runs inside the job image, with the same mounts, network and environment."""
-
-    name: str
-    code: str  # Python run by the image's interpreter; exit 0 = ok; prints one line either way
-    gpus: bool
-    hint: str
-
-
-_GPU_CODE = """import sys, torch
-n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-print(", ".join(torch.cuda.get_device_name(i) for i in range(n)) or f"torch {torch.__version__} sees no GPU")
-sys.exit(0 if n else 1)"""
-_TRACKING_CODE = """import sys
-from mlflow import MlflowClient
-try:
-    MlflowClient().search_experiments(max_results=1)
-except Exception as exc:  # any failure is the answer; print its first line only
-    print(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"); sys.exit(1)
-print("answers and accepts the credentials")"""
-_DATASET_CODE = """import os, sys
-names = {names}
-for d in {dirs}:
-    if all(os.path.isfile(os.path.join(d, n)) or os.path.isfile(os.path.join(d, n + ".gz")) for n in names):
-        print("four IDX files in " + d); sys.exit(0)
-print("no Fashion-MNIST IDX files in " + " or ".join({dirs})); sys.exit(1)"""
-
-
-def doctor_probes(spec: LaunchSpec) -> list[Probe]:
-    """GPU (unless --gpus none), tracking server and dataset, each checked where the job will run."""
-    dirs = [DATA_TARGET] + [
-        f"{CACHE_TARGET}/mlproject/fashion-mnist/FashionMNIST/raw" for m in spec.mounts if m.target == CACHE_TARGET
-    ]
-    probes = [
-        Probe(
-            "tracking server",
-            _TRACKING_CODE,
-            gpus=False,
-            hint=f"check {TRACKING_ENV} from inside a container (--network host for a server on 127.0.0.1) and "
-            "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN",
-        ),
-        Probe(
-            "dataset",
-            _DATASET_CODE.format(names=repr(tuple(IDX_FILES.values())), dirs=repr(dirs)),
-            gpus=False,
-            hint="pass --data DIR with the four *-ubyte[.gz] files (Debian's dataset-fashion-mnist: "
-            "/usr/share/datasets/fashion-mnist), or --cache VOLUME and let a first run download it",
-        ),
-    ]
-    if spec.gpus.wanted:
-        gpu = Probe(
-            "GPU in a container",
-            _GPU_CODE,
-            gpus=True,
-            hint="install the NVIDIA driver and the NVIDIA container toolkit (nvidia-ctk runtime configure "
-            "--runtime=docker, restart dockerd); the image's torch build needs a recent driver (see README)",
-        )
-        probes.insert(0, gpu)
-    return probes
-
-
-SUMMARY_FIGURES = ("lr_suggested", "lr_used", "lr_source", "test_acc", "test_loss", "final_val_acc", "final_val_loss")
-
-
-def summary_markdown(run_id: str, status: str, link: str, figures: Mapping[str, str]) -> str:
-    """A CI job summary: the run, its link, the suggested and used LR and the final metrics ('-' when absent)."""
-    title = f"[`{run_id}`]({link})" if link else f"`{run_id}`"
-    row = [markdown.cell(figures.get(k, "") or "-") for k in SUMMARY_FIGURES]
-    return f"### lr-finder run {title}: {markdown.cell(status)}\n\n" + markdown.table(SUMMARY_FIGURES, [row])
+def name_conflict(name: str, status: str, ours: bool) -> str | None:
+    """Why a container already named `name` blocks this run, or None when it is this service's exited leftover
+    (an `lr-finder run` killed with SIGKILL cannot remove its container), which the run removes first."""
+    if ours and status in ("created", "exited", "dead"):
+        return None
+    if ours:
+        return f"a container named {name} is still {status} (an earlier lr-finder run): `docker stop {name}` ends it"
+    return f"a container named {name} exists that lr-finder did not start: remove it (docker rm {name}) or pass --name"
 
 
 def scrub(text: str, secrets: Iterable[str]) -> str:

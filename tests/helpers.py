@@ -8,6 +8,7 @@ import gzip
 import http.server
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -16,8 +17,10 @@ import sys
 import tempfile
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
+import venv
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +42,46 @@ requires_fashion_mnist = pytest.mark.skipif(
     not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists(),
     reason="Fashion-MNIST not installed: apt-get install dataset-fashion-mnist",
 )
+
+# --- the tested set ---------------------------------------------------------------------------------------------
+
+LOCK = REPO / "constraints.txt"
+
+
+def canonical(name: str) -> str:
+    """A distribution's name as pip compares them (PEP 503): PyYAML, pyyaml and py_yaml are one package."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def lock_pins() -> dict[str, str]:
+    """constraints.txt: each package's canonical name -> its one tested version."""
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        requirement = line.split("#", 1)[0].strip()
+        if requirement:
+            name, version = requirement.split("==")
+            pins[canonical(name)] = version.strip()
+    return pins
+
+
+def requirements(extra: str = "") -> list[str]:
+    """pyproject.toml's requirements: the base install's, or an extra's."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return list(project["optional-dependencies"][extra] if extra else project["dependencies"])
+
+
+def host_install(folder: Path) -> Path:
+    """A fresh virtual environment holding `pip install -c constraints.txt .`, the host side as the GPU pipelines
+    install it, built from a copy of this checkout (pip's build writes beside the sources); returns its bin/."""
+    venv.create(folder / "venv", with_pip=True)
+    source = folder / "source"
+    skipped = shutil.ignore_patterns(".git", ".venv", "*.egg-info", "build", "__pycache__", "*.db", "mlruns")
+    shutil.copytree(REPO, source, ignore=skipped)
+    pip = [str(folder / "venv" / "bin" / "pip"), "install", "-q", "-c", str(LOCK), str(source)]
+    done = subprocess.run(pip, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder / "venv" / "bin"
+
 
 # --- a small job -----------------------------------------------------------------------------------------------
 
@@ -90,6 +133,17 @@ def write_dataset(folder: Path, n_train: int = 300, n_test: int = 100, seed: int
     return folder
 
 
+def write_tiny_image_folder(root: Path) -> Path:
+    """An image folder for checks, not training: train/<class>/ with two 8x8 grey PNGs in each of two classes."""
+    from PIL import Image
+
+    for label, shade in (("cats", 40), ("dogs", 200)):
+        (root / "train" / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), shade + i).save(root / "train" / label / f"{i}.png")
+    return root
+
+
 # --- the job as a process --------------------------------------------------------------------------------------
 
 
@@ -110,14 +164,17 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]
     return proc.returncode, out, err
 
 
-def mlflow_run(tmp: Path, experiment: str, *params: str, entry: str = "main") -> subprocess.CompletedProcess:
+def mlflow_run(
+    tmp: Path, experiment: str, *params: str, entry: str = "main", env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`mlflow run` as a user types it, with the venv's bin first on PATH so MLproject's `python` is ours."""
     uri = f"sqlite:///{tmp}/mlflow.db"
     client = MlflowClient(uri)
     if client.get_experiment_by_name(experiment) is None:  # keep artifacts out of the repository
         client.create_experiment(experiment, artifact_location=str(tmp / "artifacts" / experiment))
+    extra = dict(env or {})
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # nothing left by another test
-    env.update(MLFLOW_TRACKING_URI=uri, PATH=f"{BIN}:{os.environ['PATH']}")
+    env.update(MLFLOW_TRACKING_URI=uri, PATH=f"{BIN}:{os.environ['PATH']}", **extra)
     args = [str(BIN / "mlflow"), "run", str(REPO), "-e", entry, "--env-manager", "local"]
     args += ["--experiment-name", experiment]
     for p in params:

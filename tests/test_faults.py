@@ -12,12 +12,19 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from service import server
 from tests.helpers import (
+    AUTH_ENV,
+    BIN,
+    REPO,
+    as_mlflow_params,
     as_options,
     finish,
     free_port,
     job_env,
     requires_fashion_mnist,
+    running_server,
+    runs_of,
     small_job,
     start_job,
     wait_for_metric,
@@ -138,3 +145,206 @@ def test_server_down_mid_run_loses_no_metric(tmp_path):
         os.killpg(server.pid, signal.SIGKILL)
         if proc is not None and proc.poll() is None:  # a failed check must not leave the job retrying for minutes
             proc.kill()
+
+
+# --- signals under `mlflow run`, and what a stop leaves ----------------------------------------------------------
+
+
+def mlflow_run_process(tmp: Path, *params: str, experiment: str = "faults") -> subprocess.Popen:
+    """`mlflow run` as a user types it, in its own process group (a terminal's), output captured."""
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    env = {**job_env(uri), "PATH": f"{BIN}:{os.environ['PATH']}"}
+    args = [str(BIN / "mlflow"), "run", str(REPO), "--env-manager", "local", "--experiment-name", experiment]
+    for p in params:
+        args += ["-P", p]
+    return subprocess.Popen(args, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def job_pid(run_id: str) -> int | None:
+    """The job process writing to `run_id`, found by its environment (mlflow run hands it MLFLOW_RUN_ID)."""
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            text = environ.read_bytes().decode(errors="replace")
+            cmdline = (environ.parent / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if f"MLFLOW_RUN_ID={run_id}" in text.split("\0") and "mlproject" in cmdline and "mlflow\0run" not in cmdline:
+            return int(environ.parent.name)
+    return None
+
+
+def gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_killing_mlflow_run_stops_its_job_within_seconds_and_the_run_ends_killed(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    launcher = mlflow_run_process(tmp_path, *as_mlflow_params(small_job(train_subset=20000, epochs=4)))
+    run_id = wait_for_metric(MlflowClient(uri), "faults", "epoch_seconds")
+    pid = job_pid(run_id)
+    assert pid is not None
+    launcher.send_signal(signal.SIGTERM)  # `mlflow run` alone, as `kill PID` does
+    launcher.communicate(timeout=60)
+    assert gone_within(pid, 30), "the job trained on without its launcher"
+    assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
+
+
+def test_ctrl_c_under_mlflow_run_ends_the_run_killed_with_exit_130(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    launcher = mlflow_run_process(tmp_path, *as_mlflow_params(small_job(train_subset=20000, epochs=4)))
+    run_id = wait_for_metric(MlflowClient(uri), "faults", "epoch_seconds")
+    os.killpg(launcher.pid, signal.SIGINT)  # the terminal's Ctrl-C: every process of the foreground group
+    _, err = launcher.communicate(timeout=90)
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "KILLED", err[-3000:]
+    assert launcher.returncode in (130, -signal.SIGINT)
+    assert "error: stopped by SIGINT; the run ended KILLED" in err
+
+
+def test_a_stop_before_the_first_epoch_says_there_is_nothing_to_resume_and_resume_is_refused(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    proc = job(tmp_path, *as_options(small_job(train_subset=50000, val_size=2000, epochs=2)), env=job_env(uri))
+    run_id = wait_for_metric(client, "faults", "lr_suggested")  # the range test is over; the first epoch is not
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = finish(proc, timeout=60)
+    assert code == 128 + signal.SIGTERM
+    last = err.strip().splitlines()[-1]
+    assert "no checkpoint to resume from: rerun it" in last and "continue" not in last
+    assert "rerun it" in Path(client.download_artifacts(run_id, "error.txt")).read_text()
+    assert client.list_artifacts(run_id, "checkpoints") == []
+    code, _, err = finish(job(tmp_path, "--resume", run_id, env=job_env(uri)))
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: invalid value for resume: '{run_id}'; expected a run with a checkpoint (it stopped before its first "
+        "epoch ended: rerun it)"
+    ]
+    assert client.get_run(run_id).info.status == "KILLED"  # the refusal changed nothing
+
+
+def test_a_job_killed_outright_is_told_apart_closed_and_resumed(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    proc = job(tmp_path, *FOUR_EPOCHS, env=job_env(uri))
+    run_id = wait_for_metric(client, "faults", "epoch_seconds")
+    code, _, err = finish(job(tmp_path, "--resume", run_id, env=job_env(uri)))
+    assert code == 2 and "still runs it" in err, err[-2000:]  # alive: no second writer
+    proc.kill()  # SIGKILL: no handler runs, nothing is recorded
+    proc.wait()
+    assert client.get_run(run_id).info.status == "RUNNING"
+    closed = subprocess.run([sys.executable, "-m", "mlproject", "close", run_id], env=job_env(uri), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert closed.returncode == 0 and f"run {run_id}: FAILED" in closed.stdout, closed.stderr
+    assert "its process" in Path(client.download_artifacts(run_id, "error.txt")).read_text()
+    code, _, err = finish(job(tmp_path, "--resume", run_id, env=job_env(uri)))
+    assert code == 0, err[-3000:]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "val_acc")]
+    assert steps == sorted(set(steps)) and steps[-1] == 3  # every epoch once, none twice
+
+
+def test_resume_is_refused_for_a_finished_run_and_for_two_resumes_at_once(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    proc = job(tmp_path, *FOUR_EPOCHS, env=job_env(uri))
+    run_id = wait_for_metric(client, "faults", "epoch_seconds")
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc, timeout=60)[0] == 128 + signal.SIGTERM
+    first, second = (job(tmp_path, "--resume", run_id, env=job_env(uri)) for _ in range(2))
+    results = sorted([finish(first), finish(second)], key=lambda r: r[0])
+    assert [r[0] for r in results] == [0, 2], results[1][2][-2000:]
+    assert "took it first" in results[1][2]
+    assert [m.step for m in client.get_metric_history(run_id, "val_acc")] == [0, 1, 2, 3]
+    code, _, err = finish(job(tmp_path, "--resume", run_id, env=job_env(uri)))
+    assert code == 2 and "it is FINISHED" in err
+    code, _, err = finish(job(tmp_path, *as_options(small_job()), env=job_env(uri, MLFLOW_RUN_ID=run_id)))
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: invalid value for MLFLOW_RUN_ID")
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+# --- the range test's edges ------------------------------------------------------------------------------------
+
+
+def summary_of(client: MlflowClient, run_id: str) -> dict:
+    import json
+
+    return json.loads(Path(client.download_artifacts(run_id, "lr_find/summary.json")).read_text())
+
+
+def test_a_sweep_narrower_than_the_smoothing_ends_quickly_and_falls_back(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    began = time.monotonic()
+    args = as_options(small_job(lr_min=0.00999999, lr_max=0.01, lr_steps=100))
+    code, out, err = finish(start_job(tmp_path, "lr-find", *args, env=job_env(uri), experiment="faults"), 300)
+    assert code == 0, err[-3000:]
+    assert time.monotonic() - began < 120
+    assert "(fallback)" in out
+
+
+def test_a_curve_still_falling_at_lr_max_gives_no_confident_answer(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = as_options(small_job(optimizer="sgd", lr_max=0.05, lr_steps=20))
+    code, _, err = finish(job(tmp_path, *args, env=job_env(uri)))
+    assert code == 0, err[-3000:]
+    (run,) = runs_of(uri, "faults")
+    summary = summary_of(MlflowClient(uri), run.info.run_id)
+    assert summary["confidence"] == 0.0 and "raise lr_max" in summary["reason"]
+    assert float(run.data.params["lr_used"]) < 0.05
+    assert "the sweep found no floor" in err
+
+
+# --- secrets, stores, disks, concurrency -----------------------------------------------------------------------
+
+
+def test_credentials_inside_the_tracking_uri_are_never_printed(tmp_path):
+    password = "uri-Pa55-never-shown"
+    env = {**AUTH_ENV, server.AUTH_PASSWORD_ENV: password}
+    with running_server(tmp_path / "server", f"sqlite:///{tmp_path}/server/mlflow.db", "--app-name", "basic-auth",
+                        env=env) as srv:  # fmt: skip
+        uri = srv.url.replace("http://", f"http://admin:{password}@")
+        code, out, err = finish(job(tmp_path, *as_options(small_job()), env=job_env(uri)))
+    assert code == 0, err[-3000:].replace(password, "***")
+    assert password not in out + err
+
+
+def test_the_local_sqlite_store_is_created_readable_by_its_user_alone(tmp_path):
+    code, _, err = finish(job(tmp_path, "--auto-lr", "false", "--epochs", "1", "--train-subset", "500",
+                              env=job_env(f"sqlite:///{tmp_path}/private.db")))  # fmt: skip
+    assert code == 0, err[-2000:]
+    assert oct((tmp_path / "private.db").stat().st_mode & 0o777) == "0o600"
+
+
+def test_jobs_started_together_on_a_new_sqlite_store_all_finish(tmp_path):
+    uri = f"sqlite:///{tmp_path}/new.db"
+    jobs = [job(tmp_path, *as_options(small_job(seed=s, lr_steps=10, auto_lr=False)), env=job_env(uri))
+            for s in range(4)]  # fmt: skip
+    results = [finish(p) for p in jobs]
+    assert [code for code, _, _ in results] == [0, 0, 0, 0], [err[-800:] for _, _, err in results]
+    assert sorted(r.info.status for r in runs_of(uri, "faults")) == ["FINISHED"] * 4
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_full_artifact_store_is_one_clear_error_at_once_and_the_run_ends_failed(tmp_path):
+    store = tmp_path / "artifacts"
+    store.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(store)], check=True)
+    try:
+        (store / "filler").write_bytes(b"\0" * (2 * 2**20 - 64 * 2**10))  # 64 KB left: less than the plot
+        uri = f"sqlite:///{tmp_path}/mlflow.db"
+        MlflowClient(uri).create_experiment("faults", artifact_location=str(store))
+        began = time.monotonic()
+        code, _, err = finish(job(tmp_path, *as_options(small_job()), env=job_env(uri)), timeout=300)
+        took = time.monotonic() - began
+    finally:
+        subprocess.run(["umount", str(store)], check=False)
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and took < 120, (code, took, err[-3000:])
+    assert last.startswith("error: ") and "the store is full" in last and str(store) in last
+    assert "unreachable" not in err
+    (run,) = runs_of(uri, "faults")
+    assert run.info.status == "FAILED"

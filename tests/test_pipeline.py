@@ -19,6 +19,8 @@ from mlproject.config import JobConfig
 from mlproject.errors import Preempted, TrainingDiverged
 from mlproject.lr_range import suggest
 from mlproject.model import lenet
+from mlproject.ranks import Place
+from mlproject.session import Session
 from mlproject.tracking import Tracker
 from tests.helpers import FASHION_DIR, requires_fashion_mnist, small_job
 
@@ -36,7 +38,7 @@ def run_job(tmp: Path, folder: Path, tracker: type[Tracker] = Tracker, **changes
     try:
         work = tmp / tracker.run_id
         work.mkdir()
-        result = pipeline.run(cfg, task.build(cfg), tracker, work)
+        result = pipeline.run(Session(cfg, task.build(cfg), tracker, work, None, Place()))
     finally:
         tracker.end("FINISHED")
     return result, client.get_run(tracker.run_id).data.params

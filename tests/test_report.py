@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from service import report
+from service import report, report_options, report_table
 from service.cli import cli
 
 START_MS = itertools.count(1_790_000_000_000, 1000)
@@ -46,7 +47,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> str:
         if suggested:
             params["lr_suggested"] = suggested
         metrics = {"test_acc": acc, "val_loss": VAL_LOSS[name]}
-        child = log_run(client, exp, name, params, metrics, **{report.PARENT_TAG: parent})
+        child = log_run(client, exp, name, params, metrics, **{report_table.PARENT_TAG: parent})
         client.set_terminated(child, "FINISHED")
     client.set_terminated(parent, "FINISHED")
     failed = log_run(client, exp, "bad|run", {"lr_source": "fixed", "lr_used": "1"}, {})
@@ -59,7 +60,7 @@ def table_lines(text: str) -> list[str]:
 
 
 def test_study_is_the_parent_then_its_four_child_runs_with_their_lr_choice(store):
-    rows = report.rows(report.fetch(store, "study").runs)
+    rows = report_table.rows(report.fetch(store, "study").runs)
     assert [r.name for r in rows] == ["compare", *(s[0] for s in STUDY), "bad|run"]
     assert [r.depth for r in rows] == [0, 1, 1, 1, 1, 0]
     finder = rows[3]
@@ -72,7 +73,7 @@ def test_study_is_the_parent_then_its_four_child_runs_with_their_lr_choice(store
 
 
 def test_markdown_table_has_the_columns_the_values_and_the_best_run_in_bold(store):
-    text = report.render("study", report.rows(report.fetch(store, "study").runs), "http://127.0.0.1:5000/")
+    text = report_table.render("study", report_table.rows(report.fetch(store, "study").runs), "http://127.0.0.1:5000/")
     assert "| run | lr_source | lr_used | lr_suggested | test\\_acc | status | link |" in text  # a user's name: escaped
     assert "Best: **lr=finder**, test\\_acc 0.9020 at lr_used 0.00396" in text
     lines = table_lines(text)
@@ -83,7 +84,7 @@ def test_markdown_table_has_the_columns_the_values_and_the_best_run_in_bold(stor
 
 
 def test_failed_run_shows_dashes_and_its_status_and_a_pipe_in_a_name_keeps_the_row(store):
-    lines = table_lines(report.render("study", report.rows(report.fetch(store, "study").runs)))
+    lines = table_lines(report_table.render("study", report_table.rows(report.fetch(store, "study").runs)))
     failed = lines[-1]
     assert failed.startswith("| bad\\|run | fixed | 1 | - | - | FAILED | `")
     assert failed.replace("\\|", "").count("|") == 8  # seven cells
@@ -100,6 +101,29 @@ def test_cli_links_runs_to_the_ui_url_when_given(store):
     args = ["report", "--experiment", "study", "--tracking-uri", store, "--ui-url", "http://mlflow.team:5000"]
     result = CliRunner().invoke(cli, args)
     assert result.output.count("[open](http://mlflow.team:5000/#/experiments/") == 6
+
+
+@pytest.mark.parametrize(
+    "ui_url, tracking_uri, base",
+    [
+        ("", "https://ci:s3cret@mlflow.team/", "https://mlflow.team/"),
+        ("", "https://mlflow.team:5000/?token=s3cret", "https://mlflow.team:5000/"),
+        ("", "sqlite:///mlflow.db", ""),
+        ("http://ui.team", "https://ci:s3cret@mlflow.team", "http://ui.team"),
+    ],
+)
+def test_links_fall_back_to_the_tracking_server_without_its_credentials(ui_url, tracking_uri, base):
+    assert report_options.link_base(ui_url, tracking_uri) == base
+
+
+def test_a_host_install_without_sqlalchemy_reads_no_database_and_says_which_extra(store, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sqlalchemy", None)  # as in `pip install -c constraints.txt .`
+    result = CliRunner().invoke(cli, ["report", "--experiment", "study", "--tracking-uri", store])
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        f"Error: reading the database {store} needs SQLAlchemy; the host install reads tracking servers only:"
+        " pip install 'lr-finder[server]'"
+    ]
 
 
 def test_cli_names_the_experiments_there_are_when_one_is_missing(store):
@@ -121,7 +145,7 @@ def test_names_and_params_cannot_inject_markup_into_the_summary(tmp_path: Path):
     exp = client.create_experiment("x", artifact_location=str(tmp_path / "artifacts"))
     hostile = "<img src=x onerror=alert(1)> [click](javascript:alert(1)) **bold**\nnext"
     log_run(client, exp, hostile, {"lr_source": "<script>x</script>", "lr_used": "0.1"}, {"test_acc": 0.5})
-    text = report.render("x", report.rows(report.fetch(uri, "x").runs))
+    text = report_table.render("x", report_table.rows(report.fetch(uri, "x").runs))
     (row,) = table_lines(text)
     assert "<img" not in text and "<script>" not in text and "**bold**" not in text
     assert not re.search(r"(?<!\\)\]\(", text), "an unescaped link"
@@ -208,9 +232,9 @@ def test_a_metric_that_is_not_a_number_ranks_no_run(tmp_path: Path):
     exp = client.create_experiment("x", artifact_location=str(tmp_path / "artifacts"))
     for name, acc in (("nan", float("nan")), ("real", 0.5), ("nan too", float("nan"))):
         client.set_terminated(log_run(client, exp, name, {"lr_used": "0.1"}, {"test_acc": acc}), "FINISHED")
-    table = report.rows(report.fetch(uri, "x").runs)
+    table = report_table.rows(report.fetch(uri, "x").runs)
     assert [r.score for r in table] == [None, 0.5, None]  # MLflow stores a NaN as it came
-    assert report.best(table).name == "real" and report.best(table, "min").name == "real"
+    assert report_table.best(table).name == "real" and report_table.best(table, "min").name == "real"
 
 
 def test_a_deleted_experiment_is_one_line_saying_how_to_restore_it(tmp_path: Path):
@@ -228,6 +252,6 @@ def test_a_deleted_experiment_is_one_line_saying_how_to_restore_it(tmp_path: Pat
 
 
 def test_a_metric_name_cannot_inject_markup():
-    row = report.ReportRow("r", "id", "1", 0, "", None, None, 0.5, "FINISHED")
-    text = report.render("x", [row], ranking=report.Ranking("<b>|x", "max"))
+    row = report_table.ReportRow("r", "id", "1", 0, "", None, None, 0.5, "FINISHED")
+    text = report_table.render("x", [row], ranking=report_table.Ranking("<b>|x", "max"))
     assert "<b>" not in text and "&lt;b&gt;\\|x" in text

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from service import server
+from service import server, server_process, uris
 from service.cli import cli
 from tests.helpers import AUTH_ENV, free_port, http_answering, http_status, running_server
 
@@ -61,16 +62,16 @@ def test_a_password_in_the_backend_uri_goes_to_the_servers_environment_and_never
     assert not any("s3" in arg for arg in plan.argv)  # argv: what `ps` shows every user
     assert "s3" not in plan.shown and "s3" not in repr(plan)
     assert "(backend store postgresql+psycopg2://db:5432/mlflow," in plan.shown
-    assert server.has_password(uri)
-    assert not server.has_password("postgresql://mlflow@db/mlflow") and not server.has_password("sqlite:///x.db")
+    assert uris.has_password(uri)
+    assert not uris.has_password("postgresql://mlflow@db/mlflow") and not uris.has_password("sqlite:///x.db")
 
 
 def test_shown_uris_keep_what_locates_the_store():
-    assert server.where("sqlite:////srv/mlflow/mlflow.db") == "sqlite:////srv/mlflow/mlflow.db"
-    assert server.where("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
-    assert server.where("s3://bucket/path") == "s3://bucket/path"
-    assert server.where("http://admin:pw@[::1]:5000/") == "http://[::1]:5000/"
-    assert server.where("./mlartifacts") == "./mlartifacts"
+    assert uris.where("sqlite:////srv/mlflow/mlflow.db") == "sqlite:////srv/mlflow/mlflow.db"
+    assert uris.where("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
+    assert uris.where("s3://bucket/path") == "s3://bucket/path"
+    assert uris.where("http://admin:pw@[::1]:5000/") == "http://[::1]:5000/"
+    assert uris.where("./mlartifacts") == "./mlartifacts"
 
 
 def test_the_uri_file_gives_its_first_line():
@@ -143,15 +144,31 @@ def test_basic_auth_config_file_replaces_the_password_variable(tmp_path):
     assert plan.env[server.AUTH_CONFIG_ENV] == str(ini.resolve())
 
 
+def extra(options: server.ServerOptions) -> dict[str, str]:
+    """What this server needs beyond `mlflow server` itself."""
+    return {k: v for k, v in server.needed_modules(options).items() if k not in server.SERVER_MODULES}
+
+
 def test_postgresql_and_basic_auth_name_the_packages_they_need():
-    assert server.needed_modules(server.ServerOptions()) == {}
+    assert server.needed_modules(server.ServerOptions()) == server.SERVER_MODULES
+    assert {"flask", "sqlalchemy"} <= set(server.SERVER_MODULES)  # what mlflow-skinny lacks for `mlflow server`
     pg = server.ServerOptions(backend_store_uri="postgresql+psycopg2://u@h/db", app_name="basic-auth")
-    assert server.needed_modules(pg) == {"psycopg2": "psycopg2-binary", "flask_wtf": "Flask-WTF"}
-    bare = server.ServerOptions(backend_store_uri="postgresql://u@h/db")
-    assert server.needed_modules(bare) == {"psycopg2": "psycopg2-binary"}
-    assert server.needed_modules(server.ServerOptions(backend_store_uri="postgresql+psycopg://u@h/db")) == {
-        "psycopg": "psycopg[binary]"
-    }
+    assert extra(pg) == {"psycopg2": "psycopg2-binary", "flask_wtf": "Flask-WTF"}
+    assert extra(server.ServerOptions(backend_store_uri="postgresql://u@h/db")) == {"psycopg2": "psycopg2-binary"}
+    psycopg3 = server.ServerOptions(backend_store_uri="postgresql+psycopg://u@h/db")
+    assert extra(psycopg3) == {"psycopg": "psycopg[binary]"}
+    assert extra(server.ServerOptions(job_execution=True)) == {"huey": "mlflow"}
+
+
+def test_a_host_install_without_mlflows_server_packages_is_told_the_extra_in_one_line(monkeypatch):
+    for module in ("flask", "flask_wtf"):
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed: find_spec answers None
+    args = ["server", "--app-name", "basic-auth", "--port", str(free_port())]
+    result = CliRunner().invoke(cli, args, env={**AUTH_ENV, server.BACKEND_URI_ENV: None})
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        "Error: lr-finder server needs Flask-WTF, mlflow, not installed here: pip install 'lr-finder[server]'"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -242,9 +259,9 @@ def test_an_empty_uri_file_is_refused(tmp_path):
 
 
 def test_how_a_process_ended_reads_as_its_exit_code_or_signal():
-    assert server.exit_reason(0) == "exit code 0"
-    assert server.exit_reason(1) == "exit code 1"
-    assert server.exit_reason(-9) == "killed by SIGKILL"
+    assert server_process.exit_reason(0) == "exit code 0"
+    assert server_process.exit_reason(1) == "exit code 1"
+    assert server_process.exit_reason(-9) == "killed by SIGKILL"
 
 
 def test_listeners_on_a_port_are_read_from_proc_net_tcp():
@@ -254,9 +271,9 @@ def test_listeners_on_a_port_are_read_from_proc_net_tcp():
         "   1: 0100007F:1388 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 4343 1 0\n"
         "   2: 00000000:1389 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4444 1 0\n"
     )
-    assert server.listening_inodes(table, 5000) == {4242}  # 0x1388; the connection (state 01) is no listener
-    assert server.listening_inodes(table, 5001) == {4444}
-    assert server.listening_inodes(table, 5002) == set()
+    assert server_process.listening_inodes(table, 5000) == {4242}  # 0x1388; the connection (state 01) is no listener
+    assert server_process.listening_inodes(table, 5001) == {4444}
+    assert server_process.listening_inodes(table, 5002) == set()
 
 
 def test_only_the_servers_own_files_are_checked_for_their_mode():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,17 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.helpers import as_mlflow_params, as_options, job_env, mlflow_run, requires_fashion_mnist, small_job
+from tests.helpers import (
+    BIN,
+    REPO,
+    as_mlflow_params,
+    as_options,
+    job_env,
+    mlflow_run,
+    requires_fashion_mnist,
+    running_server,
+    small_job,
+)
 
 pytestmark = [pytest.mark.slow, requires_fashion_mnist]
 
@@ -55,10 +67,10 @@ def test_a_failing_member_ends_failed_and_the_study_finishes(tmp_path):
         [*cmd, *args, "--lrs", "0.01,10000"], cwd=tmp_path, env=job_env(uri), capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| lr=10000 | 1e+04 | fixed | FAILED | - | - | - |" in result.stdout
+    assert "| lr=10000 | 1e+04 | fixed | FAILED | - | - | - | - |" in result.stdout
     parent, children = family(MlflowClient(uri), "study")
     assert parent.info.status == "FINISHED"
-    assert parent.data.params["members_failed"] == "1"
+    assert parent.data.tags["members_failed"] == "1" and parent.data.tags["study_complete"] == "true"
     status = {c.info.run_name: c.info.status for c in children}
     assert status == {"lr=0.01": "FINISHED", "lr=10000": "FAILED"}
 
@@ -73,3 +85,44 @@ def test_bad_lrs_is_a_usage_error(tmp_path):
         "error: invalid value for lrs: '1e-4,abc'; expected a comma-separated list of learning rates > 0, "
         "e.g. 1e-5,1e-4,1e-1"
     ]
+
+
+def test_members_in_parallel_processes_attach_to_one_parent_and_the_last_writes_the_comparison(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [*as_options(small_job()), "--lrs", "1e-3,1e-2", "--parallel", "2"]
+    cmd = [sys.executable, "-m", "mlproject", "compare", "--experiment-name", "study", *args]
+    result = subprocess.run(cmd, cwd=tmp_path, env=job_env(uri), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent, children = family(MlflowClient(uri), "study")
+    assert sorted(c.info.run_name for c in children) == ["lr=0.001", "lr=0.01", "lr=finder"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    finder = next(c for c in children if c.info.run_name == "lr=finder")
+    assert finder.data.params["lr_suggested"] == parent.data.params["lr_suggested"]  # one range test, the parent's
+    assert parent.data.tags["study_complete"] == "true"
+    assert {a.path for a in MlflowClient(uri).list_artifacts(parent.info.run_id)} >= {"comparison.csv", "study.json"}
+
+
+def test_a_ci_study_plan_then_one_job_per_member_against_a_tracking_server(tmp_path):
+    """The GPU workflow's study mode, its jobs' commands run as processes: a plan job, then the members."""
+    with running_server(tmp_path / "server", f"sqlite:///{tmp_path}/server/mlflow.db") as server:
+        env = {**job_env(server.url), "PATH": f"{BIN}:{os.environ['PATH']}"}
+        common = [*[a for p in as_mlflow_params(small_job()) for a in ("-P", p)], "-P", "lrs=1e-3,1e-2"]
+        mlflow_run = [str(BIN / "mlflow"), "run", str(REPO), "-e", "compare", "--env-manager", "local"]
+        mlflow_run += ["--experiment-name", "ci-study"]
+        plan = subprocess.run([*mlflow_run, *common, "-P", "stage=plan"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=900)  # fmt: skip
+        assert plan.returncode == 0, plan.stderr[-3000:]
+        study = json.loads(plan.stdout.split(": ", 1)[1].splitlines()[0])
+        assert study["members"] == ["lr=0.001", "lr=0.01", "lr=finder"]
+        for member in study["members"]:
+            args = [*common, "-P", "stage=member", "-P", f"parent_run={study['parent_run']}", "-P", f"member={member}"]
+            done = subprocess.run([*mlflow_run, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                                  timeout=900)  # fmt: skip
+            assert done.returncode == 0, done.stderr[-3000:]
+        parent, children = family(MlflowClient(server.url), "ci-study")
+        assert parent.info.run_id == study["parent_run"]
+        assert sorted(c.data.tags["study_member"] for c in children) == ["lr=0.001", "lr=0.01", "lr=finder"]
+        assert all(c.info.status == "FINISHED" for c in children)
+        assert parent.data.tags["study_complete"] == "true"
+        table = Path(MlflowClient(server.url).download_artifacts(parent.info.run_id, "comparison.csv")).read_text()
+        assert [row.split(",")[0] for row in table.splitlines()[1:]] == ["lr=0.001", "lr=0.01", "lr=finder"]

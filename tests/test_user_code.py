@@ -301,7 +301,7 @@ def test_a_mistake_in_naming_the_model_or_data_is_one_line_exit_2_before_any_run
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err[-3000:]
     assert lines[0].startswith(f"error: invalid value for {param}: ") and detail in lines[0], lines[0]
-    assert not (broken / "mlflow.db").exists()  # no run was started for it
+    assert runs_of(f"sqlite:///{broken}/mlflow.db", "jobs") == []  # no run was started for it
 
 
 @pytest.mark.parametrize("model", ["broken.ReturnsNothing", "broken.ReturnsAVector"])
@@ -327,3 +327,18 @@ def test_a_mistake_under_mlflow_run_ends_the_run_failed_with_error_txt(tmp_path)
     run, client = only_run(tmp_path, "mistake")
     assert run.info.status == "FAILED"
     assert "No module named 'nosuchpkg'" in Path(client.download_artifacts(run.info.run_id, "error.txt")).read_text()
+
+
+def test_check_says_what_the_job_would_train_without_training_or_tracking(broken, tmp_path):
+    env = job_env(f"sqlite:///{tmp_path}/never.db")
+    code, out, err = finish(start_job(tmp_path, "check", *TABULAR_OPTIONS, env=env), 120)
+    assert code == 0 and out.strip() == "ok: model tabular.TabularRegressor (LightningModule) on " \
+        "tabular.SyntheticTabular (LightningDataModule)", err  # fmt: skip
+    folder = write_image_folder(tmp_path / "images", per_class=8)
+    code, out, _ = finish(start_job(tmp_path, "check", "--dataset", "imagefolder", "--data-dir", str(folder),
+                                    env=env), 120)  # fmt: skip
+    assert code == 0 and "3 classes; train 24, test 6 images" in out
+    code, _, err = finish(start_job(tmp_path, "check", "--model", "broken.NotAModule", "--code", f"{broken}/broken",
+                                    env=env), 120)  # fmt: skip
+    assert code == 2 and "a LightningModule subclass" in err
+    assert not (tmp_path / "never.db").exists()

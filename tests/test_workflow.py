@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 import yaml
 
@@ -90,7 +92,6 @@ def test_dockerfile_torch_pins_are_conda_yamls():
 # --- the pipelines' structure ----------------------------------------------------------------------------------
 
 GITHUB = REPO / ".github" / "workflows"
-PENDING_RUN_OPTIONS = {"--outputs", "--resume", "--run-name"}  # lr-finder run is gaining these in a parallel change
 
 
 def flow(name: str) -> dict:
@@ -229,18 +230,24 @@ def test_github_run_step_gives_the_job_this_runners_gpus_and_every_param(recorde
 
 
 def check_options(argv: list[str]) -> None:
-    """The options of `lr-finder run` that the pipeline passes exist (or are the ones being added)."""
+    """The options of the `lr-finder` command the pipeline passes exist."""
     from service.cli import cli
 
     known = {opt for param in cli.commands[argv[0]].params for opt in param.opts}
     used = {word for word in argv[1:] if word.startswith("-") and not word[1:2].isdigit()}
-    assert used - known <= PENDING_RUN_OPTIONS, sorted(used - known)
+    assert used <= known, sorted(used - known)
+
+
+def args_line() -> str:
+    """GitLab's .gpu line that turns PARAMS into the job's -P options (`args`)."""
+    (line,) = [line for line in gitlab()[".gpu"]["before_script"] if line.startswith("args=()")]
+    return line
 
 
 @pytest.mark.parametrize("job", ["gpu-job", "study-plan", ".study-member"])
 def test_gitlab_job_scripts_run_with_the_runners_gpus_and_every_param(recorder, job):
     pipeline = gitlab()
-    script = "\n".join([pipeline[".gpu"]["before_script"][-1], pipeline[job]["script"][0]])
+    script = "\n".join([args_line(), pipeline[job]["script"][0]])
     env = {"IMAGE": "lr-finder:abc", "CONTAINER": "c", "EXPERIMENT": "e", "PARAMS": "auto_lr=true epochs=2"}
     env |= {"STUDY_LRS": "1e-5,1e-1", "PARENT_RUN": "0" * 32, "MEMBER": "lr=1e-05", "LR_FINDER_GPUS": "1"}
     result = bash(script, recorder, env)
@@ -252,6 +259,90 @@ def test_gitlab_job_scripts_run_with_the_runners_gpus_and_every_param(recorder, 
     if job == ".study-member":
         assert params[2:] == ["stage=member", "lrs=1e-5,1e-1", f"parent_run={'0' * 32}", "member=lr=1e-05"]
     check_options(argv)
+
+
+@pytest.mark.parametrize("ci", ["github", "gitlab"])
+def test_doctor_checks_the_entry_point_and_params_the_run_will_get(recorder, ci):
+    if ci == "github":
+        script = step(flow("gpu-run.yml")["jobs"]["run"], "Check the runner")["run"]
+    else:
+        before = gitlab()[".gpu"]["before_script"]
+        script = "\n".join([args_line(), *(line for line in before if "lr-finder doctor" in line)])
+    env = {**GITHUB_RUN_ENV, "LR_FINDER_GPUS": "1"}
+    result = bash(script, recorder, env)
+    assert result.returncode == 0, result.stderr
+    (argv,) = calls(result.stdout)
+    assert argv[:3] == ["doctor", "--image", "lr-finder:abc"] and argv[argv.index("--gpus") + 1] == "device=1"
+    params = [argv[i + 1] for i, word in enumerate(argv) if word == "-P"]
+    assert params == ["auto_lr=true", "epochs=2", "stage=plan", "lrs=1e-5,1e-1"]
+    if ci == "github":  # compare: the job's check leaves the study's own parameters to the study
+        assert argv[argv.index("--entry-point") + 1] == "compare"
+    check_options(argv)
+
+
+def pipeline_lines() -> list[tuple[str, str]]:
+    """Every shell line the GPU pipelines run, with where it is: GitHub's run blocks (continuations joined) and
+    GitLab's scripts."""
+    found = []
+    for workflow in WORKFLOWS:
+        for name, job in flow(workflow.name)["jobs"].items():
+            runs = [s["run"] for s in job.get("steps", []) if "run" in s]
+            found += [
+                (f"{workflow.name} {name}", line) for run in runs for line in run.replace("\\\n", " ").splitlines()
+            ]
+    for name, job in gitlab().items():
+        lines = [
+            line for key in ("before_script", "script") for line in (job.get(key, []) if isinstance(job, dict) else [])
+        ]
+        found += [(f".gitlab-ci.yml {name}", line) for line in lines]
+    return found
+
+
+def lr_finder_commands() -> list[tuple[str, list[str]]]:
+    """Every `.venv/bin/lr-finder ...` command of the pipelines: (where, its words, up to a redirection)."""
+    return [
+        (where, shlex.split(line.split(".venv/bin/lr-finder ", 1)[1].split(" >", 1)[0]))
+        for where, line in pipeline_lines()
+        if ".venv/bin/lr-finder " in line
+    ]
+
+
+def mlproject_parameters() -> dict[str, set[str]]:
+    """MLproject's entry points -> their parameters."""
+    points = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
+    return {name: set(entry["parameters"]) for name, entry in points.items()}
+
+
+def test_every_lr_finder_command_of_the_pipelines_names_real_options_and_parameters():
+    from service.cli import cli
+
+    commands = lr_finder_commands()
+    assert {words[0] for _, words in commands} >= {"build", "doctor", "run", "report", "deploy"}
+    for where, words in commands:
+        command, rest = cli.commands[words[0]], words[1:]
+        while isinstance(command, click.Group):  # lr-finder deploy study
+            command, rest = command.commands[rest[0]], rest[1:]
+        known = {opt for param in command.params for opt in param.opts}
+        used = {word for word in rest if word.startswith("-") and not word[1:2].isdigit()}
+        assert used <= known, (where, sorted(used - known))
+        entry = rest[rest.index("--entry-point") + 1] if "--entry-point" in rest else "main"
+        keys = {rest[i + 1].split("=", 1)[0] for i, word in enumerate(rest[:-1]) if word == "-P"}
+        assert keys <= mlproject_parameters()[{"$ENTRY_POINT": "compare"}.get(entry, entry)], (where, keys)
+
+
+def test_the_pipelines_default_params_are_mlprojects():
+    inputs = flow("gpu-job.yml")[True]["workflow_dispatch"]["inputs"]
+    texts = [inputs["params"]["default"], gitlab()["variables"]["PARAMS"]]
+    texts += [job.get("with", {}).get("stage_params", "") for job in flow("gpu-job.yml")["jobs"].values()]
+    keys = {word.split("=", 1)[0] for text in texts for word in text.split() if re.match(r"\w+=", word)}
+    assert {"auto_lr", "stage", "lrs", "parent_run", "member"} == keys
+    assert keys <= mlproject_parameters()["compare"] and "auto_lr" in mlproject_parameters()["main"]
+
+
+def test_the_host_side_installs_the_locks_versions_not_pins_of_its_own():
+    installs = [(where, line) for where, line in pipeline_lines() if "pip install" in line and "ruff" not in line]
+    assert len(installs) == 4, installs  # gpu-run.yml, gpu-job.yml's report; GitLab's .gpu and study-report
+    assert all(line.strip().endswith("/pip install -q -c constraints.txt .") for _, line in installs), installs
 
 
 DOCKER_STAND_IN = """

@@ -1,0 +1,130 @@
+"""The job's Lightning callbacks, written once for both Lightning packages (lightning_api binds them): the epoch's
+report and checkpoint, and the guard that keeps a fit honest, resumable and stoppable on every rank at once."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlproject import data, ranks, stopping
+from mlproject.errors import TrainingDiverged, UserCodeError
+
+EpochSink = Callable[[int, dict[str, float]], None]
+
+
+def epoch_values(trainer: Any) -> dict[str, float]:
+    """What the active loop's self.log calls produced at epoch level (step-level values left out), by the names
+    Lightning's own loggers use; logger=False values too are left out."""
+    results = trainer._results  # Lightning's per-loop result collection: the one source of on_epoch vs on_step
+    if results is None:
+        return {}
+    return {k: float(v) for k, v in results.metrics(on_step=False)["log"].items() if torch.is_tensor(v)}
+
+
+class ReporterHooks:
+    """At the end of every epoch (after validation and the module's own epoch-end hooks, as a Checkpoint
+    callback runs), writes `last.ckpt` if the epoch's training values are finite (the last good state) and hands it
+    to `keep` (the run's artifact: a job killed outright is resumable from it), then hands every epoch-level value
+    to a sink: one host sync per epoch, not per step.
+
+    All of it happens under stopping.held(): a SIGTERM in between would leave a run that shows an epoch it has
+    no checkpoint of, or a checkpoint of an epoch it never showed (which a resume would then skip).
+    """
+
+    def __init__(self, sink: EpochSink, checkpoint: Path, keep: Callable[[Path], None]) -> None:
+        self.sink = sink
+        self.checkpoint = checkpoint
+        self.keep = keep
+        self.history: list[dict[str, float]] = []
+        self.validation: dict[str, float] = {}
+        self.started = 0.0
+        self.lr = math.nan
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self.started = time.perf_counter()
+        self.lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        self.validation = {}
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            self.validation = epoch_values(trainer)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        train = epoch_values(trainer)
+        metrics = {**train, **self.validation, "learning_rate": self.lr}
+        metrics["epoch_seconds"] = time.perf_counter() - self.started  # training and validation
+        self.history.append(metrics)
+        with stopping.held():
+            if all(math.isfinite(v) for v in train.values()):
+                trainer.save_checkpoint(self.checkpoint)
+                if self.checkpoint.exists():  # rank 0 writes it
+                    self.keep(self.checkpoint)
+            self.sink(trainer.current_epoch, metrics)
+
+
+class GuardHooks:
+    """Keeps training honest and resumable: pins the shuffle to the epoch, checks that training_step returns a
+    scalar loss, stops on a non-finite loss (after the reporter has shown that epoch; its checkpoint is the
+    epoch before), and lets a stop signal end every rank at the same batch."""
+
+    CHECK_EVERY = 25  # batches between finiteness checks: each check is one host sync
+
+    def __init__(self, iterables: list[Any], check_stop: Callable[[], None] = lambda: None) -> None:
+        self.iterables = iterables
+        self.check_stop = check_stop
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        stopping.reclaim()
+
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:
+        stopping.reclaim()
+
+    def on_validation_batch_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        self.check_stop()
+
+    def on_test_batch_end(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        self.check_stop()
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        for batches in self.iterables:
+            if isinstance(batches, data.DeviceBatches) and batches.shuffle:
+                batches.set_epoch(trainer.current_epoch)
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
+        if loss.numel() != 1:
+            owner = type(pl_module).__qualname__
+            raise UserCodeError(
+                f"{owner}.training_step returned a loss of shape {tuple(loss.shape)}: it must be a scalar"
+            )
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None:
+            owner = type(pl_module).__qualname__
+            raise UserCodeError(
+                f'{owner}.training_step returned no loss: return the loss tensor, or a dict with "loss"'
+            )
+        self.check_stop()
+        if batch_idx % self.CHECK_EVERY == 0:
+            value = float(loss)
+            self._check(value, trainer, f"step {trainer.global_step}")
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        # The epoch values are reduced over the ranks already (sync_dist) or rank-local: decided together below.
+        bad = {k: v for k, v in epoch_values(trainer).items() if not math.isfinite(v)}
+        self._check(next(iter(bad.values()), 0.0), trainer, f"the epoch's {next(iter(bad), 'values')}")
+
+    def _check(self, loss: float, trainer: Any, where: str) -> None:
+        # Every rank's loss, decided together: a rank stopping alone would leave the others inside a collective.
+        if ranks.agree(not math.isfinite(loss), trainer.world_size):
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            raise TrainingDiverged(
+                f"training loss is {loss if not math.isfinite(loss) else 'non-finite on another rank'} at epoch "
+                f"{trainer.current_epoch} ({where}, lr {lr:.3g}): the learning rate is too high for this model; lower "
+                "lr, or use auto_lr=true"
+            )

@@ -1,0 +1,125 @@
+"""Who runs a run: the heartbeat rank 0 keeps while it lives, a resume's claim on a run that stopped or lost its
+process, and closing a run whose process is gone."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from mlproject.config import CHECKPOINT_ARTIFACT, ConfigError
+
+log = logging.getLogger(__name__)
+
+OWNER_TAG, HEARTBEAT_TAG = "lr_finder.owner", "lr_finder.heartbeat"
+HEARTBEAT_S = float(os.environ.get("LR_FINDER_HEARTBEAT_S", "15"))  # how often rank 0 says it is alive
+STALE_S = 3 * HEARTBEAT_S  # a heartbeat this old means the process is gone (on another host)
+CLAIM_SETTLE_S = 1.0  # two resumes that claim a run at once: the last claim stands, the other sees it and stops
+
+
+def fetch(uri: str, run_id: str) -> Any:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(uri or None).get_run(run_id)
+    except MlflowException as exc:
+        raise ConfigError("resume", run_id, f"a run id the tracking server knows ({exc.message})") from exc
+
+
+def claim(uri: str, run_id: str) -> None:
+    """Take over a run to resume it: one that stopped (KILLED, FAILED) or lost its process (RUNNING, but silent),
+    with a checkpoint; refused for a finished run, a live one, and a run another resume has just taken."""
+    from mlflow.tracking import MlflowClient
+
+    run = fetch(uri, run_id)
+    status, tags = run.info.status, run.data.tags
+    if status == "FINISHED":
+        raise ConfigError("resume", run_id, "a run that did not finish (it is FINISHED: start a new one)")
+    if status == "RUNNING" and alive(tags, time.time()):
+        raise ConfigError("resume", run_id, f"a run whose process is gone ({tags.get(OWNER_TAG, '?')} still runs it)")
+    if tags.get("mlflow.project.entryPoint") == "compare" or "lrs" in run.data.params:
+        raise ConfigError("resume", run_id, "a training run: a study is rerun, `mlflow run . -e compare` with its lrs")
+    client = MlflowClient(uri or None)
+    if CHECKPOINT_ARTIFACT.split("/")[1] not in {
+        a.path.split("/")[-1] for a in client.list_artifacts(run_id, "checkpoints")
+    }:
+        raise ConfigError(
+            "resume", run_id, "a run with a checkpoint (it stopped before its first epoch ended: rerun it)"
+        )
+    me = owner()
+    client.set_tag(run_id, OWNER_TAG, me)
+    client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+    time.sleep(CLAIM_SETTLE_S)
+    taken = client.get_run(run_id).data.tags.get(OWNER_TAG)
+    if taken != me:
+        raise ConfigError("resume", run_id, f"a run no other resume has taken ({taken} took it first)")
+
+
+def owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def alive(tags: dict[str, str], now: float) -> bool:
+    """Whether the run's process still runs: looked up directly on its own host, else by its heartbeat's age."""
+    host, _, pid = tags.get(OWNER_TAG, "").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        return _pid_alive(int(pid))
+    beat = tags.get(HEARTBEAT_TAG, "")
+    return bool(beat) and now - float(beat) < STALE_S
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+class Heartbeat:
+    """Rank 0's tags `lr_finder.owner` (host:pid) and `lr_finder.heartbeat` (Unix seconds), every HEARTBEAT_S."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+        self._stop = threading.Event()
+        self._beat()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        from mlflow.entities import RunTag
+
+        tags = [RunTag(OWNER_TAG, owner()), RunTag(HEARTBEAT_TAG, f"{time.time():.0f}")]
+        try:
+            self.client.log_batch(self.run_id, tags=tags)
+        except Exception as exc:  # an outage: the next beat tries again; training must not stop for it
+            log.debug("heartbeat not written: %s", exc)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            self._beat()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def close_run(uri: str, run_id: str, now: float) -> str:
+    """End a RUNNING run whose process is gone as FAILED, saying so in error.txt; the status it ended with."""
+    from mlproject.stores import fail_run
+
+    run = fetch(uri, run_id)
+    tags = run.data.tags
+    if run.info.status != "RUNNING":
+        raise ConfigError("run_id", run_id, f"a RUNNING run (it is {run.info.status})")
+    if alive(tags, now):
+        raise ConfigError("run_id", run_id, f"a run whose process is gone ({tags.get(OWNER_TAG, '?')} still runs it)")
+    beat = tags.get(HEARTBEAT_TAG)
+    since = f"last heard from {now - float(beat):.0f} s ago" if beat else "never heard from"
+    fail_run(uri, run_id, f"closed: its process ({tags.get(OWNER_TAG, 'unknown')}) is gone, {since}; "
+                f"continue it with resume={run_id} if it has a checkpoint")  # fmt: skip
+    return "FAILED"
