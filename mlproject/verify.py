@@ -174,9 +174,10 @@ def winner(trials: Sequence[Trial], mode: str, start: float = math.nan) -> Trial
 def moved(
     suggestion: lr_range.Suggestion, lr: float, lrs: Sequence[float], losses: Sequence[float]
 ) -> lr_range.Suggestion:
-    """The suggestion moved to the verified LR, with the one-cycle range the curve gives that LR (a fallback's
-    curve gives none: the range is the fallback's own, a tenth of the LR to the LR)."""
-    if suggestion.method == "fallback":
+    """The suggestion moved to the verified LR, with the one-cycle range the curve gives that LR. A suggestion whose
+    range peaks at the LR itself keeps that shape, a tenth of the LR to the LR: a fallback's curve has no floor to
+    place a peak by, and one still falling at lr_max (lr_range.guard_edge) has its floor only at the sweep's edge."""
+    if suggestion.method == "fallback" or (suggestion.lr and suggestion.lr_high <= suggestion.lr):
         return replace(suggestion, lr=lr, lr_low=lr / 10, lr_high=lr)
     low, high = lr_range.lr_range(lr_range.usable_curve(lrs, losses), lr)
     return replace(suggestion, lr=lr, lr_low=low, lr_high=high)

@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -87,6 +88,19 @@ def test_another_candidate_replaces_the_suggestion_only_with_a_clearly_larger_ga
     assert verify.winner(trials, "min").lr == 10**-2.5  # no untrained value: the better score alone
     accuracy = [Trial(1e-2, 0.30, 50, 1.0), Trial(10**-2.5, 0.11, 50, 1.0), Trial(10**-1.5, 0.70, 50, 1.0)]
     assert verify.winner(accuracy, "max", 0.10).lr == 10**-1.5  # gained 0.60 against 0.20
+
+
+def test_a_verified_lr_keeps_a_range_that_peaks_at_the_lr_itself():
+    lrs = list(np.geomspace(1e-4, 1e-1, 40))
+    losses = [2.3 - 1.5 * i / 39 for i in range(40)]  # still falling at lr_max: the floor is the sweep's edge
+    found = lr_range.suggest(lrs, losses, train_steps=1000)
+    guarded = lr_range.guard_edge(found, lrs, losses, ran_to_end=True)
+    assert guarded.lr_high == guarded.lr
+    moved = verify.moved(guarded, 3 * float(guarded.lr or 0), lrs, losses)
+    assert (moved.lr_low, moved.lr_high) == pytest.approx((moved.lr / 10, moved.lr))
+    deep = [2.3 - 1.5 * math.sin(math.pi * i / 39) for i in range(40)]  # a floor in the middle of the sweep
+    s = lr_range.suggest(lrs, deep, train_steps=1000)
+    assert s.lr_high > s.lr and verify.moved(s, float(s.lr or 0), lrs, deep).lr_high > s.lr
 
 
 def test_a_diverged_trial_never_wins_and_ties_keep_the_suggestion():
