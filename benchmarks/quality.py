@@ -113,10 +113,14 @@ def lightning_suggestion(found: RangeTest) -> float:
 
 def rule(found: RangeTest, rules: ModuleType = lr_range) -> float:
     """The LR the job trains at by the combined rule of `rules` (lr_range, or its version before) on the part the
-    job's sweep runs: its suggestion, or JobConfig's lr where it falls back."""
+    job's sweep runs: its suggestion (edge-guarded where `rules` has guard_edge), or JobConfig's lr where it falls
+    back."""
     k = rules.stop_step(found.curve.lrs, found.curve.losses) or found.curve.steps_run
     lrs, losses = found.curve.lrs[:k], found.curve.losses[:k]
-    return float(rules.suggest(lrs, losses, train_steps=found.fit_steps).lr)
+    s = rules.suggest(lrs, losses, train_steps=found.fit_steps)
+    if hasattr(rules, "guard_edge"):
+        s = rules.guard_edge(s, lrs, losses, k == found.curve.steps_requested)
+    return float(s.lr)
 
 
 @functools.cache
@@ -136,6 +140,7 @@ def job_range_test(cfg: JobConfig, job: task.Task, rt: training.Runtime) -> Rang
     k = job_steps(full)
     lrs, losses = full.curve.lrs[:k], full.curve.losses[:k]
     s = lr_range.suggest(lrs, losses, cfg.lr_method, cfg.lr, full.fit_steps)
+    s = lr_range.guard_edge(s, lrs, losses, k == full.curve.steps_requested)  # as pipeline.one_sweep
     return RangeTest(full.curve, s, (float(s.lr or 0),), 0.0, full.fit_steps)
 
 
