@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlproject import lr_range, plots
+from mlproject import lr_range, plots, verify
 from mlproject.sweep import LRCurve
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,40 @@ def curve_metrics(curve: LRCurve) -> dict[str, list[float]]:
     }
 
 
-def plot(found: RangeTest, used: float) -> bytes:
+def plot(found: RangeTest, used: float, checked: verify.Verification | None = None, monitor: str = "") -> bytes:
     curve, s = found.curve, found.suggestion
     smoothed = lr_range.usable_curve(curve.lrs, curve.losses).smoothed.tolist()
+    trials = [(t.lr, f"{monitor} {t.score:.4g}") for t in checked.trials] if checked is not None else []
+    verified = float(checked.lr or 0) if checked is not None else 0.0
     return plots.loss_vs_lr(curve.lrs, curve.losses, smoothed, float(s.lr or 0), s.method, s.candidates,
-                            curve.probe_losses, used=used)  # fmt: skip
+                            curve.probe_losses, used=used, trials=trials, verified=verified)  # fmt: skip
+
+
+def verify_csv(checked: verify.Verification, monitor: str) -> str:
+    """One row per trial: its LR, the monitored validation value it reached (nan: diverged), the steps it ran, its
+    seconds, and whether it won."""
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["lr", monitor, "steps", "seconds", "chosen"])
+    for t in checked.trials:
+        writer.writerow([f"{t.lr:.6g}", f"{t.score:.6g}", t.steps, f"{t.seconds:.3f}", str(t.lr == checked.lr).lower()])
+    return rows.getvalue()
+
+
+def verify_summary(checked: verify.Verification) -> dict[str, object]:
+    """summary.json's "verify": what was asked, whether the trials ran and why (not), and what they cost."""
+    return {
+        "setting": checked.setting,
+        "ran": checked.ran,
+        "reason": checked.reason,
+        "why": checked.plan.reason,
+        "candidates": list(checked.plan.candidates),
+        "steps_per_candidate": checked.plan.steps,
+        "start": checked.start,  # the monitored value untrained: each candidate's gain is measured from it
+        "steps_run": checked.steps,
+        "seconds": round(checked.seconds, 3),
+        "lr": checked.lr,
+    }
 
 
 @dataclass(frozen=True)

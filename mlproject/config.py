@@ -34,6 +34,7 @@ MAX_BATCH_SIZE = 65_536
 MAX_LR_STEPS = 100_000
 MIN_LR_STEPS = 10  # fewer points than the suggestion rules need (lr_range.MIN_POINTS): no sweep could answer
 SWEEP_DECADE = 10.0  # lr_max / lr_min at least: the range test reads the slope over a decade of LR or more
+MAX_CANDIDATES = 9  # lr_verify: nine half-decade candidates already span four decades
 
 _CLASS_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
@@ -68,6 +69,13 @@ def _int_in(name: str, value: int, low: int, high: int) -> None:
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(name, value, "one of " + ", ".join(choices))
+
+
+def _check_verify(setting: str, fraction: float) -> None:
+    if not (setting in ("off", "auto") or (setting.isdigit() and 2 <= int(setting) <= MAX_CANDIDATES)):
+        raise ConfigError("lr_verify", setting, f"off, auto or a number of candidates from 2 to {MAX_CANDIDATES}")
+    if not (math.isfinite(fraction) and 0 < fraction <= 1):
+        raise ConfigError("verify_fraction", fraction, "a share of the fit's steps, above 0 and at most 1")
 
 
 def json_object(name: str, text: str) -> dict[str, Any]:
@@ -136,6 +144,10 @@ class JobConfig:
     lr_method: str = "combined"
     lr_probe: bool = False  # suggest from the loss on a fixed held-out batch after each step (Smith's validation test)
     lr_repeats: int = 1  # range tests with different seeds; the median suggestion is used, the spread logged
+    lr_verify: str = "auto"  # off, auto (verify a doubtful suggestion) or a number of candidates to train
+    # The share of the fit's steps all verification trials together may take: three candidates train a twelfth of
+    # the fit each; a shorter trial ranks the candidates worse (docs/suggestion.md).
+    verify_fraction: float = 0.25
     accelerator: str = "auto"
     devices: int = 1  # per machine
     num_nodes: int = 1  # machines, each started by a launcher (torchrun, srun); rank 0 of the first tracks the run
@@ -159,6 +171,7 @@ class JobConfig:
         _int_in("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         _int_in("lr_steps", self.lr_steps, MIN_LR_STEPS, MAX_LR_STEPS)
         _int_in("lr_repeats", self.lr_repeats, 1, 20)
+        _check_verify(self.lr_verify, self.verify_fraction)
         _int_in("seed", self.seed, 0, 2**32 - 1)
         _int_in("train_subset", self.train_subset, 0, 10_000_000)
         _int_in("val_size", self.val_size, 1, 10_000_000)

@@ -22,14 +22,19 @@ SAFETY = 2.0  # never suggest within this factor of the floor of the curve: dive
 PEAK_SAFETY = 1.5
 PEAK_CAP = 3.0  # ... and it stays within 3x the suggestion
 BOTTOM_TOLERANCE = 0.2  # the floor: within 20% of the drop from the smoothed minimum
+# A curve that falls less than 20% below its start before it climbs back (SGD with momentum cut short by
+# instability) says little: the combined rule's confidence scales down below it (docs/suggestion.md).
+DEEP_DROP = 0.2
 SHORT_FIT, LONG_FIT = 100, 600  # training steps: at or below SHORT_FIT the combined rule takes the ceiling
 # Widths in decades of LR, not in points, so that a sweep stopped early is read exactly as the full one would
 # be: the default sweep (1e-6 .. 1 in 100 steps) has 16.5 points a decade.
 SMOOTH_DECADES = 0.202  # the Gaussian's sigma: 100/30 steps of the default sweep
 START_DECADES = 0.25  # the stretch whose median is the curve's starting level
-# The range test's early stop (stop_reason) on a loss back above its start needs a real descent before it:
-RISE_DROP = 0.2  # the smoothed minimum at least 20% below the start level,
-RISE_NOISE = 3.0  # and that drop at least 3x the raw losses' scatter around the smoothed curve
+# The curve is cut where the loss climbs back above its start after a real descent (and the range test stops
+# there): the smoothed loss at least MIN_DROP below its start before, and that drop at least RISE_NOISE times the
+# raw losses' scatter around the smoothed curve, so that noise on a plateau does not count.
+RISE_NOISE = 3.0
+RISE_REASON = "loss back above its start"
 CHECKS = 200  # a sweep past 2 * CHECKS steps is checked every len // CHECKS steps: a long sweep stays cheap
 FFT_RADIUS = 100  # smoothing kernels wider than this convolve by FFT (sweeps of thousands of steps)
 
@@ -94,7 +99,8 @@ def _convolve(y: np.ndarray, kernel: np.ndarray) -> np.ndarray:
 
 
 def usable_curve(lrs: Sequence[float], losses: Sequence[float]) -> Curve:
-    """Cut the curve at the first non-finite loss, then where the smoothed loss exceeds 4x its minimum."""
+    """Cut the curve at the first non-finite loss, then where the smoothed loss exceeds 4x its minimum or, after a
+    real descent, climbs back above its starting level (whichever comes first)."""
     x = np.asarray(lrs, dtype=float)
     y = np.asarray(losses, dtype=float)
     if len(x) != len(y):
@@ -107,9 +113,12 @@ def usable_curve(lrs: Sequence[float], losses: Sequence[float]) -> Curve:
     if end:
         best = np.minimum.accumulate(sm)
         over = np.flatnonzero((sm > DIVERGE_FACTOR * best) & (np.arange(end) > np.argmin(sm)))
-        if len(over):
+        if len(over):  # re-smoothed without the blow-up, whose values would swamp everything near it
             end, reason = int(over[0]), f"loss above {DIVERGE_FACTOR:g}x its minimum"
             sm = smooth(y[:end], sigma)
+        rise = _rise(y[:end], sm, _start_of(sm, density))
+        if rise is not None:  # not re-smoothed: the climb still weighs on the points before it, as without the cut
+            end, reason, sm = rise, RISE_REASON, sm[:rise]
     return Curve(x[:end], y[:end], sm, end, reason, density, sigma)
 
 
@@ -122,19 +131,22 @@ def _sigma(per_decade: float, points: int) -> float:
 
 
 def _start_level(curve: Curve) -> float:
+    return _start_of(curve.smoothed, curve.per_decade)
+
+
+def _start_of(smoothed: np.ndarray, per_decade: float) -> float:
     """The loss before the sweep moves it: the median of the smoothed curve over its first START_DECADES
     (3 points or more; the first 5% of a sweep whose LRs do not rise)."""
-    sm = curve.smoothed
-    count = int(START_DECADES * curve.per_decade) + 1 if curve.per_decade else len(sm) // 20
-    return float(np.median(sm[: max(3, count)]))
+    count = int(START_DECADES * per_decade) + 1 if per_decade else len(smoothed) // 20
+    return float(np.median(smoothed[: max(3, count)]))
 
 
 def stop_reason(lrs: Sequence[float], losses: Sequence[float]) -> str:
     """Why a range test may stop after these steps, or "" to go on. It stops at a non-finite loss, and once a
-    whole smoothing window has passed the cut at 4x the minimum or the point where the smoothed loss, after a
-    real descent (RISE_DROP, RISE_NOISE), climbs back above its starting level: the curve up to that point is
-    then smoothed exactly as in a sweep that ran on. This is a heuristic, not a proof: it assumes that a network
-    trained into a loss above the untrained one does not find a deeper minimum at still larger LRs.
+    whole smoothing window has passed where usable_curve cuts the curve (4x the minimum, or back above the start
+    after a real descent): the curve up to that point is then smoothed exactly as in a sweep that ran on. This is
+    a heuristic, not a proof: it assumes that a network trained into a loss above the untrained one does not find
+    a deeper minimum at still larger LRs.
     """
     n = len(losses)
     if n and not math.isfinite(losses[-1]):
@@ -142,8 +154,7 @@ def stop_reason(lrs: Sequence[float], losses: Sequence[float]) -> str:
     if n % max(1, n // CHECKS):
         return ""
     curve = usable_curve(lrs, losses)
-    end, why = (curve.stopped_at, curve.reason) if curve.reason else (_rise(curve), "loss back above its start")
-    return why if end is not None and n - 1 - end >= int(3 * curve.sigma) else ""
+    return curve.reason if curve.reason and n - 1 - curve.stopped_at >= int(3 * curve.sigma) else ""
 
 
 def stop_step(lrs: Sequence[float], losses: Sequence[float]) -> int | None:
@@ -152,18 +163,22 @@ def stop_step(lrs: Sequence[float], losses: Sequence[float]) -> int | None:
     return next((k for k in range(1, len(losses) + 1) if stop_reason(lrs[:k], losses[:k])), None)
 
 
-def _rise(curve: Curve) -> int | None:
-    """Where the smoothed loss, after a real descent, first climbs back above its starting level (or None)."""
-    part = _descending_part(curve)
-    if part is None:
-        return None
-    sm = curve.smoothed
-    i_min, start = part[1], _start_level(curve)
-    scatter = 1.4826 * float(np.median(np.abs(curve.losses[: i_min + 1] - sm[: i_min + 1])))  # robust std
-    if start - sm[i_min] < max(RISE_DROP * start, RISE_NOISE * scatter):
-        return None
-    above = np.flatnonzero(sm[i_min:] > start)
-    return i_min + int(above[0]) if len(above) else None
+def _rise(losses: np.ndarray, smoothed: np.ndarray, start: float) -> int | None:
+    """The first step where the smoothed loss climbs back above its starting level after a real descent: its
+    lowest point so far at least MIN_DROP of the start and RISE_NOISE times the raw losses' scatter below it.
+    Whatever the curve does beyond (a network that diverged and recovered, or died to chance level) says nothing
+    of an LR that trains: the floor lies before it."""
+    low = np.minimum.accumulate(smoothed)
+    at_low = np.maximum.accumulate(np.where(smoothed <= low, np.arange(len(smoothed)), 0))  # where `low` was set
+    real: dict[int, bool] = {}  # by the index of the lowest point so far: a long sweep checks each once
+    for i in np.flatnonzero((start - low >= MIN_DROP * start) & (smoothed > start)):
+        j = int(at_low[i])
+        if j not in real:
+            scatter = 1.4826 * float(np.median(np.abs(losses[: j + 1] - smoothed[: j + 1])))  # robust std
+            real[j] = start - smoothed[j] >= RISE_NOISE * scatter
+        if real[j]:
+            return int(i)
+    return None
 
 
 def _descending_part(curve: Curve) -> tuple[int, int] | None:
@@ -283,9 +298,18 @@ def combined(curve: Curve, train_steps: int | None = None) -> Suggestion:
     reason = f"{1 - w:.2f}:{w:.2f} geometric mean of steepest={steep:.3g} and floor/{SAFETY:g}={top:.3g}"
     if lr >= top:
         reason = f"floor/{SAFETY:g}={top:.3g} (steepest={steep:.3g}, weight {w:.2f} toward the floor)"
-    # Confidence: the two agree within a decade -> 1; two decades apart -> 0.
-    confidence = float(np.clip(1.5 - abs(math.log10(top / steep)) / 2, 0.0, 1.0))
-    return Suggestion(lr, "combined", confidence, reason, candidates=candidates)
+    # Confidence: the two agree within a decade -> 1, three decades apart -> 0; scaled down for a shallow descent.
+    agreement = float(np.clip(1.5 - abs(math.log10(top / steep)) / 2, 0.0, 1.0))
+    drop = depth(curve)
+    if drop < DEEP_DROP:
+        reason += f"; a shallow descent ({drop:.0%} below the start)"
+    return Suggestion(lr, "combined", agreement * min(1.0, drop / DEEP_DROP), reason, candidates=candidates)
+
+
+def depth(curve: Curve) -> float:
+    """How far the smoothed loss falls below its starting level, as a share of it."""
+    start = _start_level(curve)
+    return max(0.0, (start - float(np.min(curve.smoothed))) / start) if start > 0 else 0.0
 
 
 METHODS: dict[str, Callable[[Curve], Suggestion]] = {"combined": combined, **RULES}

@@ -93,6 +93,13 @@ OPTIONS: list[tuple[str, Any, str]] = [
     ("lr_method", OneOf(config.LR_METHODS), "Rule that turns the range-test curve into an LR."),
     ("lr_probe", TrueFalse(), "Suggest from the loss on a fixed held-out batch after each sweep step (true/false)."),
     ("lr_repeats", Number(int), "Range tests with different seeds; the median suggestion is used, the spread logged."),
+    (
+        "lr_verify",
+        click.STRING,
+        "Verify the suggestion by short trial fits of candidate LRs around it: off, auto (when the rules disagree "
+        "or the suggestion is uncertain) or the number of candidates.",
+    ),
+    ("verify_fraction", Number(float), "The share of the fit's steps all verification trials together may take."),
     ("accelerator", OneOf(config.ACCELERATORS), "Where to train: auto picks the GPU when there is one."),
     ("devices", Number(int), "Devices per machine; more than one runs Lightning's DDP, under torchrun (gloo on CPUs)."),
     ("num_nodes", Number(int), "Machines; each runs `torchrun --nnodes N ...` or srun (see docs/deploy.md)."),

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mlproject import artifacts, lr_range, progress, sources, sweep, training
+from mlproject import artifacts, lr_range, progress, sources, sweep, training, verify
 from mlproject.artifacts import RangeTest
 from mlproject.config import JobConfig
 from mlproject.errors import Preempted, TrainingDiverged
@@ -28,9 +28,10 @@ SPREAD_WARNING = 0.3  # decades between repeated range tests beyond which the su
 @dataclass(frozen=True)
 class LRChoice:
     lr: float  # the LR the fit uses (the one-cycle peak when the schedule is onecycle)
-    source: str  # finder, fixed or fallback
+    source: str  # finder, verified, fixed or fallback
     lr_low: float = 0.0  # the one-cycle start; 0 = the schedule's default
     found: RangeTest | None = None
+    verified: verify.Verification | None = None
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,11 @@ def find_lr(cfg: JobConfig, job: Task, rt: training.Runtime, tracker: Tracker) -
     stop = f"stopped: {curve.stop_reason}" if curve.stop_reason else "ran to lr_max"
     log.info("range test: %d of %d steps in %.2f s (%s); %s lr=%.4g (%s)", curve.steps_run, curve.steps_requested,
              curve.seconds, stop, source, s.lr, s.reason)  # fmt: skip
+    checked = verify.verify(cfg, job, rt, found, seeded_module)
+    s, source = (checked.suggestion or s, "verified") if checked.ran else (s, source)
     onecycle = cfg.resolved_schedule == "onecycle"
-    choice = LRChoice(s.lr_high if onecycle else s.lr, source, s.lr_low if onecycle and source == "finder" else 0.0,
-                      found)  # fmt: skip
+    choice = LRChoice(s.lr_high if onecycle else s.lr, source, s.lr_low if onecycle and source != "fallback" else 0.0,
+                      found, checked)  # fmt: skip
     log_range_test(cfg, tracker, choice, job)
     return choice
 
@@ -112,17 +115,24 @@ def log_range_test(cfg: JobConfig, tracker: Tracker, choice: LRChoice, job: Task
         curve = found.curve
         extra["train_curve_suggestion"] = lr_range.suggest(curve.lrs, curve.losses, cfg.lr_method, cfg.lr,
                                                            found.fit_steps).lr  # fmt: skip
+    checked = choice.verified
     files: dict[str, bytes | str] = {
         "curve.csv": artifacts.curve_csv(found.curve),
-        "loss_vs_lr.png": artifacts.plot(found, choice.lr),
+        "loss_vs_lr.png": artifacts.plot(found, choice.lr, checked, cfg.monitor),
     }
+    if checked is not None and checked.trials:
+        files["verify.csv"] = artifacts.verify_csv(checked, cfg.monitor)
     tracker.log_files(files, "lr_find")
+    if checked is not None:
+        extra["verify"] = artifacts.verify_summary(checked)
     tracker.log_json("summary.json", artifacts.summary(found, extra), "lr_find")
-    tracker.log_params({"lr_suggested": f"{found.suggestion.lr:.6g}"})  # the rule that answered: summary's method
+    verified = f"{checked.lr:.6g}" if checked is not None and checked.lr else "skipped"  # why: summary.json
+    tracker.log_params({"lr_suggested": f"{found.suggestion.lr:.6g}", "lr_verified": verified})
     tracker.log_metrics(
         {
             "lr_suggested": float(found.suggestion.lr or 0),
             "lr_find_seconds": found.curve.seconds,
+            "lr_verify_seconds": checked.seconds if checked is not None else 0.0,
         }  # fmt: skip
         | ({"lr_spread": found.spread_decades} if len(found.repeat_suggestions) > 1 else {})
     )

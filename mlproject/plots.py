@@ -17,10 +17,12 @@ def loss_vs_lr(
     marks: Mapping[str, float | None],
     probe: Sequence[float] = (),
     used: float = 0.0,
+    trials: Sequence[tuple[float, str]] = (),
+    verified: float = 0.0,
 ) -> bytes:
     """The range-test curve on a log-x axis: raw and smoothed loss (and the held-out probe's), every rule's value,
-    the suggestion bold and the LR the fit used (the one-cycle peak) dashed. Lines that fall on one LR are drawn
-    once, their labels joined."""
+    the suggestion bold and the LR the fit used (the one-cycle peak) dashed; verification's candidates (LR, score)
+    thin grey and the one it chose bold green. Lines that fall on one LR are drawn once, their labels joined."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,12 +36,15 @@ def loss_vs_lr(
     if len(probe):
         ax.plot(lrs[: len(probe)], probe, color="tab:cyan", lw=1.5, label="held-out probe loss")
     lines = [(f"suggested ({method})", chosen, {"color": "tab:red", "lw": 2})]
+    if verified > 0:
+        lines.insert(0, ("verified", verified, {"color": "tab:green", "lw": 2.5}))
     if used > 0:
         lines.append(("used by the fit", used, {"color": "black", "lw": 1.5, "ls": "--"}))
     colors = ("tab:green", "tab:purple", "tab:orange")
     lines += [
         (name, v, {"color": c, "ls": ":", "lw": 1.2}) for (name, v), c in zip(marks.items(), colors, strict=False) if v
     ]
+    lines += [(f"candidate ({score})", lr, {"color": "0.45", "lw": 1, "ls": "-."}) for lr, score in trials]
     for labels, value, style in merge_marks(lines):
         ax.axvline(value, label=f"{' = '.join(labels)}: {value:.3g}", **style)
     ax.set_xscale("log")

@@ -233,3 +233,61 @@ def test_a_long_sweep_stops_after_its_climb_and_its_fft_smoothing_matches_direct
     assert curve.sigma > lr_range.FFT_RADIUS  # this curve went through the FFT path
     kernel = np.exp(-0.5 * (np.arange(-int(3 * curve.sigma), int(3 * curve.sigma) + 1) / curve.sigma) ** 2)
     np.testing.assert_allclose(lr_range._convolve(losses, kernel), np.convolve(losses, kernel), rtol=1e-9)
+
+
+def momentum_curve(dip: float = 1.9) -> np.ndarray:
+    """Shaped like LeNet under SGD with momentum 0.9 (benchmarks/RESULTS.md): flat at 2.30 until 10**-2, a shallow
+    fall (8%) cut short by a spike above the start at 10**-0.9, then the dead network's plateau at 2.30 with a
+    dip to `dip` at 10**-0.5 (a network that recovered for a while)."""
+    fall = 2.3 - 0.2 * np.clip((X + 2.0) / 1.0, 0.0, 1.0)
+    spike = 1.6 * np.exp(-0.5 * ((X + 0.9) / 0.06) ** 2)
+    after = np.where(X > -0.85, 0.2 * np.clip((X + 0.85) / 0.1, 0.0, 1.0), 0.0)  # back to 2.30 after the spike
+    recovery = (2.3 - dip) * np.exp(-0.5 * ((X + 0.5) / 0.1) ** 2)
+    return fall + spike + after - recovery
+
+
+def test_a_curve_is_cut_where_it_climbs_back_above_its_start_so_a_later_dip_is_no_floor():
+    losses = momentum_curve(dip=1.9)  # the dip after the spike lies below the shallow descent's minimum
+    curve = lr_range.usable_curve(LRS, losses)
+    assert curve.reason == "loss back above its start"
+    assert curve.lrs[-1] < 10**-0.9  # before the spike's top, long before the dip
+    found = suggest(LRS, losses)
+    assert found.lr <= 10**-1.0 / lr_range.SAFETY  # from the floor before the spike, not the dip at 10**-0.5
+    assert found.lr == pytest.approx(suggest(LRS, momentum_curve(dip=2.3)).lr, rel=0.1)  # as if there were no dip
+
+
+def test_a_shallow_descent_lowers_the_confidence_and_says_so():
+    shallow, deep = suggest(LRS, momentum_curve()), suggest(LRS, sigmoid_curve())
+    drop = lr_range.depth(lr_range.usable_curve(LRS, momentum_curve()))
+    assert drop < lr_range.DEEP_DROP and shallow.confidence == pytest.approx(drop / lr_range.DEEP_DROP)
+    assert f"a shallow descent ({drop:.0%} below the start)" in shallow.reason
+    assert deep.confidence == 1.0 and "shallow" not in deep.reason
+
+
+def test_a_momentum_curve_stops_a_window_after_its_spike_and_suggests_what_the_full_sweep_would():
+    losses = momentum_curve()
+    k = lr_range.stop_step(LRS, losses)
+    cut = lr_range.usable_curve(LRS, losses).stopped_at
+    assert k is not None and k == cut + int(3 * lr_range.usable_curve(LRS, losses).sigma) + 1
+    assert suggest(LRS[:k], losses[:k]).lr == pytest.approx(suggest(LRS, losses).lr)
+
+
+def batchnorm_curve() -> np.ndarray:
+    """Shaped like the BatchNorm CNN under SGD with momentum: an early, deep fall (2.5 to 0.65 from 10**-4.5 to
+    10**-2.5), a broad floor to 10**-1.7, a spike far above the start at 10**-1, then a recovery (BatchNorm's scale
+    invariance) that dips below the floor at 10**-0.3."""
+    fall = 2.5 - 1.85 / (1 + np.exp(-(X + 3.5) / 0.3))
+    spike = 4.0 * np.exp(-0.5 * ((X + 1.0) / 0.15) ** 2)
+    recovery = np.where(X > -1.0, -0.2 * np.exp(-0.5 * ((X + 0.3) / 0.15) ** 2), 0.0)
+    return fall + spike + recovery
+
+
+def test_a_batchnorm_curve_is_read_up_to_its_spike_with_full_confidence():
+    losses = batchnorm_curve()
+    curve = lr_range.usable_curve(LRS, losses)
+    assert curve.lrs[-1] < 10**-1.0  # the recovery beyond the spike is not read
+    floor = lr_range.bottom(curve)
+    assert 10**-3.3 < floor < 10**-1.5  # inside the broad floor
+    found = suggest(LRS, losses)
+    assert found.confidence == 1.0
+    assert found.lr <= floor / lr_range.SAFETY * (1 + 1e-9)
