@@ -328,7 +328,7 @@ def test_a_new_cache_volume_is_the_job_users_to_write(engine, image):
         volume.remove(force=True)
 
 
-def test_the_example_recipe_adds_a_package_and_a_user_module_to_the_image(engine, image, mirror_url):
+def test_the_example_recipe_adds_a_package_and_a_user_module_and_the_job_trains_it(engine, image, mirror_url, tracking):
     tag = "lr-finder:test-example"
     result = build("", mirror_url, EXAMPLE, tag, "--build-arg", f"BASE={IMAGE}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -341,8 +341,16 @@ def test_the_example_recipe_adds_a_package_and_a_user_module_to_the_image(engine
         assert in_image(engine, "python", "-c", check, image=tag, working_dir="/tmp").strip() == "(2, 10)"
         listed = json.loads(in_image(engine, "pip", "list", "--format=json", image=tag))
         assert {p["name"]: p["version"] for p in listed}["torch"].split("+")[0] == lock_pins()["torch"]
+        args = [a if a != IMAGE else tag for a in run_args("recipe", *JOB, "-P", "model=yourpkg.YourModule")]
+        done = lr_finder(*args, env=credentials(tracking))
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        (run,) = runs(tracking, "recipe")
+        params = run.data.params
+        assert run.info.status == "FINISHED" and params["lr_source"] in ("finder", "verified", "fallback")
+        assert {"final_val_acc", "final_val_loss", "test_acc"} <= set(params)
+        assert run.data.tags["lightning_package"] == "lightning.pytorch"
     finally:
-        engine.images.remove(tag)
+        engine.images.remove(tag, force=True)
 
 
 def test_a_code_change_rebuilds_without_reinstalling_torch(engine, base_image, mirror_url, image, tmp_path):
@@ -392,7 +400,7 @@ def test_one_epoch_job_in_the_container_fulfils_the_run_contract(finished):
     assert run.info.status == "FINISHED"
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     assert params["auto_lr"] == "true" and params["train_subset"] == "2000"
-    assert params["lr_source"] in ("finder", "fallback")
+    assert params["lr_source"] in ("finder", "verified", "fallback")
     assert 0 < float(params["lr_used"]) < 1
     assert 0.3 < metrics["test_acc"] <= 1 and metrics["test_loss"] > 0
     for key in ("torch_version", "lightning_version", "mlflow_version", "device", "precision"):
