@@ -166,7 +166,8 @@ class JobConfig:
         _positive_finite("lr_max", self.lr_max)
         if self.lr_max < SWEEP_DECADE * self.lr_min:
             # The range test reads the loss's slope against log10(LR): a narrower sweep is a fit at one LR.
-            raise ConfigError("lr_max", self.lr_max, f"at least {SWEEP_DECADE:g} x lr_min ({self.lr_min:g})")
+            widest = self.lr_max / SWEEP_DECADE
+            raise ConfigError("lr_min", self.lr_min, f"at most lr_max / {SWEEP_DECADE:g} = {widest:g}")
         _int_in("epochs", self.epochs, 1, MAX_EPOCHS)
         _int_in("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         _int_in("lr_steps", self.lr_steps, MIN_LR_STEPS, MAX_LR_STEPS)
