@@ -202,7 +202,7 @@ def test_ctrl_c_under_mlflow_run_records_the_stop_and_exits_130(tmp_path):
     run_id = wait_for_metric(client, "faults", "epoch_seconds", process=launcher)
     os.killpg(launcher.pid, signal.SIGINT)  # the terminal's Ctrl-C: every process of the foreground group
     _, err = launcher.communicate(timeout=90)
-    assert launcher.returncode == 1 and err.rstrip().endswith("Aborted!")  # click's answer to a Ctrl-C
+    assert launcher.returncode == 1  # mlflow run's, whether it saw the interrupt or the job's exit first
     assert "error: stopped by SIGINT; the run ended KILLED" in err
     # The job ends the run KILLED; `mlflow run` then marks a run it saw interrupted FAILED over it (MLflow's own
     # choice for a KeyboardInterrupt). What the run keeps says what happened and how to go on.
