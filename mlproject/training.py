@@ -67,11 +67,6 @@ def detect_runtime(cfg: JobConfig) -> Runtime:
     if rt.accelerator == "gpu":  # TF32 for what stays in fp32: Ampere and newer run it at tensor-core speed
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    else:
-        # Importing Lightning sets NVML_CHECK=1 (so that asking for CUDA does not initialise it before DataLoader
-        # workers fork). Every optimizer step asks, and without a GPU the check tries to load libnvidia-ml each
-        # time, a measurable share of LeNet's step. A CPU run has no CUDA to protect.
-        os.environ[NVML_CHECK] = "0"
     return rt
 
 
@@ -86,6 +81,12 @@ def _strategy(lightning: Lightning, rt: Runtime) -> Any:
 
 def build_trainer(lightning: Lightning, rt: Runtime, max_epochs: int, callbacks: list[Any], **overrides: object) -> Any:
     """A Trainer with Lightning's own logger and checkpoints off: tracking.py owns the run and its keys."""
+    trainer_class = lightning.pl.Trainer  # imports the package, which sets NVML_CHECK=1: set it after that
+    if rt.accelerator == "cpu":
+        # Lightning sets NVML_CHECK=1 so that asking for CUDA does not initialise it before DataLoader workers fork.
+        # Every optimizer step asks, and without a GPU the check tries to load libnvidia-ml each time, a
+        # measurable share of LeNet's step. A CPU run has no CUDA to protect.
+        os.environ[NVML_CHECK] = "0"
     kwargs: dict[str, object] = dict(
         accelerator=rt.accelerator,
         devices=rt.devices,
@@ -101,7 +102,7 @@ def build_trainer(lightning: Lightning, rt: Runtime, max_epochs: int, callbacks:
         callbacks=callbacks,
     )
     kwargs.update(overrides)
-    return lightning.trainer(**kwargs)
+    return trainer_class(**kwargs)
 
 
 # --- the fit's LR and schedule, on any module ----------------------------------------------------------------

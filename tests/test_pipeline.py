@@ -6,6 +6,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from mlproject.model import lenet
 from mlproject.ranks import Place
 from mlproject.session import Session
 from mlproject.tracking import Tracker
-from tests.helpers import FASHION_DIR, requires_fashion_mnist, small_job
+from tests.helpers import FASHION_DIR, as_options, requires_fashion_mnist, small_job
 
 # The small job on tests/helpers.write_dataset's 300 images.
 TINY = small_job(train_subset=0, val_size=100, batch_size=32, accelerator="cpu", seed=7, auto_lr=False)
@@ -49,6 +51,34 @@ def test_the_range_test_does_not_change_what_fit_does(tmp_path, tiny_data):
     assert params["lr_source"] == "finder"
     fixed, _ = run_job(tmp_path, tiny_data, auto_lr=False, lr=found.choice.lr, schedule="constant", epochs=2)
     assert fixed.final == found.final
+
+
+NVML_PROBES = """
+import runpy, sys, torch.cuda
+probes = []
+real = torch.cuda._device_count_nvml
+torch.cuda._device_count_nvml = lambda: probes.append(1) or real()
+sys.argv = ["mlproject", *sys.argv[1:]]
+try:
+    runpy.run_module("mlproject", run_name="__main__")
+except SystemExit as done:
+    print("exit", done.code, "probes", len(probes))
+"""
+
+
+def test_a_cpu_job_does_not_probe_for_a_gpu_at_every_step(tmp_path, tiny_data):
+    """Importing Lightning turns on torch's NVML-based CUDA check, which then loads libnvidia-ml at every optimizer
+    step. The job imports Lightning late (the package of the user's module), so it must switch the check off after
+    that import, as a fresh process does it."""
+    params = small_job(**{**TINY, "data_dir": str(tiny_data), "auto_lr": True, "epochs": 2})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [sys.executable, "-c", NVML_PROBES, "train", *as_options(params)]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    *_, code, _, probes = done.stdout.split()
+    assert code == "0", done.stderr[-2000:]
+    steps = 2 * math.ceil(200 / 32)  # the fit's optimizer steps alone (200 training images, batch 32)
+    assert int(probes) < steps  # a few as the Trainer starts; not one a step
 
 
 class SignalledAsTheFirstEpochShows(Tracker):
@@ -158,9 +188,9 @@ def test_the_range_test_stops_once_the_curve_has_diverged_and_suggests_what_the_
 
 @requires_fashion_mnist
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_lenet_pooling_before_relu_gives_the_textbook_values_and_gradients_bit_for_bit(precision):
-    """LeNet's blocks pool, then ReLU (cheaper); against the textbook's ReLU, then max-pool, on real images with
-    ties at zero, nothing may differ."""
+def test_lenets_pooling_gives_the_textbook_values_and_gradients_bit_for_bit(precision):
+    """LeNet's blocks pool, then ReLU (cheaper), and its first block pools bf16 in fp32 on a CPU; against the
+    textbook's ReLU, then max-pool, on real images with ties at zero, nothing may differ."""
     net = lenet().to(memory_format=torch.channels_last)
     relu, pool = torch.nn.ReLU(), torch.nn.MaxPool2d(2)
     textbook = torch.nn.Sequential(net[0], relu, pool, net[3], relu, pool, *net[6:])
