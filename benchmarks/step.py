@@ -2,7 +2,8 @@
 against a bare PyTorch loop over the same batches. Interleaved.
 
 The savings undone, one variant each: the NVML-based CUDA check left on (as importing Lightning leaves it; only on
-a CPU, where it applies); LeNet's ReLUs before its pooling (the textbook order). The same fit with channels_last
+a CPU, where it applies); LeNet's first pooling in bf16 (CPU only); LeNet's ReLUs before its pooling (the textbook
+order). The same fit with channels_last
 flipped (on by default on a CPU, off on a GPU). And two loops without Lightning's Trainer: Lightning
 Fabric's (its precision plugin and backward, the loop written out) and a bare PyTorch one. On a GPU the clock
 waits for the device at both ends of a block.
@@ -10,9 +11,9 @@ waits for the device at both ends of a block.
     python -m benchmarks.step [--data-dir /usr/share/datasets/fashion-mnist] [--blocks 16] [--steps 140]
 
 Each block is `steps` timed steps (after 10 untimed) on the same training batches, with the job's network,
-precision, memory format and optimizer; the variants take turns block by block, so a slow stretch of the
-machine lands on all of them. Prints the fastest block, the first quartile and the median, in ms a step, and the
-median over blocks of each variant's time divided by the job's in the same round.
+precision, memory format and optimizer; the variants take turns block by block, in an order reversed every other
+round, so a slow stretch of the machine lands on all of them. Prints the fastest block, the first quartile and the
+median, in ms a step, and the median over blocks of each variant's time divided by the job's in the same round.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import os
 import time
 from collections.abc import Callable
@@ -33,9 +35,9 @@ import torch.nn.functional as F
 from lightning_fabric import Fabric
 from torch import nn
 
-from mlproject import data, model, pipeline, training
+from mlproject import model, task, training
 from mlproject.config import JobConfig
-from mlproject.model import OptimSpec, make_optimizer
+from mlproject.model import make_optimizer
 
 WARMUP = 10  # untimed steps at the start of each block
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -75,28 +77,33 @@ class Fixed:
         return iter(self.batches)
 
 
-def textbook_lenet() -> nn.Module:
-    net = model.lenet()
-    return nn.Sequential(net[0], nn.ReLU(), net[1], net[3], nn.ReLU(), net[4], *net[6:])
+def textbook_lenet(*args: int) -> nn.Module:
+    net = model.lenet(*args)
+    return nn.Sequential(net[0], nn.ReLU(), nn.MaxPool2d(2), net[3], nn.ReLU(), net[4], *net[6:])
+
+
+def bf16_pool_lenet(*args: int) -> nn.Module:
+    net = model.lenet(*args)
+    net[1] = nn.MaxPool2d(2)
+    return net
 
 
 UNDONE: dict[str, Callable[[], list[contextlib.AbstractContextManager]]] = {
     JOB: lambda: [],
     "the same, NVML check on": lambda: [mock.patch.dict(os.environ, {training.NVML_CHECK: "1"})],
-    "the same, ReLU before pooling (textbook order)": lambda: [
-        mock.patch.dict(model.NETS, {"lenet": textbook_lenet}),
-    ],
+    "the same, first pooling in bf16": lambda: [mock.patch.dict(model.NETS, {"lenet": bf16_pool_lenet})],
+    "the same, ReLU before pooling (textbook order)": lambda: [mock.patch.dict(model.NETS, {"lenet": textbook_lenet})],
 }
-CPU_ONLY = {"the same, NVML check on"}
+CPU_ONLY = {"the same, NVML check on", "the same, first pooling in bf16"}
 
 
-def lightning_block(cfg: JobConfig, rt: training.Runtime, batches: Fixed, undone: str) -> float:
+def lightning_block(job: task.Task, rt: training.Runtime, batches: Fixed, undone: str) -> float:
     clock = StepClock()
     with contextlib.ExitStack() as stack:
-        for change in UNDONE[undone]():
+        trainer = training.build_trainer(job.lightning, rt, 1, [clock], limit_val_batches=0)
+        for change in UNDONE[undone]():  # after build_trainer, which switches the NVML check off on a CPU
             stack.enter_context(change)
-        module = pipeline.build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr))
-        training.build_trainer(rt, 1, [clock], limit_val_batches=0).fit(module, train_dataloaders=batches)
+        trainer.fit(job.make_module(rt.channels_last), train_dataloaders=batches)
     return (clock.end - clock.start) / clock.timed * 1e3
 
 
@@ -109,9 +116,9 @@ def timed_loop(device: torch.device, batches: Fixed, step: Callable[[Batch], Non
     return (now(device) - start) / (len(batches) - WARMUP) * 1e3
 
 
-def bare_block(cfg: JobConfig, rt: training.Runtime, batches: Fixed) -> float:
+def bare_block(cfg: JobConfig, job: task.Task, rt: training.Runtime, batches: Fixed) -> float:
     """forward, backward and the optimizer step, nothing else (CPU autocast when the job uses bf16)."""
-    module = pipeline.build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr)).to(rt.device)
+    module = job.make_module(rt.channels_last).to(rt.device)
     optimizer = make_optimizer(module.parameters(), cfg.optimizer, cfg.lr)
     bf16 = rt.precision == "bf16-mixed"
 
@@ -125,11 +132,11 @@ def bare_block(cfg: JobConfig, rt: training.Runtime, batches: Fixed) -> float:
     return timed_loop(rt.device, batches, step)
 
 
-def fabric_block(cfg: JobConfig, rt: training.Runtime, batches: Fixed) -> float:
+def fabric_block(cfg: JobConfig, job: task.Task, rt: training.Runtime, batches: Fixed) -> float:
     """The same step in a loop written against Lightning Fabric: its precision plugin (autocast) and backward,
     no Trainer, hooks or callbacks."""
     fabric = Fabric(accelerator=rt.accelerator, devices=1, precision=rt.precision)  # type: ignore[arg-type]
-    module = pipeline.build_classifier(cfg, rt, OptimSpec(cfg.optimizer, cfg.lr))
+    module = job.make_module(rt.channels_last)
     net, optimizer = fabric.setup(module, make_optimizer(module.parameters(), cfg.optimizer, cfg.lr))
 
     def step(batch: Batch) -> None:
@@ -149,25 +156,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=140, help="timed steps a block")
     parser.add_argument("--only", default="", help="comma-separated words: time only the variants that name one")
     args = parser.parse_args()
-    cfg = JobConfig(epochs=1)
-    ds = pipeline.load_data(cfg, data.Source((args.data_dir,)))
-    rt = training.detect_runtime(cfg, ds.train.images.numel())
-    train, _, _ = pipeline.fit_batches(cfg, ds, rt)
-    batches = Fixed(list(train)[: WARMUP + args.steps])
+    cfg = JobConfig(epochs=1, data_dir=str(args.data_dir))
+    job, rt = task.build(cfg), training.detect_runtime(cfg)
+    train = job.loaders(cfg.seed, rt.device.type).train
+    batches = Fixed(list(itertools.islice(train, WARMUP + args.steps)))
     undone = [name for name in UNDONE if rt.accelerator == "cpu" or name not in CPU_ONLY]
-    variants = {name: lambda name=name: lightning_block(cfg, rt, batches, name) for name in undone}
+    variants = {name: lambda name=name: lightning_block(job, rt, batches, name) for name in undone}
     flipped = dataclasses.replace(rt, channels_last=not rt.channels_last)
     variants[f"the same, channels_last {'on' if flipped.channels_last else 'off'}"] = lambda: lightning_block(
-        cfg, flipped, batches, JOB
+        job, flipped, batches, JOB
     )
-    variants["Lightning Fabric loop"] = lambda: fabric_block(cfg, rt, batches)
-    variants["bare PyTorch loop"] = lambda: bare_block(cfg, rt, batches)
+    variants["Lightning Fabric loop"] = lambda: fabric_block(cfg, job, rt, batches)
+    variants["bare PyTorch loop"] = lambda: bare_block(cfg, job, rt, batches)
     if args.only:
         words = [w.strip() for w in args.only.split(",") if w.strip()]
         variants = {n: v for n, v in variants.items() if n == JOB or any(w in n for w in words)}
     ms: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.blocks):
-        for name, block in variants.items():
+    for k in range(args.blocks):  # the order reversed every other round: no variant always runs first
+        for name, block in list(variants.items())[:: 1 if k % 2 == 0 else -1]:
             ms[name].append(block())
     job = np.array(ms[JOB])
     print(f"\nms a training step ({rt.accelerator}, {rt.precision}; {args.blocks} blocks of {args.steps} steps)")
