@@ -2,8 +2,7 @@
 against a bare PyTorch loop over the same batches. Interleaved.
 
 The savings undone, one variant each: the NVML-based CUDA check left on (as importing Lightning leaves it; only on
-a CPU, where it applies); LeNet's first pooling in bf16 (CPU only); LeNet's ReLUs before its pooling (the textbook
-order). The same fit with channels_last
+a CPU, where it applies); LeNet's ReLUs before its pooling (the textbook order). The same fit with channels_last
 flipped (on by default on a CPU, off on a GPU). And two loops without Lightning's Trainer: Lightning
 Fabric's (its precision plugin and backward, the loop written out) and a bare PyTorch one. On a GPU the clock
 waits for the device at both ends of a block.
@@ -82,19 +81,12 @@ def textbook_lenet(*args: int) -> nn.Module:
     return nn.Sequential(net[0], nn.ReLU(), nn.MaxPool2d(2), net[3], nn.ReLU(), net[4], *net[6:])
 
 
-def bf16_pool_lenet(*args: int) -> nn.Module:
-    net = model.lenet(*args)
-    net[1] = nn.MaxPool2d(2)
-    return net
-
-
 UNDONE: dict[str, Callable[[], list[contextlib.AbstractContextManager]]] = {
     JOB: lambda: [],
     "the same, NVML check on": lambda: [mock.patch.dict(os.environ, {training.NVML_CHECK: "1"})],
-    "the same, first pooling in bf16": lambda: [mock.patch.dict(model.NETS, {"lenet": bf16_pool_lenet})],
     "the same, ReLU before pooling (textbook order)": lambda: [mock.patch.dict(model.NETS, {"lenet": textbook_lenet})],
 }
-CPU_ONLY = {"the same, NVML check on", "the same, first pooling in bf16"}
+CPU_ONLY = {"the same, NVML check on"}
 
 
 def lightning_block(job: task.Task, rt: training.Runtime, batches: Fixed, undone: str) -> float:

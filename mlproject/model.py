@@ -13,28 +13,15 @@ from mlproject.config import BUILTIN_MODELS, ConfigError
 from mlproject.lightning_api import Lightning
 
 
-class CpuFp32MaxPool2d(nn.MaxPool2d):
-    """Max-pooling that pools a CPU's bf16 input in fp32 and hands back bf16: the same values and gradients bit for
-    bit (a max picks one of its inputs, and bf16 -> fp32 -> bf16 is exact both ways). ATen's channels_last CPU
-    kernel vectorises over the channels and is slow in bf16 over a few of them, as in LeNet's first block; over
-    more channels the casts cost more than they save (benchmarks/RESULTS.md)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu":
-            return super().forward(x)
-        return super().forward(x.float()).to(torch.bfloat16)
-
-
 def lenet(channels: int = 1, classes: int = 10, size: int = 28) -> nn.Module:
     """LeNet-5 with ReLU and max-pooling, as in the reference experiment.
 
     Each block pools before its ReLU: the two commute (ReLU is monotonic), so values and gradients are the
-    textbook order's bit for bit, and the ReLU runs on a quarter of the elements. The first block pools bf16 in
-    fp32 on a CPU, also bit for bit (CpuFp32MaxPool2d). Both measured in benchmarks/RESULTS.md.
+    textbook order's bit for bit, and the ReLU runs on a quarter of the elements (benchmarks/RESULTS.md).
     """
     side = (size // 2 - 4) // 2
     return nn.Sequential(
-        nn.Conv2d(channels, 6, 5, padding=2), CpuFp32MaxPool2d(2), nn.ReLU(),
+        nn.Conv2d(channels, 6, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(),
         nn.Conv2d(6, 16, 5), nn.MaxPool2d(2), nn.ReLU(),
         nn.Flatten(),
         nn.Linear(16 * side * side, 120), nn.ReLU(),
