@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -27,14 +28,11 @@ from service.spec import LABEL, GpuRequest, LaunchSpec, name_conflict
 log = logging.getLogger(__name__)
 # A probe must answer quickly: MLflow's default retries take minutes against a server that is down.
 PROBE_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # stop the job container
 
 
 class LaunchError(RuntimeError):
     """The engine refused or failed; the message says what to do."""
-
-
-class _Stopped(BaseException):
-    """SIGTERM arrived: stop the container as Ctrl-C does (a BaseException, so that no library swallows it)."""
 
 
 @dataclass(frozen=True)
@@ -196,36 +194,63 @@ def supervise(
     stop_timeout: int,
     on_line: Callable[[str], None],
 ) -> Outcome:
-    """Start the job container and pass on its log until it exits; Ctrl-C or SIGTERM stops it. Always removed."""
+    """Start the job container and pass on its log until it exits; Ctrl-C or SIGTERM stops it. Always removed.
 
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise _Stopped()
+    The signal handlers only note the signal; the main thread waits on the log's thread and acts on the note. An
+    exception raised from a handler (KeyboardInterrupt) lands wherever the main thread happens to be, and inside a
+    finaliser Python prints and drops it: the container would run on.
+    """
+    signals: list[int] = []
 
-    if spec.name and clear_name(client, spec.name):
-        on_line(f"lr-finder: removed the exited container {spec.name} that an earlier run left\n")
-    container = _create(client, spec, environment, list(spec.args), list(spec.entrypoint) or None)
-    previous = {signal.SIGINT: signal.getsignal(signal.SIGINT), signal.SIGTERM: signal.signal(signal.SIGTERM, on_term)}
+    def note(signum: int, frame: FrameType | None) -> None:
+        signals.append(signum)  # the first one counts; later ones must not interrupt the clean-up
+
+    previous = {sig: signal.signal(sig, note) for sig in STOP_SIGNALS}
+    container = None
     try:
-        container.start()
-        for line in log_lines(container.logs(stream=True, follow=True)):
-            on_line(line)
+        if spec.name and clear_name(client, spec.name):
+            on_line(f"lr-finder: removed the exited container {spec.name} that an earlier run left\n")
+        container = _create(client, spec, environment, list(spec.args), list(spec.entrypoint) or None)
+        if not signals:
+            container.start()
+        log_thread = _LogThread(container, on_line)
+        log_thread.start()
+        while log_thread.is_alive() and not signals:
+            log_thread.join(timeout=0.2)
+        if signals:
+            on_line("lr-finder: stopping the job container\n")
+            try:  # the image's stop signal (SIGINT: mlflow run cancels the job), SIGKILL after stop_timeout seconds
+                container.stop(timeout=stop_timeout)
+            except (DockerException, requests.RequestException) as stop_exc:
+                log.warning("stopping container %s failed: %s", container.short_id, stop_exc)
+            log_thread.join(timeout=5)  # the job's last lines, as it winds down
+            return Outcome(128 + signals[0], _logs(container), stopped=True)
+        if log_thread.failure is not None:
+            raise log_thread.failure
         return Outcome(int(container.wait()["StatusCode"]), _logs(container), stopped=False)
-    except (KeyboardInterrupt, _Stopped) as exc:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)  # a second signal must not interrupt the clean-up
-        on_line("lr-finder: stopping the job container\n")
-        try:  # the image's stop signal (SIGINT: mlflow run cancels the job), SIGKILL after stop_timeout seconds
-            container.stop(timeout=stop_timeout)
-        except (DockerException, requests.RequestException) as stop_exc:
-            log.warning("stopping container %s failed: %s", container.short_id, stop_exc)
-        code = 128 + (signal.SIGTERM if isinstance(exc, _Stopped) else signal.SIGINT)
-        return Outcome(code, _logs(container), stopped=True)
     except (DockerException, requests.RequestException) as exc:
         raise LaunchError(f"the job container failed to run: {exc}") from exc
     finally:
-        _remove(container)
+        if container is not None:
+            _remove(container)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+class _LogThread(threading.Thread):
+    """Passes the container's log on, line by line, until the container exits; keeps what stopped it early."""
+
+    def __init__(self, container: Container, on_line: Callable[[str], None]) -> None:
+        super().__init__(name="job-log", daemon=True)
+        self.container, self.on_line = container, on_line
+        self.failure: DockerException | requests.RequestException | None = None
+
+    def run(self) -> None:
+        try:
+            for line in log_lines(self.container.logs(stream=True, follow=True)):
+                self.on_line(line)
+        except (DockerException, requests.RequestException) as exc:
+            self.failure = exc
 
 
 def _logs(container: Container) -> str:
