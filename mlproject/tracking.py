@@ -66,8 +66,8 @@ class Tracker:
         if run_id:
             run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
         else:
-            _set_experiment(experiment_name)
-            run = mlflow.start_run(log_system_metrics=system_metrics)
+            experiment_id = _experiment_id(client, experiment_name)
+            run = mlflow.start_run(experiment_id=experiment_id, log_system_metrics=system_metrics)
         return cls(client, run.info.run_id)
 
     def of_run(self, run_id: str) -> Tracker:
@@ -305,8 +305,22 @@ class Tracker:
             raise TrackingError(f"run {self.run_id} has no artifact {path}: {exc.message}") from exc
 
 
-def _set_experiment(name: str) -> None:
-    mlflow.set_experiment(name)
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    """The experiment's id, made if it does not exist. Jobs started together race to make it, and the loser reads
+    the winner's: mlflow.set_experiment returns early in that case without making it the active experiment, and
+    the run would start in the Default experiment instead."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException as exc:
+        if not _lost_insert_race(exc):
+            raise
+    found = client.get_experiment_by_name(name)
+    if found is None:  # made and deleted again in between
+        raise MlflowException(f"experiment {name!r} vanished while this job made it")
+    return found.experiment_id
 
 
 def _lost_insert_race(exc: MlflowException) -> bool:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from mlflow.tracking._tracking_service.client import TrackingServiceClient
 
+from mlproject.tracking import Tracker
 from service import server
 from tests.helpers import (
     AUTH_ENV,
@@ -322,6 +324,26 @@ def test_jobs_started_together_on_a_new_sqlite_store_all_finish(tmp_path):
     results = [finish(p) for p in jobs]
     assert [code for code, _, _ in results] == [0, 0, 0, 0], [err[-800:] for _, _, err in results]
     assert sorted(r.info.status for r in runs_of(uri, "faults")) == ["FINISHED"] * 4
+
+
+def test_a_job_that_loses_the_race_to_make_its_experiment_runs_in_it(tmp_path, monkeypatch):
+    """The moment of the race above, made certain: another job makes the experiment between this job's look-up
+    and its own create. The run must still go to that experiment, not to MLflow's Default one."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    made = client.create_experiment("faults")  # the other job's, made after this job looked
+    looked: list[str] = []
+    real = TrackingServiceClient.get_experiment_by_name
+
+    def first_not_there_yet(self, name):
+        looked.append(name)
+        return None if len(looked) == 1 else real(self, name)
+
+    monkeypatch.setattr(TrackingServiceClient, "get_experiment_by_name", first_not_there_yet)
+    tracker = Tracker.open(uri, "", "faults")
+    tracker.end("FINISHED")
+    assert looked[0] == "faults"
+    assert client.get_run(tracker.run_id).info.experiment_id == made
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
