@@ -188,9 +188,9 @@ def test_the_range_test_stops_once_the_curve_has_diverged_and_suggests_what_the_
 
 @requires_fashion_mnist
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_lenets_pooling_gives_the_textbook_values_and_gradients_bit_for_bit(precision):
-    """LeNet's blocks pool, then ReLU (cheaper), and its first block pools bf16 in fp32 on a CPU; against the
-    textbook's ReLU, then max-pool, on real images with ties at zero, nothing may differ."""
+def test_lenet_pooling_before_relu_gives_the_textbook_values_and_gradients_bit_for_bit(precision):
+    """LeNet's blocks pool, then ReLU (cheaper); against the textbook's ReLU, then max-pool, on real images with
+    ties at zero, nothing may differ."""
     net = lenet().to(memory_format=torch.channels_last)
     relu, pool = torch.nn.ReLU(), torch.nn.MaxPool2d(2)
     textbook = torch.nn.Sequential(net[0], relu, pool, net[3], relu, pool, *net[6:])
