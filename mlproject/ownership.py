@@ -105,7 +105,9 @@ class Heartbeat:
             self._beat()
 
     def stop(self) -> None:
+        """No more beats; a beat being written finishes first, so that it never races the run's last writes."""
         self._stop.set()
+        self._thread.join(timeout=10.0)
 
 
 def close_run(uri: str, run_id: str, now: float) -> str:

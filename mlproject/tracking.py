@@ -292,7 +292,10 @@ class Tracker:
                 self.log_files({"error.txt": error.rstrip() + "\n"})
         except (TrackingError, *OUTAGE) as exc:
             log.warning("the run's last writes were lost: %s", _detail(exc))
-        self.patiently(lambda: mlflow.end_run(status), "ending the run")
+        # The status is written first, on its own: mlflow.end_run forgets the active run before it writes, so a
+        # retried end_run after a failed write (sqlite busy, a server restarting) would leave the run RUNNING.
+        self.patiently(lambda: self.client.set_terminated(self.run_id, status), "ending the run")
+        self.patiently(lambda: mlflow.end_run(status), "ending the run")  # forgets it, stops the system metrics
 
     def params(self) -> dict[str, str]:
         return dict(self.patiently(lambda: self.client.get_run(self.run_id), "reading the run").data.params)

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.client import TrackingServiceClient
@@ -344,6 +345,30 @@ def test_a_job_that_loses_the_race_to_make_its_experiment_runs_in_it(tmp_path, m
     tracker.end("FINISHED")
     assert looked[0] == "faults"
     assert client.get_run(tracker.run_id).info.experiment_id == made
+
+
+def test_a_run_whose_first_try_to_record_its_end_fails_still_ends_with_its_status(tmp_path, monkeypatch):
+    """The store is busy (sqlite locked by another writer, a server restarting) at the moment the run ends: the
+    write is retried, and the run must not stay RUNNING."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tries: list[str] = []
+    real = TrackingServiceClient.set_terminated
+
+    def busy_once(self, run_id, status=None, end_time=None):
+        tries.append(status)
+        if len(tries) == 1:
+            raise MlflowException("(sqlite3.OperationalError) database is locked", TEMPORARILY_UNAVAILABLE)
+        return real(self, run_id, status, end_time)
+
+    monkeypatch.setattr(TrackingServiceClient, "set_terminated", busy_once)
+    tracker = Tracker.open(uri, "", "faults")
+    tracker.end("KILLED", error="stopped by SIGTERM")
+    assert tries[:2] == ["KILLED", "KILLED"]
+    assert MlflowClient(uri).get_run(tracker.run_id).info.status == "KILLED"
+    assert mlflow.active_run() is None  # and the process holds no run open
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
