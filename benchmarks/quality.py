@@ -156,8 +156,9 @@ def train(cfg: JobConfig, job: task.Task, rt: training.Runtime, lr: float) -> di
     loaders = job.loaders(cfg.seed, rt.device.type)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            result = training.fit_and_test(job.lightning, module, loaders, rt, cfg.epochs, lambda e, m: None,
-                                           Path(tmp) / "last.ckpt", lambda path: None)  # fmt: skip
+            result = training.fit_and_test(job.lightning, module, loaders, rt, epochs=cfg.epochs,
+                                           sink=lambda e, m: None, checkpoint=Path(tmp) / "last.ckpt",
+                                           keep=lambda path: None)  # fmt: skip
         except TrainingDiverged:
             return {"diverged": 1.0, "seconds": time.perf_counter() - start}
     figures = {k: v for k, v in result.test.items() if math.isfinite(v)}

@@ -121,8 +121,9 @@ def tracking_overhead(uri: str, tracked_first: bool, epochs: int = 2) -> tuple[f
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             training.fit_and_test(
-                job.lightning, module, loaders, rt, cfg.epochs, sinks[name], Path(tmp) / "last.ckpt", lambda p: None
-            )
+                job.lightning, module, loaders, rt, epochs=cfg.epochs, sink=sinks[name],
+                checkpoint=Path(tmp) / "last.ckpt", keep=lambda p: None,
+            )  # fmt: skip
             seconds[name] = time.perf_counter() - start
     tracker.end("FINISHED")
     return seconds["tracked"], seconds["untracked"], writing[0]

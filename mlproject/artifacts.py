@@ -91,8 +91,8 @@ def plot(found: RangeTest, used: float, checked: verify.Verification | None = No
     smoothed = lr_range.usable_curve(curve.lrs, curve.losses).smoothed.tolist()
     trials = [(t.lr, f"{monitor} {t.score:.4g}") for t in checked.trials] if checked is not None else []
     verified = float(checked.lr or 0) if checked is not None else 0.0
-    return plots.loss_vs_lr(curve.lrs, curve.losses, smoothed, float(s.lr or 0), s.method, s.candidates,
-                            curve.probe_losses, used=used, trials=trials, verified=verified)  # fmt: skip
+    return plots.loss_vs_lr(curve.lrs, curve.losses, smoothed, chosen=s.lr, method=s.method, marks=s.candidates,
+                            probe=curve.probe_losses, used=used, trials=trials, verified=verified)  # fmt: skip
 
 
 def verify_csv(checked: verify.Verification, monitor: str) -> str:

@@ -41,7 +41,7 @@ FFT_RADIUS = 100  # smoothing kernels wider than this convolve by FFT (sweeps of
 
 @dataclass(frozen=True)
 class Suggestion:
-    lr: float | None  # None only from a single rule that found nothing; suggest() never returns None
+    lr: float
     method: str
     confidence: float
     reason: str
@@ -199,11 +199,12 @@ def _why_none(curve: Curve) -> str:
     return f"the loss never fell {MIN_DROP:.0%} below its starting level (flat curve)"
 
 
-def steepest(curve: Curve) -> Suggestion:
-    """The LR where the smoothed loss falls fastest against log10(LR), before the minimum."""
+def steepest(curve: Curve) -> Suggestion | None:
+    """The LR where the smoothed loss falls fastest against log10(LR), before the minimum; None (as for every
+    rule) when the curve has no descent to read (_why_none says why)."""
     part = _descending_part(curve)
     if part is None:
-        return Suggestion(None, "steepest", 0.0, _why_none(curve))
+        return None
     start, stop = part
     skip = max(1, (stop - start) // 10)  # the edges of a smoothed curve are least reliable
     grad = np.gradient(curve.smoothed, curve.log_lrs)
@@ -228,26 +229,27 @@ def _longest_descent(y: np.ndarray) -> tuple[int, int]:
     return best_end - best_len + 1, best_end
 
 
-def valley(curve: Curve) -> Suggestion:
+def valley(curve: Curve) -> Suggestion | None:
     """fastai's valley: a point in the first half of the longest descending stretch of the smoothed loss."""
     if _descending_part(curve) is None:
-        return Suggestion(None, "valley", 0.0, _why_none(curve))
+        return None
     start, end = _longest_descent(curve.smoothed)
     sections = (end - start) / 3
     i = start + int(sections) + int(sections / 2)
     return Suggestion(float(curve.lrs[i]), "valley", 1.0, f"valley of steps {start}-{end}")
 
 
-def minimum(curve: Curve) -> Suggestion:
+def minimum(curve: Curve) -> Suggestion | None:
     """The classic rule of thumb: a tenth of the LR at the loss minimum."""
     part = _descending_part(curve)
     if part is None:
-        return Suggestion(None, "minimum", 0.0, _why_none(curve))
+        return None
     i = part[1]
     return Suggestion(float(curve.lrs[i]) / 10, "minimum", 1.0, f"a tenth of the LR at the minimum (step {i})")
 
 
-RULES: dict[str, Callable[[Curve], Suggestion]] = {"steepest": steepest, "valley": valley, "minimum": minimum}
+Rule = Callable[[Curve], Suggestion | None]
+RULES: dict[str, Rule] = {"steepest": steepest, "valley": valley, "minimum": minimum}
 
 
 def bottom(curve: Curve, tolerance: float = BOTTOM_TOLERANCE) -> float:
@@ -280,18 +282,17 @@ def toward_floor(train_steps: int | None) -> float:
     return 1.0 - 0.5 * math.log(train_steps / SHORT_FIT) / math.log(LONG_FIT / SHORT_FIT)
 
 
-def combined(curve: Curve, train_steps: int | None = None) -> Suggestion:
+def combined(curve: Curve, train_steps: int | None = None) -> Suggestion | None:
     """Between the steepest descent and a ceiling SAFETY below the floor of the curve, capped at the ceiling.
 
     Each end alone fails in a known way: steepest descent lands low when the curve falls early and long (Adam),
     the floor sits close to divergence when the curve falls late (SGD with momentum). The geometric mean of
     the two (weight `toward_floor(train_steps)`) stays below divergence and above the slow-learning plateau.
     """
-    found = {name: rule(curve) for name, rule in RULES.items()}
-    candidates = {name: s.lr for name, s in found.items()}
-    steep = found["steepest"].lr
+    candidates = answers(curve)
+    steep = candidates["steepest"]
     if steep is None:
-        return Suggestion(None, "combined", 0.0, found["steepest"].reason, candidates=candidates)
+        return None
     top = ceiling(curve)
     w = toward_floor(train_steps)
     lr = min(steep ** (1 - w) * top**w, top)
@@ -312,7 +313,12 @@ def depth(curve: Curve) -> float:
     return max(0.0, (start - float(np.min(curve.smoothed))) / start) if start > 0 else 0.0
 
 
-METHODS: dict[str, Callable[[Curve], Suggestion]] = {"combined": combined, **RULES}
+METHODS: dict[str, Rule] = {"combined": combined, **RULES}
+
+
+def answers(curve: Curve) -> dict[str, float | None]:
+    """Each single rule's LR for the curve, None where it found none: the candidates a suggestion reports."""
+    return {name: found.lr if (found := rule(curve)) else None for name, rule in RULES.items()}
 
 
 def lr_range(curve: Curve, lr: float) -> tuple[float, float]:
@@ -339,10 +345,11 @@ def suggest(
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     curve = usable_curve(lrs, losses)
     found = combined(curve, train_steps) if method == "combined" else METHODS[method](curve)
-    candidates = found.candidates or {name: rule(curve).lr for name, rule in RULES.items()}  # combined has them
-    if found.lr is None or not math.isfinite(found.lr):
+    candidates = found.candidates if found and found.candidates else answers(curve)  # combined has them
+    if found is None or not math.isfinite(found.lr):
         low, high = fallback_lr / 10, fallback_lr
-        return Suggestion(fallback_lr, "fallback", 0.0, found.reason, low, high, candidates)
+        why = found.reason if found else _why_none(curve)
+        return Suggestion(fallback_lr, "fallback", 0.0, why, low, high, candidates)
     low, high = lr_range(curve, found.lr)
     return Suggestion(found.lr, found.method, found.confidence, found.reason, low, high, candidates)
 

@@ -61,23 +61,24 @@ def one_sweep(cfg: JobConfig, job: Task, rt: training.Runtime, stop_early: bool 
     module = seeded_module(cfg, job, rt)
     probe = job.probe(rt.device) if cfg.lr_probe and job.probe else None
     inputs = job.loaders(cfg.seed + 1, rt.device.type).sweep_kwargs()
-    curve = sweep.range_test(module, inputs, job.lightning, rt, cfg.lr_min, cfg.lr_max, cfg.lr_steps, probe, stop_early)
+    curve = sweep.range_test(module, inputs, lightning=job.lightning, rt=rt, lr_min=cfg.lr_min, lr_max=cfg.lr_max,
+                             steps=cfg.lr_steps, probe=probe, stop_early=stop_early)  # fmt: skip
     steps = fit_steps(cfg, job, rt, curve.batches_per_epoch)
     losses = curve.probe_losses if cfg.lr_probe else curve.losses
     found = lr_range.suggest(curve.lrs, losses, cfg.lr_method, cfg.lr, steps)
     found = lr_range.guard_edge(found, curve.lrs, losses, curve.steps_run == curve.steps_requested)
     if found.confidence == 0.0 and found.method != "fallback":
         log.warning("range test: %s", found.reason)
-    return RangeTest(curve, found, (float(found.lr or 0),), 0.0, steps)
+    return RangeTest(curve, found, (found.lr,), 0.0, steps)
 
 
 def find_lr(cfg: JobConfig, job: Task, rt: training.Runtime, tracker: Tracker) -> LRChoice:
     """Sweep (lr_repeats times), suggest, log the curve; no usable sweep falls back to cfg.lr, reason recorded."""
     sweeps = [one_sweep(cfg.replace(seed=cfg.seed + r), job, rt) for r in range(cfg.lr_repeats)]
     answered = [s for s in sweeps if s.suggestion.method != "fallback"] or sweeps
-    ranked = sorted(answered, key=lambda s: float(s.suggestion.lr or 0))
+    ranked = sorted(answered, key=lambda s: s.suggestion.lr)
     median = ranked[(len(ranked) - 1) // 2]  # the median repeat: its curve is the one plotted
-    spread = spread_decades([float(s.suggestion.lr or 0) for s in answered])
+    spread = spread_decades([s.suggestion.lr for s in answered])
     if spread > SPREAD_WARNING:
         log.warning("the %d range tests disagree by %.2f decades: the suggestion is uncertain", len(sweeps), spread)
     found = RangeTest(median.curve, median.suggestion, tuple(s.repeat_suggestions[0] for s in sweeps), spread,
@@ -130,7 +131,7 @@ def log_range_test(cfg: JobConfig, tracker: Tracker, choice: LRChoice, job: Task
     tracker.log_params({"lr_suggested": f"{found.suggestion.lr:.6g}", "lr_verified": verified})
     tracker.log_metrics(
         {
-            "lr_suggested": float(found.suggestion.lr or 0),
+            "lr_suggested": found.suggestion.lr,
             "lr_find_seconds": found.curve.seconds,
             "lr_verify_seconds": checked.seconds if checked is not None else 0.0,
         }  # fmt: skip
@@ -214,8 +215,9 @@ def run(session: Session, forced: LRChoice | None = None) -> JobResult:
     resume_from = resume.checkpoint if resume is not None else None
     try:
         result = training.fit_and_test(
-            job.lightning, module, loaders, rt, cfg.epochs, sink, checkpoint, keep, resume_from, session.show == "bar"
-        )
+            job.lightning, module, loaders, rt, epochs=cfg.epochs, sink=sink, checkpoint=checkpoint, keep=keep,
+            resume_from=resume_from, bar=session.show == "bar",
+        )  # fmt: skip
     except (TrainingDiverged, Preempted) as exc:
         # The run holds the last epoch that ended with a finite loss (or a resumed run its earlier one).
         exc.checkpoint_logged = checkpoint.exists() or resume is not None

@@ -12,6 +12,7 @@ def loss_vs_lr(
     lrs: Sequence[float],
     losses: Sequence[float],
     smoothed: Sequence[float],
+    *,
     chosen: float,
     method: str,
     marks: Mapping[str, float | None],

@@ -152,6 +152,7 @@ def probe_loss(module: Any, batch: Any) -> Callable[[], float]:
 def range_test(
     module: Any,
     sweep_inputs: dict[str, Any],
+    *,
     lightning: Lightning,
     rt: Runtime,
     lr_min: float,

@@ -162,6 +162,7 @@ def fit_and_test(
     module: Any,
     loaders: Any,
     rt: Runtime,
+    *,
     epochs: int,
     sink: callbacks.EpochSink,
     checkpoint: Path,

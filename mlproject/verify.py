@@ -97,8 +97,6 @@ def candidate_count(setting: str, suggestion: lr_range.Suggestion, spread: float
     the spread of repeated range tests (decades)."""
     if setting == "off":
         return 0, "lr_verify=off"
-    if not suggestion.lr:
-        return 0, "there is no LR to verify"
     if setting != "auto":
         return int(setting), f"lr_verify={setting}"
     doubt = doubts(suggestion, spread)
@@ -141,7 +139,7 @@ def plan(setting: str, suggestion: lr_range.Suggestion, fit_steps: int, fraction
     if count == 0:
         return Plan((), 0, why, skip=why)
     steps, short = trial_steps(fit_steps, fraction, count)
-    found = candidates(float(suggestion.lr or 0), count)
+    found = candidates(suggestion.lr, count)
     return Plan(found, steps, why, skip=short)
 
 
@@ -177,7 +175,7 @@ def moved(
     """The suggestion moved to the verified LR, with the one-cycle range the curve gives that LR. A suggestion whose
     range peaks at the LR itself keeps that shape, a tenth of the LR to the LR: a fallback's curve has no floor to
     place a peak by, and one still falling at lr_max (lr_range.guard_edge) has its floor only at the sweep's edge."""
-    if suggestion.method == "fallback" or (suggestion.lr and suggestion.lr_high <= suggestion.lr):
+    if suggestion.method == "fallback" or suggestion.lr_high <= suggestion.lr:
         return replace(suggestion, lr=lr, lr_low=lr / 10, lr_high=lr)
     low, high = lr_range.lr_range(lr_range.usable_curve(lrs, losses), lr)
     return replace(suggestion, lr=lr, lr_low=low, lr_high=high)

@@ -114,8 +114,8 @@ def plan(
         command = job_args.job_command(**job, code=bool(code))
         sources = {"data": _source("--data", data), "cache": _source("--cache", cache), "code": code}
         job_spec = spec.launch_spec(
-            image, gpus, shm_size, names=names, network=network, command=command.args, entrypoint=command.entrypoint,
-            name=name, **sources,
+            image, gpus=gpus, shm_size=shm_size, names=names, network=network, command=command.args,
+            entrypoint=command.entrypoint, name=name, **sources,
         )  # fmt: skip
     except spec.SpecError as exc:
         raise fail(str(exc), 2) from exc

@@ -139,6 +139,7 @@ def secret_values(env: Mapping[str, str]) -> list[str]:
 
 def launch_spec(
     image: str,
+    *,
     gpus: str,
     shm_size: str,
     data: str,

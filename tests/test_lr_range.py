@@ -113,6 +113,14 @@ def test_flat_curve_falls_back():
     found = suggest(LRS, np.full(len(LRS), 2.30), fallback_lr=1e-3)
     assert found.method == "fallback"
     assert "flat" in found.reason
+    assert found.candidates == {"steepest": None, "valley": None, "minimum": None}  # no rule found an LR
+
+
+@pytest.mark.parametrize("method", ["combined", "steepest", "valley", "minimum"])
+def test_every_method_answers_with_an_lr_even_for_a_curve_it_cannot_read(method):
+    found = suggest(LRS[:5], [2.3, 2.2, 2.1, 2.0, 1.9], method, fallback_lr=5e-4)
+    assert (found.lr, found.method, found.confidence) == (5e-4, "fallback", 0.0)
+    assert found.reason == f"only 5 usable points, need {lr_range.MIN_POINTS}"
 
 
 def test_rising_curve_falls_back():

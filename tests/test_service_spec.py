@@ -104,7 +104,15 @@ def test_the_log_level_is_no_secret_to_mask_in_the_jobs_log():
 
 
 def test_describe_lists_names_never_values():
-    launched = spec.launch_spec("img", "1", "2g", "/d", "", ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"), "host")
+    launched = spec.launch_spec(
+        "img",
+        gpus="1",
+        shm_size="2g",
+        data="/d",
+        cache="",
+        names=("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_URI"),
+        network="host",
+    )
     text = "\n".join(launched.describe())
     assert "environment (values hidden): MLFLOW_TRACKING_PASSWORD, MLFLOW_TRACKING_URI" in text
     assert "gpus 1" in text and "network host" in text and "/d -> /data (ro)" in text

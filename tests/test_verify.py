@@ -173,7 +173,7 @@ def test_a_suggestion_far_too_small_is_corrected_by_verification(tmp_path, image
 
 
 def _scaled(s: Suggestion, factor: float) -> Suggestion:
-    if s.lr is None or s.method == "fallback":
+    if s.method == "fallback":
         return s
     return Suggestion(s.lr * factor, s.method, s.confidence, s.reason, s.lr_low * factor, s.lr_high * factor,
                       s.candidates)  # fmt: skip
