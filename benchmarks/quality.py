@@ -141,7 +141,7 @@ def job_range_test(cfg: JobConfig, job: task.Task, rt: training.Runtime) -> Rang
     lrs, losses = full.curve.lrs[:k], full.curve.losses[:k]
     s = lr_range.suggest(lrs, losses, cfg.lr_method, cfg.lr, full.fit_steps)
     s = lr_range.guard_edge(s, lrs, losses, k == full.curve.steps_requested)  # as pipeline.one_sweep
-    return RangeTest(full.curve, s, (float(s.lr or 0),), 0.0, full.fit_steps)
+    return RangeTest(full.curve, s, (s.lr,), 0.0, full.fit_steps)
 
 
 # --- trainings, cached -----------------------------------------------------------------------------------------
@@ -376,7 +376,7 @@ def survey(case: Case, seeds: int, data_dir: str) -> None:
         drop = lr_range.depth(lr_range.usable_curve(found.curve.lrs[:k], found.curve.losses[:k]))
         old, s = rule(found, rules_before()) or math.nan, found.suggestion
         before.append(math.log10(old))
-        now.append(math.log10(float(s.lr or 0)))
+        now.append(math.log10(s.lr))
         doubtful += verify.doubts(s) != ""
         print(f"  {case.name} seed {seed}: depth {drop:.2f}, before {old:.3g}, now {s.lr:.3g} "
               f"(confidence {s.confidence:.2f})", flush=True)  # fmt: skip
