@@ -11,6 +11,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.client import TrackingServiceClient
 
@@ -350,9 +352,6 @@ def test_a_job_that_loses_the_race_to_make_its_experiment_runs_in_it(tmp_path, m
 def test_a_run_whose_first_try_to_record_its_end_fails_still_ends_with_its_status(tmp_path, monkeypatch):
     """The store is busy (sqlite locked by another writer, a server restarting) at the moment the run ends: the
     write is retried, and the run must not stay RUNNING."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
-
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tries: list[str] = []
     real = TrackingServiceClient.set_terminated
