@@ -3,7 +3,7 @@
     python -m benchmarks.overhead [--cases tabular,sequence] [--epochs 3] [--repeats 5]
 
 For each example project under examples/: a plain fit (a Trainer as a user writes it: no logger, no checkpoints,
-no progress bar) and the job's fit (training.fit_and_test's Trainer with the job's callbacks: each epoch's
+no progress bar) and the job's fit (trainer.fit_and_test's Trainer with the job's callbacks: each epoch's
 checkpoint, the epoch values handed to a sink, the finiteness checks), both from the same seeded module, on the
 same data, precision and device; the two take turns, first and second alternating. Prints each repeat's seconds and
 the median of the per-repeat ratios (job / plain). The test pass is left out of both.
@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from mlproject import callbacks, task, training
-from mlproject.classpaths import add_code_path
 from mlproject.config import JobConfig
+from mlproject.training import callbacks, optimizers, runtime, task, trainer
+from mlproject.training.classpaths import add_code_path
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CASES = {
@@ -36,37 +36,34 @@ def config(case: str, epochs: int) -> JobConfig:
     return JobConfig(model=model, dataset=dataset, dataset_args=args, code=str(EXAMPLES / case), epochs=epochs)
 
 
-def plain_fit(job: task.Task, rt: training.Runtime, cfg: JobConfig) -> float:
+def plain_fit(job: task.Task, rt: runtime.Runtime, cfg: JobConfig) -> float:
     module = fresh(job, rt, cfg)
-    trainer = job.lightning.trainer(
+    plain = job.lightning.trainer(
         accelerator=rt.accelerator, devices=1, precision=rt.precision, max_epochs=cfg.epochs, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )  # fmt: skip
     start = time.perf_counter()
-    trainer.fit(module, **job.loaders(cfg.seed, rt.device.type).fit_kwargs())
+    plain.fit(module, **job.data.loaders(cfg.seed, rt.device.type).fit_kwargs())
     return time.perf_counter() - start
 
 
-def job_fit(job: task.Task, rt: training.Runtime, cfg: JobConfig, workdir: Path) -> float:
+def job_fit(job: task.Task, rt: runtime.Runtime, cfg: JobConfig, workdir: Path) -> float:
     module = fresh(job, rt, cfg)
-    training.set_lr(job.lightning, module, job.lr_attr, cfg.lr)
+    optimizers.set_lr(job.lightning, module, job.lr_attr, cfg.lr)
     keep = lambda path: path.read_bytes()  # noqa: E731 - the job hands the checkpoint to the tracker: at least read it
     reporter = job.lightning.make(
         callbacks.ReporterHooks, "callbacks.Checkpoint", lambda e, m: None, workdir / "c.ckpt", keep
     )
-    loaders = job.loaders(cfg.seed, rt.device.type)
+    loaders = job.data.loaders(cfg.seed, rt.device.type)
     guard = job.lightning.make(callbacks.GuardHooks, "Callback", loaders.iterables())
-    trainer = training.build_trainer(job.lightning, rt, cfg.epochs, [reporter, guard], enable_checkpointing=True)
+    fitter = trainer.build_trainer(job.lightning, rt, cfg.epochs, [reporter, guard], enable_checkpointing=True)
     start = time.perf_counter()
-    trainer.fit(module, **loaders.fit_kwargs())
+    fitter.fit(module, **loaders.fit_kwargs())
     return time.perf_counter() - start
 
 
-def fresh(job: task.Task, rt: training.Runtime, cfg: JobConfig) -> Any:
-    import pytorch_lightning as pl
-
-    pl.seed_everything(cfg.seed, verbose=False)
-    return job.make_module(rt.channels_last)
+def fresh(job: task.Task, rt: runtime.Runtime, cfg: JobConfig) -> Any:
+    return job.module(cfg.seed, rt.channels_last)
 
 
 def main() -> None:
@@ -79,7 +76,7 @@ def main() -> None:
     for case in args.cases.split(","):
         cfg = config(case, args.epochs)
         add_code_path(cfg.code)
-        job, rt = task.build(cfg), training.detect_runtime(cfg)
+        job, rt = task.build(cfg), runtime.detect_runtime(cfg)
         ratios = []
         with tempfile.TemporaryDirectory() as tmp:
             for r in range(args.repeats):

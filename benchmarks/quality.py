@@ -46,12 +46,13 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 from pytorch_lightning.tuner.lr_finder import _LRFinder
 
-from mlproject import lr_range, pipeline, task, training, verify
-from mlproject.artifacts import RangeTest
 from mlproject.catalog import FASHION_MNIST_DIR
-from mlproject.classpaths import add_code_path
 from mlproject.config import JobConfig
 from mlproject.errors import TrainingDiverged
+from mlproject.finder import choose, rules, trials, verify
+from mlproject.finder.result import RangeTest
+from mlproject.training import optimizers, runtime, task, trainer
+from mlproject.training.classpaths import add_code_path
 
 GRID = [3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -99,27 +100,41 @@ def config(case: Case, seed: int, data_dir: str) -> JobConfig:
 
 
 def job_steps(found: RangeTest) -> int:
-    """How many of the curve's steps the job's sweep runs before lr_range.stop_reason stops it."""
-    return lr_range.stop_step(found.curve.lrs, found.curve.losses) or found.curve.steps_run
+    """How many of the curve's steps the job's sweep runs before rules.stop_reason stops it."""
+    return rules.stop_step(found.curve.lrs, found.curve.losses) or found.curve.steps_run
 
 
 def lightning_suggestion(found: RangeTest) -> float:
-    """Lightning's `suggestion()` on its own record of the whole sweep; JobConfig's lr where it has none."""
+    """Lightning's `suggestion()` on its own record of the whole sweep (its running average of the loss, bias
+    corrected, as its _LRCallback keeps it); JobConfig's lr where it has none."""
     curve = found.curve
     finder = _LRFinder("exponential", curve.lr_min, curve.lr_max, curve.steps_requested)
-    finder.results = {"lr": curve.lrs, "loss": curve.lightning_losses}
+    finder.results = {"lr": curve.lrs, "loss": lightning_losses(curve.losses)}
     return finder.suggestion() or JobConfig().lr
 
 
-def rule(found: RangeTest, rules: ModuleType = lr_range) -> float:
-    """The LR the job trains at by the combined rule of `rules` (lr_range, or its version before) on the part the
-    job's sweep runs: its suggestion (edge-guarded where `rules` has guard_edge), or JobConfig's lr where it falls
-    back."""
-    k = rules.stop_step(found.curve.lrs, found.curve.losses) or found.curve.steps_run
+def lightning_losses(losses: list[float], beta: float = 0.98) -> list[float]:
+    """Lightning's finder's record of a sweep: the exponential running average of the raw losses, bias-corrected."""
+    average, smoothed = 0.0, []
+    for step, loss in enumerate(losses):
+        average = beta * average + (1 - beta) * loss
+        smoothed.append(average / (1 - beta ** (step + 1)))
+    return smoothed
+
+
+def rule(found: RangeTest, module: ModuleType = rules) -> float:
+    """The LR the job trains at by the combined rule of `module` (finder/rules.py, or its version before) on the part
+    the job's sweep runs: its suggestion (edge-guarded where `module` has guard_edge), or JobConfig's lr where it
+    falls back."""
+    k = module.stop_step(found.curve.lrs, found.curve.losses) or found.curve.steps_run
     lrs, losses = found.curve.lrs[:k], found.curve.losses[:k]
-    s = rules.suggest(lrs, losses, train_steps=found.fit_steps)
-    if hasattr(rules, "guard_edge"):
-        s = rules.guard_edge(s, lrs, losses, k == found.curve.steps_requested)
+    ran_to_end = k == found.curve.steps_requested
+    if module is rules:
+        curve = rules.usable_curve(lrs, losses)
+        return rules.guard_edge(rules.suggest_curve(curve, train_steps=found.fit_steps), curve, ran_to_end).lr
+    s = module.suggest(lrs, losses, train_steps=found.fit_steps)
+    if hasattr(module, "guard_edge"):  # the version before took the raw curve
+        s = module.guard_edge(s, lrs, losses, ran_to_end)
     return float(s.lr)
 
 
@@ -134,29 +149,29 @@ def rules_before() -> ModuleType:
     return module
 
 
-def job_range_test(cfg: JobConfig, job: task.Task, rt: training.Runtime) -> RangeTest:
+def job_range_test(cfg: JobConfig, job: task.Task, rt: runtime.Runtime) -> RangeTest:
     """The job's range test run to lr_max; its suggestion as the job's sweep, stopped early, gives it."""
-    full = pipeline.one_sweep(cfg, job, rt, stop_early=False)
+    full = choose.range_test(cfg, job, rt, stop_early=False)
     k = job_steps(full)
-    lrs, losses = full.curve.lrs[:k], full.curve.losses[:k]
-    s = lr_range.suggest(lrs, losses, cfg.lr_method, cfg.lr, full.fit_steps)
-    s = lr_range.guard_edge(s, lrs, losses, k == full.curve.steps_requested)  # as pipeline.one_sweep
-    return RangeTest(full.curve, s, (s.lr,), 0.0, full.fit_steps)
+    usable = rules.usable_curve(full.curve.lrs[:k], full.curve.losses[:k])
+    s = rules.suggest_curve(usable, cfg.lr_method, cfg.lr, full.fit_steps)
+    s = rules.guard_edge(s, usable, k == full.curve.steps_requested)  # as choose.range_test
+    return RangeTest(full.curve, usable, usable, s, (s.lr,), 0.0, full.fit_steps)
 
 
 # --- trainings, cached -----------------------------------------------------------------------------------------
 
 
-def train(cfg: JobConfig, job: task.Task, rt: training.Runtime, lr: float) -> dict[str, float]:
+def train(cfg: JobConfig, job: task.Task, rt: runtime.Runtime, lr: float) -> dict[str, float]:
     """The case's constant-LR training from the seed's weights and batches: test figures and seconds."""
     start = time.perf_counter()
-    module = pipeline.seeded_module(cfg, job, rt)
-    training.set_lr(job.lightning, module, job.lr_attr, lr)
-    training.apply_schedule(module, "constant", lr, 0.0)
-    loaders = job.loaders(cfg.seed, rt.device.type)
+    module = job.module(cfg.seed, rt.channels_last)
+    optimizers.set_lr(job.lightning, module, job.lr_attr, lr)
+    optimizers.apply_schedule(module, "constant", lr, 0.0)
+    loaders = job.data.loaders(cfg.seed, rt.device.type)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            result = training.fit_and_test(job.lightning, module, loaders, rt, epochs=cfg.epochs,
+            result = trainer.fit_and_test(job.lightning, module, loaders, rt, epochs=cfg.epochs,
                                            sink=lambda e, m: None, checkpoint=Path(tmp) / "last.ckpt",
                                            keep=lambda path: None)  # fmt: skip
         except TrainingDiverged:
@@ -193,7 +208,7 @@ class Seeded:
     fit_steps: int
 
 
-def run_seed(case: Case, cfg: JobConfig, job: task.Task, rt: training.Runtime, cache: Cache) -> Seeded:
+def run_seed(case: Case, cfg: JobConfig, job: task.Task, rt: runtime.Runtime, cache: Cache) -> Seeded:
     """Seed s's range test, each way's LR from it, and the trainings at those LRs."""
     found = job_range_test(cfg, job, rt)
     lrs: dict[str, float | None] = {
@@ -206,14 +221,14 @@ def run_seed(case: Case, cfg: JobConfig, job: task.Task, rt: training.Runtime, c
     key += f"|{plan.steps}"
 
     def measure() -> dict[str, Any]:
-        done = verify.verify(cfg.replace(lr_verify="3"), job, rt, found, pipeline.seeded_module)
+        done = trials.verify(cfg.replace(lr_verify="3"), job, rt, found)
         return {"seconds": done.seconds, "steps": done.steps, "reason": done.reason,
                 "scores": [t.score for t in done.trials], "start": done.start}  # fmt: skip
 
     checked = cache.get(key, measure)
     scored = zip(plan.candidates, checked["scores"], strict=False)  # fewer scores: the trials stopped with a reason
-    trials = [verify.Trial(lr, score, plan.steps, 0.0) for lr, score in scored]
-    best = verify.winner(trials, cfg.monitor_mode, checked["start"])  # the job's own choice, from the cached scores
+    tried = [verify.Trial(lr, score, plan.steps, 0.0) for lr, score in scored]
+    best = verify.winner(tried, cfg.monitor_mode, checked["start"])  # the job's own choice, from the cached scores
     lrs["verified"] = best.lr if best else lrs["combined"]  # skipped: the suggestion stands
     seeded = Seeded(lrs, {}, found.curve.seconds, checked["seconds"], checked["steps"], checked["reason"],
                     found.fit_steps)  # fmt: skip
@@ -222,14 +237,14 @@ def run_seed(case: Case, cfg: JobConfig, job: task.Task, rt: training.Runtime, c
     return seeded
 
 
-def trained(case: Case, cfg: JobConfig, job: task.Task, rt: training.Runtime, cache: Cache, seeded: Seeded,
+def trained(case: Case, cfg: JobConfig, job: task.Task, rt: runtime.Runtime, cache: Cache, seeded: Seeded,
             lr: float) -> None:  # fmt: skip
     name = f"{lr:.6g}"
     key = f"{case.name}|{cfg.epochs}|{rt.precision}|{name}|s{cfg.seed}"
     seeded.results[name] = cache.get(key, lambda: train(cfg, job, rt, lr))
 
 
-def walk_grid(case: Case, cfgs: list[JobConfig], job: task.Task, rt: training.Runtime, cache: Cache,
+def walk_grid(case: Case, cfgs: list[JobConfig], job: task.Task, rt: runtime.Runtime, cache: Cache,
               runs: list[Seeded]) -> None:  # fmt: skip
     """Train the grid outward from the LR nearest the combined rule's, every seed at each LR, until on each side
     of the best mean the figure has fallen by MARGIN or the grid ends: the figure is unimodal in log LR, so the LRs
@@ -325,7 +340,7 @@ def summarize(case: Case, fit_steps: int, seeds: list[Seeded]) -> CaseResult:
 def run_case(case: Case, seeds: int, cache: Cache, data_dir: str) -> CaseResult:
     cfg = config(case, 42, data_dir)
     add_code_path(cfg.code)
-    job, rt = task.build(cfg), training.detect_runtime(cfg)
+    job, rt = task.build(cfg), runtime.detect_runtime(cfg)
     cfgs = [cfg.replace(seed=42 + k) for k in range(seeds)]
     runs = [run_seed(case, c, job, rt, cache) for c in cfgs]
     for c, run in zip(cfgs, runs, strict=True):
@@ -368,12 +383,12 @@ def survey(case: Case, seeds: int, data_dir: str) -> None:
     with its confidence now; then the spread of both over the seeds (decades) and how many auto would verify."""
     cfg = config(case, 0, data_dir)
     add_code_path(cfg.code)
-    job, rt = task.build(cfg), training.detect_runtime(cfg)
+    job, rt = task.build(cfg), runtime.detect_runtime(cfg)
     before, now, doubtful = [], [], 0
     for seed in range(seeds):
         found = job_range_test(cfg.replace(seed=seed), job, rt)
         k = job_steps(found)
-        drop = lr_range.depth(lr_range.usable_curve(found.curve.lrs[:k], found.curve.losses[:k]))
+        drop = rules.depth(rules.usable_curve(found.curve.lrs[:k], found.curve.losses[:k]))
         old, s = rule(found, rules_before()) or math.nan, found.suggestion
         before.append(math.log10(old))
         now.append(math.log10(s.lr))

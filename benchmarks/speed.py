@@ -31,7 +31,7 @@ from mlflow.tracking import MlflowClient
 from mlproject.config import JobConfig
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-OUR_IMPORTS = "import mlproject.__main__, mlproject.pipeline, mlproject.tracking"
+OUR_IMPORTS = "import mlproject.__main__, mlproject.pipeline, mlproject.record.tracker"
 
 
 def torchvision_root(data_dir: Path, tmp: Path) -> Path:
@@ -97,14 +97,12 @@ def run_ours(data_dir: Path, uri: str, env: dict[str, str], epochs: int) -> dict
 def tracking_overhead(uri: str, tracked_first: bool, epochs: int = 2) -> tuple[float, float, float]:
     """Fit seconds with the epoch metrics going to MLflow and with them going nowhere (same fit otherwise), and the
     seconds spent inside the MLflow writes."""
-    import pytorch_lightning as pl
-
-    from mlproject import task, training
-    from mlproject.tracking import Tracker
+    from mlproject.record.tracker import RunTracker
+    from mlproject.training import optimizers, runtime, task, trainer
 
     cfg = JobConfig(epochs=epochs, schedule="constant")
-    job, rt = task.build(cfg), training.detect_runtime(cfg)
-    tracker = Tracker.open(uri, "", "tracking-overhead")
+    job, rt = task.build(cfg), runtime.detect_runtime(cfg)
+    tracker = RunTracker.open(uri, "", "tracking-overhead")
     seconds, writing = {}, [0.0]
 
     def tracked(epoch: int, metrics: dict[str, float]) -> None:
@@ -114,13 +112,12 @@ def tracking_overhead(uri: str, tracked_first: bool, epochs: int = 2) -> tuple[f
 
     sinks = {"tracked": tracked, "untracked": lambda e, m: None}
     for name in ("tracked", "untracked") if tracked_first else ("untracked", "tracked"):
-        pl.seed_everything(cfg.seed, verbose=False)
-        module = job.make_module(rt.channels_last)
-        training.set_lr(job.lightning, module, job.lr_attr, cfg.lr)
-        loaders = job.loaders(cfg.seed, rt.device.type)
+        module = job.module(cfg.seed, rt.channels_last)
+        optimizers.set_lr(job.lightning, module, job.lr_attr, cfg.lr)
+        loaders = job.data.loaders(cfg.seed, rt.device.type)
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            training.fit_and_test(
+            trainer.fit_and_test(
                 job.lightning, module, loaders, rt, epochs=cfg.epochs, sink=sinks[name],
                 checkpoint=Path(tmp) / "last.ckpt", keep=lambda p: None,
             )  # fmt: skip

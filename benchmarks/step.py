@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from lightning_fabric import Fabric
 from torch import nn
 
-from mlproject import model, task, training
 from mlproject.config import JobConfig
-from mlproject.model import make_optimizer
+from mlproject.training import networks, runtime, task, trainer
+from mlproject.training.classifier import make_optimizer
 
 WARMUP = 10  # untimed steps at the start of each block
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -77,25 +77,27 @@ class Fixed:
 
 
 def textbook_lenet(*args: int) -> nn.Module:
-    net = model.lenet(*args)
+    net = networks.lenet(*args)
     return nn.Sequential(net[0], nn.ReLU(), nn.MaxPool2d(2), net[3], nn.ReLU(), net[4], *net[6:])
 
 
 UNDONE: dict[str, Callable[[], list[contextlib.AbstractContextManager]]] = {
     JOB: lambda: [],
-    "the same, NVML check on": lambda: [mock.patch.dict(os.environ, {training.NVML_CHECK: "1"})],
-    "the same, ReLU before pooling (textbook order)": lambda: [mock.patch.dict(model.NETS, {"lenet": textbook_lenet})],
+    "the same, NVML check on": lambda: [mock.patch.dict(os.environ, {trainer.NVML_CHECK: "1"})],
+    "the same, ReLU before pooling (textbook order)": lambda: [
+        mock.patch.dict(networks.NETS, {"lenet": textbook_lenet})
+    ],
 }
 CPU_ONLY = {"the same, NVML check on"}
 
 
-def lightning_block(job: task.Task, rt: training.Runtime, batches: Fixed, undone: str) -> float:
+def lightning_block(job: task.Task, rt: runtime.Runtime, batches: Fixed, undone: str) -> float:
     clock = StepClock()
     with contextlib.ExitStack() as stack:
-        trainer = training.build_trainer(job.lightning, rt, 1, [clock], limit_val_batches=0)
+        fitter = trainer.build_trainer(job.lightning, rt, 1, [clock], limit_val_batches=0)
         for change in UNDONE[undone]():  # after build_trainer, which switches the NVML check off on a CPU
             stack.enter_context(change)
-        trainer.fit(job.make_module(rt.channels_last), train_dataloaders=batches)
+        fitter.fit(job.make_module(rt.channels_last), train_dataloaders=batches)
     return (clock.end - clock.start) / clock.timed * 1e3
 
 
@@ -108,7 +110,7 @@ def timed_loop(device: torch.device, batches: Fixed, step: Callable[[Batch], Non
     return (now(device) - start) / (len(batches) - WARMUP) * 1e3
 
 
-def bare_block(cfg: JobConfig, job: task.Task, rt: training.Runtime, batches: Fixed) -> float:
+def bare_block(cfg: JobConfig, job: task.Task, rt: runtime.Runtime, batches: Fixed) -> float:
     """forward, backward and the optimizer step, nothing else (CPU autocast when the job uses bf16)."""
     module = job.make_module(rt.channels_last).to(rt.device)
     optimizer = make_optimizer(module.parameters(), cfg.optimizer, cfg.lr)
@@ -124,7 +126,7 @@ def bare_block(cfg: JobConfig, job: task.Task, rt: training.Runtime, batches: Fi
     return timed_loop(rt.device, batches, step)
 
 
-def fabric_block(cfg: JobConfig, job: task.Task, rt: training.Runtime, batches: Fixed) -> float:
+def fabric_block(cfg: JobConfig, job: task.Task, rt: runtime.Runtime, batches: Fixed) -> float:
     """The same step in a loop written against Lightning Fabric: its precision plugin (autocast) and backward,
     no Trainer, hooks or callbacks."""
     fabric = Fabric(accelerator=rt.accelerator, devices=1, precision=rt.precision)  # type: ignore[arg-type]
@@ -149,8 +151,8 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated words: time only the variants that name one")
     args = parser.parse_args()
     cfg = JobConfig(epochs=1, data_dir=str(args.data_dir))
-    job, rt = task.build(cfg), training.detect_runtime(cfg)
-    train = job.loaders(cfg.seed, rt.device.type).train
+    job, rt = task.build(cfg), runtime.detect_runtime(cfg)
+    train = job.data.loaders(cfg.seed, rt.device.type).train
     batches = Fixed(list(itertools.islice(train, WARMUP + args.steps)))
     undone = [name for name in UNDONE if rt.accelerator == "cpu" or name not in CPU_ONLY]
     variants = {name: lambda name=name: lightning_block(job, rt, batches, name) for name in undone}

@@ -1,6 +1,8 @@
 """Command line of the training job: options -> JobConfig -> pipeline; errors -> one line and an exit code.
 
-Run `python -m mlproject --help`. MLproject's entry points call the commands here, one line each.
+Run `python -m mlproject --help`. MLproject's entry points call the commands here, one line each. Each command
+imports what it runs inside its body, so that `--help`, a bad option and `close` never pay for torch, Lightning or
+MLflow's model flavours.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from mlproject import __version__, logs, stopping
+from mlproject import __version__, configfile, logs, progress
 from mlproject.config import CHECKPOINT_ARTIFACT, STUDY_STAGES, ConfigError, JobConfig, field_names, parse_lrs
 from mlproject.errors import DataError, HardwareError, Preempted, TrackingError, TrainingDiverged, UserCodeError
 from mlproject.options import Number, OneOf, convert, job_options
-from mlproject.tracking_env import configure_client
+from mlproject.processes import launch, ranks, stopping
+from mlproject.record.environment import configure_client
+from mlproject.training.classpaths import add_code_path
 
 if TYPE_CHECKING:
     from mlproject.session import Body, Session
@@ -50,7 +54,7 @@ def train_command(ctx: click.Context, experiment_name: str, **options: Any) -> N
     """Range test (when --auto-lr true), then fit and test: the `main` entry point."""
 
     def train(session: Session) -> None:
-        from mlproject import pipeline
+        from mlproject import pipeline  # torch and Lightning
 
         result = pipeline.run(session)
         if session.here.zero:
@@ -69,14 +73,13 @@ def lr_find_command(ctx: click.Context, experiment_name: str, **options: Any) ->
     """The range test alone: logs the curve and the suggestion, trains nothing."""
 
     def lr_find(session: Session) -> None:
-        from mlproject import pipeline
+        from mlproject import pipeline  # torch and Lightning
 
         choice = pipeline.lr_find(session)
-        suggested = choice.found.suggestion.lr if choice.found else choice.lr
         if session.here.zero:
             click.echo(
-                f"run {session.tracker.run_id}: lr_suggested={suggested:.4g} ({choice.source}); a one-cycle fit "
-                f"would peak at {choice.lr:.4g}"
+                f"run {session.tracker.run_id}: lr_suggested={choice.suggested:.4g} ({choice.source}); a one-cycle "
+                f"fit would peak at {choice.lr:.4g}"
             )
 
     _run_job(ctx, _config(options, JobConfig()), experiment_name, "lr-find", lr_find)
@@ -95,29 +98,45 @@ def lr_find_command(ctx: click.Context, experiment_name: str, **options: Any) ->
 )
 @click.option("--parent-run", default="", help="stage=member: the study's parent run id.")
 @click.option("--member", default="", help="stage=member: the member to train, a label of study.json (lr=1e-05).")
-@click.option("--parallel", type=Number(int), default=1, show_default=True, help="Members trained at once, each "
-              "in its own process (and on its own GPU when there are several).")  # fmt: skip
+@click.option(
+    "--parallel",
+    type=Number(int),
+    default=1,
+    show_default=True,
+    help="Members trained at once, each in its own process (and on its own GPU when there are several).",
+)
 @job_options(JobConfig(auto_lr=True))
 @click.pass_context
 def compare_command(
-    ctx: click.Context, experiment_name: str, lrs: str, stage: str, parent_run: str, member: str, parallel: int,
+    ctx: click.Context,
+    experiment_name: str,
+    lrs: str,
+    stage: str,
+    parent_run: str,
+    member: str,
+    parallel: int,
     **options: Any,
-) -> None:  # fmt: skip
+) -> None:
     """The LR study: one parent run, a child run per LR in --lrs and one at the finder's LR (--auto-lr true)."""
-    from mlproject import study
+    from mlproject import study  # torch and Lightning
 
     study_lrs = parse_lrs(lrs)
     if not 1 <= parallel <= 64:
         raise ConfigError("parallel", parallel, "an integer from 1 to 64")
     invocation = _config(options, JobConfig(auto_lr=True))
+    if parallel > 1 and invocation.cfg.devices * invocation.cfg.num_nodes > 1:
+        raise ConfigError("parallel", parallel, "1 when a member trains on several devices (devices x num_nodes > 1)")
     if stage == "member":
-        plan = _plan(parent_run, member)
+        if not parent_run or not member:
+            raise ConfigError("parent_run" if not parent_run else "member", "", "a value with --stage member")
+        configure_client()
+        plan = study.read_plan(os.environ.get("MLFLOW_TRACKING_URI", ""), parent_run)
         cfg = study.member_config(invocation.cfg, plan, member)
 
         def one(session: Session) -> None:
             study.run_member(session, plan, member)
             if session.here.zero:
-                study.finish_if_complete(session, plan)
+                study.finish_if_complete(session, plan, member)
                 click.echo(f"run {session.tracker.run_id}: member {member} of study {plan.parent_run}")
 
         _run_job(ctx, Invocation(cfg, invocation.from_file), experiment_name, "compare", one, parent_run)
@@ -129,41 +148,11 @@ def compare_command(
             if session.here.zero:
                 click.echo(f"study {plan.parent_run}: {json.dumps(plan.as_json())}")
             return
-        table = study.run_all(session, study_lrs, parallel, _member_argv(ctx.obj["argv"]))
+        table = study.run_all(session, study_lrs, parallel, study.member_argv(ctx.obj["argv"]))
         if session.here.zero:
             click.echo(f"study {session.tracker.run_id}:\n{table}", nl=False)
 
     _run_job(ctx, invocation, experiment_name, "compare", compare)
-
-
-def _plan(parent_run: str, member: str) -> Any:
-    """The plan a member belongs to, read from its parent run's study.json."""
-    from mlproject import study
-    from mlproject.stores import read_json
-
-    if not parent_run or not member:
-        raise ConfigError("parent_run" if not parent_run else "member", "", "a value with --stage member")
-    configure_client()
-    found = read_json(os.environ.get("MLFLOW_TRACKING_URI", ""), parent_run, study.PLAN_FILE)
-    if found is None:
-        raise ConfigError("parent_run", parent_run, f"a study's parent run (one with {study.PLAN_FILE})")
-    return study.Plan(found["parent_run"], tuple(found["members"]), found.get("finder") or {})
-
-
-def _member_argv(argv: list[str]) -> list[str]:
-    """The command line a member process gets: this one's, less the study's own stage and parallelism."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-            continue
-        if arg in ("--stage", "--parallel", "--parent-run", "--member"):
-            skip = True
-            continue
-        if arg.split("=", 1)[0] in ("--stage", "--parallel", "--parent-run", "--member"):
-            continue
-        out.append(arg)
-    return out
 
 
 @cli.command("check")
@@ -171,7 +160,7 @@ def _member_argv(argv: list[str]) -> list[str]:
 def check_command(experiment_name: str, **options: Any) -> None:
     """Check what the job would train, without training or tracking: the parameters, the user's classes (imported
     from --code), and the data it would read. One line, exit 0; or the one-line error, exit 2."""
-    from mlproject import task
+    from mlproject.training import task  # torch and torchvision
 
     click.echo(f"ok: {task.describe(_config(options, JobConfig()).cfg)}")
 
@@ -186,7 +175,7 @@ def close_command(run_id: str) -> None:
     """
     import time
 
-    from mlproject import ownership
+    from mlproject.record import ownership  # mlflow
 
     configure_client()
     status = ownership.close_run(os.environ.get("MLFLOW_TRACKING_URI", ""), run_id, time.time())
@@ -205,14 +194,10 @@ def _config(options: dict[str, Any], defaults: JobConfig) -> Invocation:
     """The options, over a LightningCLI config file when one is given; the user's code on the import path."""
     from_file: dict[str, Any] = {}
     if options["config"]:
-        from mlproject import configfile
-
         found = configfile.load(options["config"], field_names())
         from_file = {name: convert(name, value) for name, value in found.items()}
         options = configfile.merge(from_file, options, defaults.as_dict())
     cfg = JobConfig(**options)
-    from mlproject.classpaths import add_code_path
-
     add_code_path(cfg.code)
     return Invocation(cfg, tuple(k for k, v in from_file.items() if options[k] == v))
 
@@ -221,7 +206,7 @@ def _run_job(
     ctx: click.Context, invocation: Invocation, experiment_name: str, entry: str, body: Body, parent_run: str = ""
 ) -> None:
     """The job on this process (one rank of several, or all of it), or on processes it launches itself."""
-    from mlproject import launch, progress, ranks, session
+    from mlproject import session  # torch, Lightning and MLflow
 
     cfg = invocation.cfg
     run_id = os.environ.get("MLFLOW_RUN_ID", "")
@@ -231,7 +216,7 @@ def _run_job(
         raise ConfigError("resume", cfg.resume, f"the run id given to `mlflow run --run-id` (here {run_id})")
     here = ranks.place()
     if ranks.needs_launch(cfg.devices, cfg.num_nodes, here):
-        ctx.exit(launch.supervise(cfg, experiment_name, ctx.obj["argv"]))
+        ctx.exit(session.supervise(cfg, experiment_name, ctx.obj["argv"]))
     session.check_world(cfg, here)
     show = progress.mode(cfg.progress, sys.stderr.isatty())
     session.run(session.Start(cfg, invocation.from_file, experiment_name, entry, parent_run), body, show)
@@ -243,8 +228,6 @@ def _param_name(exc: click.exceptions.BadParameter) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: returns the exit code; every failure is one line on stderr (from rank 0 of several)."""
-    from mlproject import launch, ranks
-
     if any(k in os.environ for k in ("MLFLOW_RUN_ID", "TORCHELASTIC_RUN_ID")):
         stopping.die_with_parent()  # launched by `mlflow run` or torchrun: stop when it goes away
     args = list(argv if argv is not None else sys.argv[1:])
@@ -303,7 +286,7 @@ def _fail(message: str, code: int, zero: bool = True) -> int:
     click.echo(f"error: {message}", err=True)
     run_id = os.environ.get("MLFLOW_RUN_ID", "")
     if run_id and zero:  # `mlflow run` created the run before we could check anything: record why it failed
-        from mlproject.stores import fail_run, run_is_active
+        from mlproject.record.stores import fail_run, run_is_active  # mlflow: only a failed `mlflow run` needs it
 
         uri = os.environ.get("MLFLOW_TRACKING_URI", "")
         try:

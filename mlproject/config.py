@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -243,15 +244,21 @@ class JobConfig:
     @classmethod
     def from_params(cls, params: dict[str, str]) -> JobConfig:
         """The inverse of as_params(), e.g. to rebuild a run's configuration from its config.json."""
-        parse = {"bool": lambda v: v == "true", "float": float, "int": int, "str": str}
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
-        return cls(**{k: parse[str(fields[k])](v) for k, v in params.items() if k in fields})  # type: ignore[operator]
+        parse: dict[str, Callable[[str], object]] = {
+            "bool": lambda v: v == "true",
+            "float": float,
+            "int": int,
+            "str": str,
+        }
+        fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {k: parse[fields[k]](v) for k, v in params.items() if k in fields}
+        return cls(**values)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: object) -> JobConfig:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+    def replace(self, **changes: Any) -> JobConfig:
+        return dataclasses.replace(self, **changes)
 
 
 def _param_string(value: object) -> str:

@@ -56,9 +56,10 @@ def load(path: str, fields: Iterable[str]) -> dict[str, Any]:
             params[key] = value
         elif key not in IGNORED:
             raise ConfigError(
-                "config", path, f"LightningCLI's keys (model, data, trainer, seed_everything) or job parameters; "
-                f"{key!r} is neither"
-            )  # fmt: skip
+                "config",
+                path,
+                f"LightningCLI's keys (model, data, trainer, seed_everything) or job parameters; {key!r} is neither",
+            )
     return params
 
 

@@ -30,9 +30,11 @@ def epoch_line(epoch: int, epochs: int, metrics: Mapping[str, float], elapsed: f
     done = epoch + 1
     left = elapsed / done * (epochs - done) if done else math.nan
     parts = [figures, f"lr {lr:.3g}" if lr is not None else ""]
-    timing = f"{metrics.get('epoch_seconds', math.nan):.1f} s, {_duration(left)} left" if done < epochs else (
-        f"{metrics.get('epoch_seconds', math.nan):.1f} s"
-    )  # fmt: skip
+    timing = (
+        f"{metrics.get('epoch_seconds', math.nan):.1f} s, {_duration(left)} left"
+        if done < epochs
+        else (f"{metrics.get('epoch_seconds', math.nan):.1f} s")
+    )
     return f"epoch {done}/{epochs}: " + ", ".join(p for p in parts if p) + f"; {timing}"
 
 

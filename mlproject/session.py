@@ -1,7 +1,8 @@
-"""One job's run from start to end. Rank 0 attaches to the run (or starts it), records the configuration and, while
-the job lives, a heartbeat; the other ranks get rank 0's configuration and resume state through the process group
-and never contact the tracking server. The run ends as the job ended; one that lost its process can be told apart
-(close_run) and resumed."""
+"""One job's run from start to end, on every rank. Rank 0 attaches to the run (or starts it), records the
+configuration and, while the job lives, a heartbeat; the other ranks get rank 0's configuration and resume state
+through the process group and never contact the tracking server. The run ends as the job ended; one that lost its
+process can be told apart (close) and resumed. A job of several devices on one machine starts here as their
+supervisor (torchrun's launcher)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,18 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from mlproject import ownership, ranks, stopping
 from mlproject.config import CHECKPOINT_ARTIFACT, ConfigError, JobConfig
 from mlproject.errors import Preempted
-from mlproject.provenance import git_commit
-from mlproject.tracking_env import configure_client
+from mlproject.processes import launch, ranks, stopping
+from mlproject.record import ownership, runconfig, stores
+from mlproject.record.environment import configure_client, redact
+from mlproject.record.ownership import Heartbeat
+from mlproject.record.provenance import git_commit
+from mlproject.record.reader import RunReader
+from mlproject.record.tracker import RUN_NAME_TAG, NullTracker, RunTracker, Tracker
+from mlproject.training import task
+from mlproject.training.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +55,23 @@ class Start:
 
 @dataclass(frozen=True)
 class Session:
+    """What a job's body works with on its rank. Rank 0 alone has a reader and a heartbeat."""
+
     cfg: JobConfig
-    job: Any  # task.Task
-    tracker: Any  # tracking.Tracker on rank 0, tracking.NullTracker elsewhere
+    job: Task
+    tracker: Tracker  # RunTracker on rank 0, NullTracker elsewhere
     workdir: Path
     resume: Resume | None
     here: ranks.Place
     show: str = "lines"  # progress: bar, lines or off (resolved from cfg.progress where the output is known)
+    reader: RunReader | None = None
+    heartbeat: Heartbeat | None = None
+
+    def reads(self) -> RunReader:
+        """The run's store, read back; rank 0 alone reads it."""
+        if self.reader is None:
+            raise RuntimeError(f"rank {self.here.rank} reads nothing from the tracking server: rank 0 alone does")
+        return self.reader
 
 
 Body = Callable[[Session], None]
@@ -88,14 +104,13 @@ def stop_note(exc: Preempted, run_id: str) -> str:
 
 
 def _end(session: Session, status: str, error: str | None) -> None:
-    heartbeat = getattr(session.tracker, "heartbeat", None)
-    if heartbeat is not None:
-        heartbeat.stop()
+    if session.heartbeat is not None:
+        session.heartbeat.stop()
     session.tracker.end(status, error=error)
 
 
 def _wants_gpu(cfg: JobConfig) -> bool:
-    import torch
+    import torch  # the job has it loaded by now; this module stays importable without paying for it
 
     return cfg.accelerator == "gpu" or (cfg.accelerator == "auto" and torch.cuda.is_available())
 
@@ -112,7 +127,7 @@ def _open_zero(start: Start, workdir: Path, here: ranks.Place) -> Session:
         ranks.share({"error": str(exc)}, here)
         raise
     resume = session.resume
-    shared = {"config": session.cfg.as_params(), "run_id": session.tracker.run_id}
+    shared: dict[str, object] = {"config": session.cfg.as_params(), "run_id": session.tracker.run_id}
     if resume is not None and here.world > 1:
         shared["resume"] = {"checkpoint": resume.checkpoint.read_bytes(), "lr": resume.lr, "source": resume.source}
     ranks.share(shared, here)
@@ -120,42 +135,43 @@ def _open_zero(start: Start, workdir: Path, here: ranks.Place) -> Session:
 
 
 def _attach(start: Start, workdir: Path, here: ranks.Place) -> Session:
-    from mlproject import pipeline, task
-    from mlproject.stores import check_experiment, probe
-    from mlproject.tracking import Tracker
-
     cfg, experiment_name, parent_run = start.cfg, start.experiment_name, start.parent_run
     configure_client()
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    probe(uri)  # before the data: a tracking URI that cannot work is the first thing to say
+    stores.probe(uri)  # before the data: a tracking URI that cannot work is the first thing to say
     run_id = os.environ.get("MLFLOW_RUN_ID", "")
     if not (run_id or cfg.resume or parent_run):
-        check_experiment(uri, experiment_name)
-    job = None if cfg.resume else task.build(cfg)  # a model or dataset that cannot be built fails before any run
+        stores.check_experiment(uri, experiment_name)
+    new_job = None if cfg.resume else task.build(cfg)  # a model or dataset that cannot be built fails before any run
     if cfg.resume:
         ownership.claim(uri, cfg.resume)
     elif run_id:
         _check_attachable(uri, run_id)
-    tracker = Tracker.open(uri, cfg.resume or run_id, experiment_name, parent_run, cfg.system_metrics)
-    tracker.heartbeat = ownership.Heartbeat(tracker.client, tracker.run_id)
-    resume = None
-    if cfg.resume:
-        cfg = pipeline.resumed_config(tracker, workdir)
+    tracker = RunTracker.open(uri, cfg.resume or run_id, experiment_name, parent_run, cfg.system_metrics)
+    heartbeat = Heartbeat(tracker.run.client, tracker.run_id)
+    if new_job is None:
+        cfg, resume = _resumed(tracker.reader, workdir)
         tracker.set_tags({"resumed": "true"})  # params are write-once: its resume param keeps the first start's value
-        params = tracker.params()
-        checkpoint = tracker.download(CHECKPOINT_ARTIFACT, workdir / "resume")
-        resume = Resume(checkpoint, float(params["lr_used"]), params["lr_source"])
         job = task.build(cfg)
     else:
-        if cfg.run_name or not run_id or MLFLOW_RANDOM_NAME.fullmatch(tracker.name()):
-            tracker.rename(cfg.run_name or default_name(cfg, start.entry))
-        pipeline.log_config(tracker, cfg, start.entry)
+        job, resume = new_job, None
+        if cfg.run_name or not run_id or MLFLOW_RANDOM_NAME.fullmatch(tracker.reader.get().tags.get(RUN_NAME_TAG, "")):
+            tracker.set_tags({RUN_NAME_TAG: cfg.run_name or default_name(cfg, start.entry)})
+        runconfig.log_config(tracker, cfg, start.entry)
         # Under `mlflow run` MLflow logged every parameter's command-line value first (params are write-once).
         tracker.set_tags({f"config.{k}": cfg.as_params()[k] for k in start.from_file})
     commit = git_commit(Path(__file__).parent)  # `mlflow run` tags its own as mlflow.source.git.commit
     if commit:
         tracker.set_tags({"git_commit": commit})
-    return Session(cfg, job, tracker, workdir, resume, here)
+    return Session(cfg, job, tracker, workdir, resume, here, reader=tracker.reader, heartbeat=heartbeat)
+
+
+def _resumed(reader: RunReader, workdir: Path) -> tuple[JobConfig, Resume]:
+    """A resumed run's configuration, its checkpoint downloaded and its LR choice."""
+    cfg = runconfig.resumed_config(reader, workdir)
+    params = reader.get().params
+    checkpoint = reader.download(CHECKPOINT_ARTIFACT, workdir / "resume")
+    return cfg, Resume(checkpoint, float(params["lr_used"]), params["lr_source"])
 
 
 def default_name(cfg: JobConfig, entry: str) -> str:
@@ -180,9 +196,6 @@ def _check_attachable(uri: str, run_id: str) -> None:
 
 def _open_other(workdir: Path, here: ranks.Place) -> Session:
     """Rank 0's configuration and resume state; a mistake rank 0 met stops this rank too, quietly."""
-    from mlproject import task
-    from mlproject.tracking import NullTracker
-
     logging.getLogger("mlproject").setLevel(logging.WARNING)  # rank 0 speaks for the job
     shared = ranks.share(None, here)
     if "error" in shared:
@@ -203,7 +216,25 @@ def check_world(cfg: JobConfig, here: ranks.Place) -> None:
     if here.world == 1 and cfg.num_nodes > 1:
         raise ConfigError("num_nodes", cfg.num_nodes, "1 without a launcher: start every node with torchrun or srun")
     if here.world > 1 and here.world != cfg.devices * cfg.num_nodes:
-        raise ConfigError(
-            "devices", cfg.devices, f"devices x num_nodes = the launcher's {here.world} processes (num_nodes "
-            f"{cfg.num_nodes})"
-        )  # fmt: skip
+        accepted = f"devices x num_nodes = the launcher's {here.world} processes (num_nodes {cfg.num_nodes})"
+        raise ConfigError("devices", cfg.devices, accepted)
+
+
+# --- several devices on this machine: the supervisor ---------------------------------------------------------------
+
+
+def supervise(cfg: JobConfig, experiment_name: str, argv: list[str]) -> int:
+    """The job as torchrun's launcher: its names checked, its run created (or `mlflow run`'s taken) and handed to the
+    workers, and a run that lost a worker recorded FAILED; returns the job's exit code."""
+    task.check(cfg)  # a mistake in the names fails before any process starts
+    configure_client()
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    stores.probe(uri)
+    run_id = cfg.resume or os.environ.get("MLFLOW_RUN_ID") or stores.create_run(uri, experiment_name)
+    log.info("run %s on %s: %d processes (torchrun)", run_id, redact(uri) or "the local store", cfg.devices)
+    # The cores shared out among the workers (torchrun would give each one thread, and say so at length).
+    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cfg.devices))}
+    outcome = launch.run_workers(cfg.devices, argv, {**threads, **os.environ, "MLFLOW_RUN_ID": run_id})
+    if outcome.lost() or stores.run_status(uri, run_id) == "RUNNING":
+        stores.fail_run(uri, run_id, launch.lost_reason(outcome))
+    return outcome.exit_code()

@@ -1,8 +1,8 @@
 """The LR study: the same job at several fixed LRs and at the finder's, as child runs of one parent run.
 
 The parent runs the range test once and writes the plan (`study.json`); each member trains as a child run, in this
-process, in parallel processes, or as a CI job of its own (stage=member); whichever member ends last writes the
-comparison into the parent, read back from the tracking server.
+process (on every rank of a job of several processes), in parallel processes, or as a CI job of its own
+(stage=member); whichever member ends last writes the comparison into the parent, read back from the tracking server.
 """
 
 from __future__ import annotations
@@ -15,11 +15,16 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 from mlproject import markdown, pipeline, plots
 from mlproject.config import ConfigError, JobConfig
 from mlproject.errors import Preempted
+from mlproject.finder.result import LRChoice
+from mlproject.processes import ranks
+from mlproject.record import runconfig, stores
+from mlproject.record.reader import RunReader, RunView
+from mlproject.record.tracker import Tracker
 from mlproject.session import Session
 
 log = logging.getLogger(__name__)
@@ -27,6 +32,19 @@ log = logging.getLogger(__name__)
 FINDER = "lr=finder"
 PLAN_FILE = "study.json"
 BASE_COLUMNS = ["label", "lr_used", "lr_source", "status"]
+MEMBER_TAG = "study_member"
+# The study's own options: a member process gets the study's command line without them.
+STUDY_OPTIONS = ("--stage", "--parallel", "--parent-run", "--member")
+
+
+@dataclass(frozen=True)
+class FinderAnswer:
+    """The parent's range test, as the finder member trains at it."""
+
+    lr: float  # the LR the fit uses (the one-cycle peak)
+    lr_low: float
+    source: str
+    lr_suggested: float
 
 
 @dataclass(frozen=True)
@@ -35,13 +53,14 @@ class Plan:
 
     parent_run: str
     members: tuple[str, ...]
-    finder: dict[str, object] = field(default_factory=dict)  # lr, lr_low, source, lr_suggested
+    finder: FinderAnswer | None = None
 
     def as_json(self) -> dict[str, object]:
-        return {"parent_run": self.parent_run, "members": list(self.members), "finder": self.finder}
+        finder = vars(self.finder) if self.finder is not None else {}
+        return {"parent_run": self.parent_run, "members": list(self.members), "finder": finder}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Member:
     """One member as the tracking server holds it."""
 
@@ -63,50 +82,78 @@ def member_config(cfg: JobConfig, plan: Plan, label: str) -> JobConfig:
     """A member's configuration: the study's, at its fixed LR, or at the parent's range test's answer."""
     if label not in plan.members:
         raise ConfigError("member", label, f"one of the study's members ({', '.join(plan.members)})")
-    if label == FINDER:  # lr as lr_used shows it: the two params then read alike
-        return cfg.replace(auto_lr=False, lr=float(f"{float(plan.finder['lr']):.6g}"))  # type: ignore[arg-type]
-    return cfg.replace(auto_lr=False, lr=float(label.removeprefix("lr=")))
+    if label != FINDER:
+        return cfg.replace(auto_lr=False, lr=float(label.removeprefix("lr=")))
+    if plan.finder is None:
+        raise ConfigError("member", label, "a member of a study planned with auto_lr=true")
+    return cfg.replace(auto_lr=False, lr=float(f"{plan.finder.lr:.6g}"))  # as lr_used shows it: the params read alike
+
+
+def read_plan(tracking_uri: str, parent_run: str) -> Plan:
+    """The plan a member belongs to, read from its parent run's study.json."""
+    found = stores.read_json(tracking_uri, parent_run, PLAN_FILE)
+    if found is None:
+        raise ConfigError("parent_run", parent_run, f"a study's parent run (one with {PLAN_FILE})")
+    answer = found.get("finder") or {}
+    finder = None
+    if answer:
+        lr, low, suggested = (float(answer[k]) for k in ("lr", "lr_low", "lr_suggested"))
+        finder = FinderAnswer(lr, low, str(answer["source"]), suggested)
+    return Plan(found["parent_run"], tuple(found["members"]), finder)
+
+
+def member_argv(argv: Sequence[str]) -> list[str]:
+    """The command line a member process gets: the study's, less its own stage and parallelism."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in STUDY_OPTIONS:
+            skip = True
+        elif arg.split("=", 1)[0] not in STUDY_OPTIONS:
+            out.append(arg)
+    return out
 
 
 # --- the parent ------------------------------------------------------------------------------------------------
 
 
 def plan_study(session: Session, lrs: Sequence[float]) -> Plan:
-    """The range test (when auto_lr) in the parent, then the plan, logged as study.json."""
+    """The range test (when auto_lr) in the parent, then the plan, logged as study.json; every rank gets rank 0's."""
     cfg, parent = session.cfg, session.tracker
-    finder: dict[str, object] = {}
+    finder = None
     if cfg.auto_lr:
-        choice = pipeline.find_lr(cfg, session.job, pipeline.runtime(cfg, session.job, parent), parent)
-        assert choice.found is not None
-        finder = {"lr": choice.lr, "lr_low": choice.lr_low, "source": choice.source,
-                  "lr_suggested": choice.found.suggestion.lr}  # fmt: skip
-    plan = Plan(parent.run_id, labels(lrs, cfg.auto_lr), finder)
+        choice = pipeline.lr_find(session)
+        finder = FinderAnswer(choice.lr, choice.lr_low, choice.source, choice.suggested)
+    plan = ranks.share(Plan(parent.run_id, labels(lrs, cfg.auto_lr), finder), session.here)
     parent.log_params({"lrs": ",".join(f"{lr:g}" for lr in lrs), "members": str(len(plan.members))})
     parent.log_json(PLAN_FILE, plan.as_json())
     return plan
 
 
 def run_all(session: Session, lrs: Sequence[float], parallel: int, argv: Sequence[str]) -> str:
-    """Plan, train every member (in this process, or `parallel` at a time in processes of their own), compare."""
+    """Plan, train every member (in this process, or `parallel` at a time in processes of their own), compare; the
+    comparison's table ("" on ranks other than 0)."""
     plan = plan_study(session, lrs)
     if parallel > 1:
         run_in_processes(plan, parallel, argv)
     else:
-        for label in plan.members:
+        for index, label in enumerate(plan.members):
             child = session.tracker.child(label)
-            folder = session.workdir / child.run_id
+            folder = session.workdir / f"member-{index}"
             folder.mkdir()
-            member_session = Session(member_config(session.cfg, plan, label), session.job, child, folder, None,
-                                     session.here)  # fmt: skip
-            run_member(member_session, plan, label, owned=True)
-    return compare(session.tracker, session.cfg, plan)
+            member = Session(member_config(session.cfg, plan, label), session.job, child, folder, None, session.here)
+            run_member(member, plan, label, owned=True)
+    if not session.here.zero:
+        return ""
+    return compare(session.tracker, session.reads(), session.cfg, plan)
 
 
 def run_in_processes(plan: Plan, parallel: int, argv: Sequence[str]) -> None:
     """Each member as `compare --stage member`, `parallel` at a time; with several GPUs, each on one of them."""
     gpus = _gpu_count()
     pending = list(plan.members)
-    running: list[subprocess.Popen] = []
+    running: list[subprocess.Popen[bytes]] = []
     while pending or running:
         while pending and len(running) < parallel:
             index = len(plan.members) - len(pending)
@@ -121,7 +168,7 @@ def run_in_processes(plan: Plan, parallel: int, argv: Sequence[str]) -> None:
 
 
 def _gpu_count() -> int:
-    import torch
+    import torch  # loaded by the job already; kept here so that planning a study reads as what it does
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
@@ -133,15 +180,21 @@ def run_member(session: Session, plan: Plan, label: str, owned: bool = False) ->
     """Train one member in its child run; a failure is recorded there and does not stop the study. With `owned`,
     this process opened the child run and ends it; else the session ends it."""
     child = session.tracker
-    child.set_tags({"mlflow.parentRunId": plan.parent_run, "study_parent": plan.parent_run, "study_member": label,
-                    "mlflow.runName": label})  # fmt: skip
+    child.set_tags(
+        {
+            "mlflow.parentRunId": plan.parent_run,
+            "study_parent": plan.parent_run,
+            MEMBER_TAG: label,
+            "mlflow.runName": label,
+        }
+    )
     if owned:
-        pipeline.log_config(child, session.cfg, "compare")
+        runconfig.log_config(child, session.cfg, "compare")
     forced = None
-    if label == FINDER:
+    if label == FINDER and plan.finder is not None:
         finder = plan.finder
-        forced = pipeline.LRChoice(float(finder["lr"]), str(finder["source"]), float(finder["lr_low"]))  # type: ignore[arg-type]
-        child.log_params({"lr_suggested": f"{float(finder['lr_suggested']):.6g}"})  # type: ignore[arg-type]
+        forced = LRChoice(finder.lr, finder.source, finder.lr_low)
+        child.log_params({"lr_suggested": f"{finder.lr_suggested:.6g}"})
     try:
         pipeline.run(session, forced)
     except Preempted as exc:
@@ -158,28 +211,57 @@ def run_member(session: Session, plan: Plan, label: str, owned: bool = False) ->
         child.end("FINISHED")
 
 
-def finish_if_complete(session: Session, plan: Plan) -> None:
-    """The last member to end writes the comparison into the parent (a second writer writes the same)."""
-    members = session.tracker.study_members(plan.parent_run)
-    done = {m.label for m in members if m.status in ("FINISHED", "FAILED", "KILLED")}
-    if set(plan.members) <= done | {_label(session)}:
-        compare(session.tracker.of_run(plan.parent_run), session.cfg, plan, ending=_label(session))
-
-
-def _label(session: Session) -> str:
-    return session.tracker.tags().get("study_member", "")
+def finish_if_complete(session: Session, plan: Plan, label: str) -> None:
+    """The last member to end (`label`, this one) writes the comparison into the parent (a second writer writes the
+    same)."""
+    reader = session.reads()
+    done = {m.label for m in members(reader, plan.parent_run) if m.status in ("FINISHED", "FAILED", "KILLED")}
+    if set(plan.members) <= done | {label}:
+        compare(session.tracker.of_run(plan.parent_run), reader, session.cfg, plan, ending=label)
 
 
 # --- the comparison --------------------------------------------------------------------------------------------
 
 
-def figure_names(members: Sequence[Member]) -> list[str]:
+def members(reader: RunReader, parent_run: str) -> list[Member]:
+    """The parent's child runs as study members: label, status, LR, final figures, per-epoch values, seconds."""
+    return [member(reader, run) for run in reader.children(parent_run) if MEMBER_TAG in run.tags]
+
+
+def member(reader: RunReader, run: RunView) -> Member:
+    params = run.params
+    final = {k: float(v) for k, v in params.items() if k.startswith(("final_", "test_")) and _is_number(v)}
+    history: dict[int, dict[str, float]] = {}
+    for key in ("val_acc", "val_loss", *(k.removeprefix("final_") for k in final if k.startswith("final_"))):
+        for step, value in reader.history(run.run_id, key):
+            history.setdefault(step, {})[key] = value
+    return Member(
+        label=run.tags[MEMBER_TAG],
+        run_id=run.run_id,
+        status=run.status,
+        lr_used=float(params.get("lr_used", "nan")),
+        lr_source=params.get("lr_source", ""),
+        final=final,
+        history=[history[step] for step in sorted(history)],
+        seconds=run.seconds,
+    )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def figure_names(found: Sequence[Member]) -> list[str]:
     """The final figures any member reported (final_<validation value>, then the test values), in a stable order."""
-    names = {k for m in members for k in m.final}
+    names = {k for m in found for k in m.final}
     return sorted(names, key=lambda k: (not k.startswith("final_"), k))
 
 
-def rows(members: Sequence[Member], figures: list[str]) -> list[list[str]]:
+def rows(found: Sequence[Member], figures: list[str]) -> list[list[str]]:
     def fmt(value: float, digits: str = ".4f") -> str:
         return format(value, digits) if math.isfinite(value) else "-"
 
@@ -187,49 +269,47 @@ def rows(members: Sequence[Member], figures: list[str]) -> list[list[str]]:
         [m.label, fmt(m.lr_used, ".3g"), m.lr_source, m.status]
         + [fmt(m.final.get(k, math.nan)) for k in figures]
         + [fmt(m.seconds, ".1f")]
-        for m in members
+        for m in found
     ]
 
 
-def summary(members: Sequence[Member]) -> str:
+def summary(found: Sequence[Member]) -> str:
     """The comparison as a markdown table."""
-    figures = figure_names(members)
-    cells = [[markdown.cell(text) for text in row] for row in rows(members, figures)]
+    figures = figure_names(found)
+    cells = [[markdown.cell(text) for text in row] for row in rows(found, figures)]
     return markdown.table([*BASE_COLUMNS, *figures, "seconds"], cells)
 
 
-def best(members: Sequence[Member], cfg: JobConfig) -> Member | None:
+def best(found: Sequence[Member], cfg: JobConfig) -> Member | None:
     """The finished member with the best final value of the monitored figure (final_<monitor>, or <monitor>)."""
     value = lambda m: m.final.get(f"final_{cfg.monitor}", m.final.get(cfg.monitor, math.nan))  # noqa: E731
-    ranked = [m for m in members if m.status == "FINISHED" and math.isfinite(value(m))]
+    ranked = [m for m in found if m.status == "FINISHED" and math.isfinite(value(m))]
     if not ranked:
         return None
     return (min if cfg.monitor_mode == "min" else max)(ranked, key=value)
 
 
-def compare(parent: object, cfg: JobConfig, plan: Plan, ending: str = "") -> str:
+def compare(parent: Tracker, reader: RunReader, cfg: JobConfig, plan: Plan, ending: str = "") -> str:
     """comparison.csv/.md/.png and the best member in the parent; the markdown table, in the plan's order. A member
     still marked RUNNING but `ending` is the one writing this: shown FINISHED."""
-    found = {m.label: m for m in parent.study_members(plan.parent_run)}  # type: ignore[attr-defined]
-    members = [found[label] for label in plan.members if label in found]
-    for m in members:
-        if m.label == ending and m.status == "RUNNING":
-            m.status = "FINISHED"
-    figures = figure_names(members)
+    by_label = {m.label: m for m in members(reader, plan.parent_run)}
+    found = [by_label[label] for label in plan.members if label in by_label]
+    found = [replace(m, status="FINISHED") if m.label == ending and m.status == "RUNNING" else m for m in found]
+    figures = figure_names(found)
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow([*BASE_COLUMNS, *figures, "seconds"])
-    writer.writerows(rows(members, figures))
-    table = summary(members)
+    writer.writerows(rows(found, figures))
+    table = summary(found)
     files: dict[str, bytes | str] = {"comparison.csv": buf.getvalue(), "comparison.md": table}
-    curves = {m.label: m.history for m in members if m.history}
+    curves = {m.label: m.history for m in found if m.history}
     if curves:
         files["comparison.png"] = plots.comparison(curves, cfg.monitor, highlight=FINDER)
-    parent.log_files(files)  # type: ignore[attr-defined]
-    failed = sum(m.status != "FINISHED" for m in members) + len(plan.members) - len(members)
-    parent.set_tags({"members_failed": str(failed), "study_complete": "true"})  # type: ignore[attr-defined]
-    top = best(members, cfg)
+    parent.log_files(files)
+    failed = sum(m.status != "FINISHED" for m in found) + len(plan.members) - len(found)
+    parent.set_tags({"members_failed": str(failed), "study_complete": "true"})
+    top = best(found, cfg)
     if top is not None:
         key = f"final_{cfg.monitor}" if f"final_{cfg.monitor}" in top.final else cfg.monitor
-        parent.set_tags({"best_member": top.label, f"best_{key}": f"{top.final[key]:.4f}"})  # type: ignore[attr-defined]
+        parent.set_tags({"best_member": top.label, f"best_{key}": f"{top.final[key]:.4f}"})
     return table

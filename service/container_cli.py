@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from mlproject.provenance import git_commit
-from mlproject.tracking_env import configure_client
+from mlproject.record.environment import configure_client
+from mlproject.record.provenance import git_commit
 from service import job_args, launcher, run_outputs, spec
 from service.container_options import DEFAULT_IMAGE, container_options, fail, job_options, plan
 
@@ -125,7 +125,9 @@ def run_command(
     problem = spec.tracking_problem(options["tracking_uri"])
     if problem:
         raise fail(problem, 2)
-    job = dict(params=params, entry_point=entry_point, experiment=experiment_name, run_name=run_name, resume=resume)
+    job: dict[str, Any] = dict(
+        params=params, entry_point=entry_point, experiment=experiment_name, run_name=run_name, resume=resume
+    )
     job_spec, command, env = plan(**options, **job, name=name)
     for line in job_spec.describe():
         click.echo(f"lr-finder: {line}", err=True)

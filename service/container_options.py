@@ -17,11 +17,19 @@ DEFAULT_IMAGE = "lr-finder:latest"
 DEBIAN_DATASET = Path(FASHION_MNIST_DIR)
 
 
+class Failure(click.ClickException):
+    """click's one-line `Error: message`, exit 1."""
+
+
+class UsageFailure(Failure):
+    """A bad option or argument: exit 2, as click's own usage errors."""
+
+    exit_code = 2
+
+
 def fail(message: str, code: int = 1) -> click.ClickException:
-    """click's one-line `Error: message`, with this exit code."""
-    exc = click.ClickException(message)
-    exc.exit_code = code
-    return exc
+    """click's one-line `Error: message`, with exit code 1 or (a usage error) 2."""
+    return UsageFailure(message) if code == 2 else Failure(message)
 
 
 def _apply(options: list[Callable[..., Any]], func: Callable[..., Any]) -> Callable[..., Any]:
@@ -114,9 +122,16 @@ def plan(
         command = job_args.job_command(**job, code=bool(code))
         sources = {"data": _source("--data", data), "cache": _source("--cache", cache), "code": code}
         job_spec = spec.launch_spec(
-            image, gpus=gpus, shm_size=shm_size, names=names, network=network, command=command.args,
-            entrypoint=command.entrypoint, name=name, **sources,
-        )  # fmt: skip
+            image,
+            gpus=gpus,
+            shm_size=shm_size,
+            names=names,
+            network=network,
+            command=command.args,
+            entrypoint=command.entrypoint,
+            name=name,
+            **sources,
+        )
     except spec.SpecError as exc:
         raise fail(str(exc), 2) from exc
     return job_spec, command, {n: environ[n] for n in names}

@@ -20,7 +20,7 @@ from docker.types import DeviceRequest
 from docker.types import Mount as DockerMount
 from docker.utils.build import exclude_paths
 
-from mlproject.tracking_env import QUIET
+from mlproject.record.environment import QUIET
 from service.probes import Probe, answer
 from service.progress import TransferProgress, log_lines
 from service.spec import LABEL, GpuRequest, LaunchSpec, name_conflict

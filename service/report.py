@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from mlproject.tracking_env import redact
+from mlproject.record.environment import redact
 from service.report_options import DATABASE_SCHEMES, HTTP_SCHEMES
 from service.report_table import PARENT_TAG
 from service.server import SERVER_EXTRA

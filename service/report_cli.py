@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import click
 
-from mlproject.tracking_env import configure_client
+from mlproject.record.environment import configure_client
 from service import report, report_options, report_table
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mlproject import markdown
-from mlproject.tracking_env import run_url
+from mlproject.record.environment import run_url
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -112,15 +112,17 @@ def render(
     cells = []
     for r in table:
         score = _score(r.score)
-        cells.append([
-            ("↳ " * r.depth) + markdown.cell(r.name),
-            markdown.cell(r.lr_source) or "-",
-            _lr(r.lr_used),
-            _lr(r.lr_suggested),
-            f"**{score}**" if r is top else score,
-            markdown.cell(r.status),
-            _link(r, ui_url),
-        ])  # fmt: skip
+        cells.append(
+            [
+                ("↳ " * r.depth) + markdown.cell(r.name),
+                markdown.cell(r.lr_source) or "-",
+                _lr(r.lr_used),
+                _lr(r.lr_suggested),
+                f"**{score}**" if r is top else score,
+                markdown.cell(r.status),
+                _link(r, ui_url),
+            ]
+        )
     header = (*COLUMNS[:4], metric, *COLUMNS[4:])
     return "\n".join(lines) + "\n\n" + markdown.table(header, cells)
 

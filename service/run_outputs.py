@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlproject import markdown
-from mlproject.tracking_env import run_url
+from mlproject.record.environment import run_url
 from service.spec import scrub
 
 if TYPE_CHECKING:

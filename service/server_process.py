@@ -65,7 +65,7 @@ def port_problem(host: str, port: int) -> ServerConfigError | ServerStartError |
     return None
 
 
-def _bind_error(host: str, port: int, exc: OSError) -> Exception:
+def _bind_error(host: str, port: int, exc: OSError) -> ServerConfigError | ServerStartError:
     if exc.errno == errno.EADDRINUSE:
         return ServerStartError(f"port {port} on {host} is in use by another process: stop it or choose another --port")
     if exc.errno == errno.EADDRNOTAVAIL:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from mlproject.logs import LEVEL_ENV
-from mlproject.tracking_env import CREDENTIAL_ENV
+from mlproject.record.environment import CREDENTIAL_ENV
 
 DATA_TARGET = "/data"  # the image's dataset volume (FASHION_MNIST_DIR)
 CACHE_TARGET = "/home/lrfinder/.cache"  # the job downloads into ~/.cache/mlproject when /data is empty

@@ -188,3 +188,30 @@ def test_two_nodes_on_loopback_each_with_its_own_disk_track_one_run(tmp_path):
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
     assert "test_acc" in run.data.params
     assert not list((tmp_path / "node0").glob(".lr_find_*")), "the snapshot stayed in memory"
+
+
+def test_a_study_of_two_processes_makes_one_parent_and_a_child_per_member_each_trained_under_ddp(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = as_options(small_job(devices=2, lr_steps=30, val_size=500))
+    cmd = [sys.executable, "-m", "mlproject", "compare", "--experiment-name", "study", *args, "--lrs", "1e-3"]
+    code, out, err = finish(subprocess.Popen(cmd, cwd=tmp_path, env=job_env(uri), stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True))  # fmt: skip
+    assert code == 0, err[-3000:]
+    runs = runs_of(uri, "study")
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {r.data.tags["study_member"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
+    assert sorted(children) == ["lr=0.001", "lr=finder"] and len(runs) == 3  # no run of rank 1's
+    assert all(c.info.status == "FINISHED" and c.data.tags["world_size"] == "2" for c in children.values())
+    assert children["lr=finder"].data.params["lr_suggested"] == parent.data.params["lr_suggested"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["study_complete"] == "true"
+    assert out.count("| lr=finder |") == 1  # rank 0 alone prints the comparison
+
+
+def test_a_study_of_several_devices_refuses_parallel_members_in_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "mlproject", "compare", "--devices", "2", "--parallel", "2"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=job_env(f"sqlite:///{tmp_path}/m.db"), capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: invalid value for parallel: 2; expected 1 when a member trains on several devices (devices x "
+        "num_nodes > 1)"
+    ]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mlproject.lr_range import PEAK_CAP
+from mlproject.finder.rules import PEAK_CAP
 from tests.helpers import REPO, artifact_paths, mlflow_run, requires_fashion_mnist, runs_of
 
 pytestmark = [pytest.mark.slow, requires_fashion_mnist]

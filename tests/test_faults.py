@@ -16,7 +16,7 @@ from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.client import TrackingServiceClient
 
-from mlproject.tracking import Tracker
+from mlproject.record.tracker import RunTracker
 from service import server
 from tests.helpers import (
     AUTH_ENV,
@@ -343,7 +343,7 @@ def test_a_job_that_loses_the_race_to_make_its_experiment_runs_in_it(tmp_path, m
         return None if len(looked) == 1 else real(self, name)
 
     monkeypatch.setattr(TrackingServiceClient, "get_experiment_by_name", first_not_there_yet)
-    tracker = Tracker.open(uri, "", "faults")
+    tracker = RunTracker.open(uri, "", "faults")
     tracker.end("FINISHED")
     assert looked[0] == "faults"
     assert client.get_run(tracker.run_id).info.experiment_id == made
@@ -363,7 +363,7 @@ def test_a_run_whose_first_try_to_record_its_end_fails_still_ends_with_its_statu
         return real(self, run_id, status, end_time)
 
     monkeypatch.setattr(TrackingServiceClient, "set_terminated", busy_once)
-    tracker = Tracker.open(uri, "", "faults")
+    tracker = RunTracker.open(uri, "", "faults")
     tracker.end("KILLED", error="stopped by SIGTERM")
     assert tries[:2] == ["KILLED", "KILLED"]
     assert MlflowClient(uri).get_run(tracker.run_id).info.status == "KILLED"

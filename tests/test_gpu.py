@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from mlproject.config import JobConfig
 from mlproject.errors import HardwareError
-from mlproject.training import resolve_runtime
+from mlproject.training.runtime import resolve_runtime
 from tests.helpers import mlflow_run, requires_fashion_mnist
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible on this machine")

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from mlproject import lr_range
-from mlproject.lr_range import suggest
+from mlproject.finder import rules
+from mlproject.finder.rules import suggest
 
 LRS = np.logspace(-6, 0, 100)
 X = np.log10(LRS)
@@ -23,13 +23,13 @@ def decades(a: float, b: float) -> float:
 
 
 def test_steepest_finds_the_steepest_point_of_a_clean_curve():
-    found = lr_range.steepest(lr_range.usable_curve(LRS, sigmoid_curve(center=-3.0)))
+    found = rules.steepest(rules.usable_curve(LRS, sigmoid_curve(center=-3.0)))
     assert decades(found.lr, 1e-3) < 0.1
 
 
 @pytest.mark.parametrize("center", [-4.0, -3.0, -2.5])
 def test_steepest_tracks_the_descent_when_it_moves(center):
-    found = lr_range.steepest(lr_range.usable_curve(LRS, sigmoid_curve(center=center, blowup_at=center + 1.5)))
+    found = rules.steepest(rules.usable_curve(LRS, sigmoid_curve(center=center, blowup_at=center + 1.5)))
     assert decades(found.lr, 10**center) < 0.15
 
 
@@ -41,14 +41,14 @@ def test_steepest_survives_noise():
 
 
 def test_minimum_rule_is_a_tenth_of_the_lr_at_the_minimum():
-    curve = lr_range.usable_curve(LRS, sigmoid_curve(blowup_at=-1.0))
+    curve = rules.usable_curve(LRS, sigmoid_curve(blowup_at=-1.0))
     i_min = int(np.argmin(curve.smoothed))
-    assert lr_range.minimum(curve).lr == pytest.approx(LRS[i_min] / 10)
+    assert rules.minimum(curve).lr == pytest.approx(LRS[i_min] / 10)
     assert decades(LRS[i_min], 1e-1) < 0.3
 
 
 def test_valley_lies_inside_the_descent():
-    found = lr_range.valley(lr_range.usable_curve(LRS, sigmoid_curve(center=-3.0)))
+    found = rules.valley(rules.usable_curve(LRS, sigmoid_curve(center=-3.0)))
     assert 10**-3.8 < found.lr < 10**-1.5
 
 
@@ -57,7 +57,7 @@ def test_combined_is_the_geometric_mean_of_steepest_and_the_ceiling_and_reports_
     found = suggest(LRS, losses)
     assert found.method == "combined"
     assert set(found.candidates) == {"steepest", "valley", "minimum"}
-    ceiling = lr_range.bottom(lr_range.usable_curve(LRS, losses)) / lr_range.SAFETY
+    ceiling = rules.bottom(rules.usable_curve(LRS, losses)) / rules.SAFETY
     assert found.lr == pytest.approx(math.sqrt(found.candidates["steepest"] * ceiling))
     assert 0 < found.confidence <= 1
 
@@ -66,19 +66,19 @@ def test_the_floor_is_the_middle_of_a_flat_bottom_not_its_noisiest_point():
     # Flat between 10**-2.5 and 10**-1.5, a noise dip of 3% of the drop at its left edge.
     losses = np.interp(X, [-6, -4, -2.5, -1.5, 0], [2.3, 2.3, 0.5, 0.5, 3.0])
     losses[(X > -2.5) & (X < -2.3)] -= 0.08
-    curve = lr_range.usable_curve(LRS, losses)
-    assert decades(lr_range.bottom(curve), 10**-2.0) < 0.15
+    curve = rules.usable_curve(LRS, losses)
+    assert decades(rules.bottom(curve), 10**-2.0) < 0.15
     assert decades(float(curve.lrs[np.argmin(curve.smoothed)]), 10**-2.0) > 0.2  # where the argmin went
 
 
 @pytest.mark.parametrize(("steps", "weight"), [(None, 0.5), (5000, 0.5), (600, 0.5), (100, 1.0), (20, 1.0)])
 def test_weight_toward_the_floor_grows_as_the_training_shortens(steps, weight):
-    assert lr_range.toward_floor(steps) == pytest.approx(weight)
+    assert rules.toward_floor(steps) == pytest.approx(weight)
 
 
 def test_a_shorter_training_gets_a_larger_suggestion_up_to_the_ceiling():
     losses = sigmoid_curve()
-    ceiling = lr_range.bottom(lr_range.usable_curve(LRS, losses)) / lr_range.SAFETY
+    ceiling = rules.bottom(rules.usable_curve(LRS, losses)) / rules.SAFETY
     lrs = [suggest(LRS, losses, train_steps=n).lr for n in (5000, 400, 200, 100)]
     assert lrs == sorted(lrs) and lrs[0] < lrs[1] < lrs[2]
     assert lrs[-1] == pytest.approx(ceiling)
@@ -87,11 +87,11 @@ def test_a_shorter_training_gets_a_larger_suggestion_up_to_the_ceiling():
 def test_combined_never_comes_within_the_safety_factor_of_the_minimum():
     # A curve that falls late and steeply right before blowing up: every rule points near the minimum.
     losses = sigmoid_curve(center=-1.3, width=0.1, blowup_at=-1.0)
-    curve = lr_range.usable_curve(LRS, losses)
+    curve = rules.usable_curve(LRS, losses)
     lr_at_min = LRS[int(np.argmin(curve.smoothed))]
     for steps in (None, 50):
         found = suggest(LRS, losses, train_steps=steps)
-        assert found.lr <= lr_at_min / lr_range.SAFETY * (1 + 1e-9)
+        assert found.lr <= lr_at_min / rules.SAFETY * (1 + 1e-9)
 
 
 def test_nan_from_the_first_step_falls_back_with_a_reason():
@@ -120,7 +120,7 @@ def test_flat_curve_falls_back():
 def test_every_method_answers_with_an_lr_even_for_a_curve_it_cannot_read(method):
     found = suggest(LRS[:5], [2.3, 2.2, 2.1, 2.0, 1.9], method, fallback_lr=5e-4)
     assert (found.lr, found.method, found.confidence) == (5e-4, "fallback", 0.0)
-    assert found.reason == f"only 5 usable points, need {lr_range.MIN_POINTS}"
+    assert found.reason == f"only 5 usable points, need {rules.MIN_POINTS}"
 
 
 def test_rising_curve_falls_back():
@@ -143,7 +143,7 @@ def test_early_divergence_leaves_too_few_points():
 
 
 def test_divergence_without_nan_cuts_the_curve_at_four_times_the_minimum():
-    curve = lr_range.usable_curve(LRS, sigmoid_curve(blowup_at=-1.0))
+    curve = rules.usable_curve(LRS, sigmoid_curve(blowup_at=-1.0))
     assert curve.reason.startswith("loss above 4x")
     assert len(curve.lrs) == curve.stopped_at < len(LRS)
     assert LRS[curve.stopped_at] > 10**-1.2  # at the blow-up (from 0.1), which smoothing sees a step early
@@ -151,10 +151,10 @@ def test_divergence_without_nan_cuts_the_curve_at_four_times_the_minimum():
 
 def test_suggestion_range_brackets_the_suggestion():
     found = suggest(LRS, sigmoid_curve())
-    assert found.lr_low < found.lr <= found.lr_high <= lr_range.PEAK_CAP * found.lr
+    assert found.lr_low < found.lr <= found.lr_high <= rules.PEAK_CAP * found.lr
     assert found.lr_high == pytest.approx(10 * found.lr_low)
-    floor = lr_range.bottom(lr_range.usable_curve(LRS, sigmoid_curve()))
-    assert found.lr_high <= floor / lr_range.PEAK_SAFETY  # the peak keeps its distance from divergence
+    floor = rules.bottom(rules.usable_curve(LRS, sigmoid_curve()))
+    assert found.lr_high <= floor / rules.PEAK_SAFETY  # the peak keeps its distance from divergence
 
 
 def test_mismatched_lengths_and_unknown_method_are_errors():
@@ -166,7 +166,7 @@ def test_mismatched_lengths_and_unknown_method_are_errors():
 
 def test_smoothing_has_no_phase_lag():
     y = sigmoid_curve(blowup_at=10)  # no blow-up: a pure falling step
-    sm = lr_range.smooth(y)
+    sm = rules.smooth(y)
     # Zero phase: the smoothed curve crosses the midpoint where the raw one does.
     mid = (y.max() + y.min()) / 2
     assert abs(int(np.argmin(abs(sm - mid))) - int(np.argmin(abs(y - mid)))) <= 1
@@ -179,35 +179,35 @@ def u_curve(rise_at: float = -1.5) -> np.ndarray:
 
 def test_a_sweep_stops_a_smoothing_window_after_the_loss_climbs_back_above_its_start():
     losses = u_curve()
-    k = lr_range.stop_step(LRS, losses)
+    k = rules.stop_step(LRS, losses)
     crossing = int(np.argmax((X > -1.5) & (losses > 2.3)))  # the raw curve's crossing of its start level
-    window = int(3 * lr_range.SMOOTH_DECADES * lr_range.points_per_decade(LRS))
+    window = int(3 * rules.SMOOTH_DECADES * rules.points_per_decade(LRS))
     assert k is not None and crossing + window - 3 <= k <= crossing + window + 3 < len(LRS)
     # What the stopped sweep suggests is what the full sweep suggests.
-    for method in lr_range.METHODS:
+    for method in rules.METHODS:
         assert suggest(LRS[:k], losses[:k], method).lr == pytest.approx(suggest(LRS, losses, method).lr)
 
 
 def test_a_sweep_that_never_climbs_back_runs_to_the_end():
-    assert lr_range.stop_step(LRS, sigmoid_curve(blowup_at=10)) is None  # falls and stays down
-    assert lr_range.stop_step(LRS, np.full(len(LRS), 2.3)) is None  # flat: nothing to stop on
+    assert rules.stop_step(LRS, sigmoid_curve(blowup_at=10)) is None  # falls and stays down
+    assert rules.stop_step(LRS, np.full(len(LRS), 2.3)) is None  # flat: nothing to stop on
 
 
 def test_a_sweep_stops_at_a_non_finite_loss_and_after_the_four_times_cut():
     losses = sigmoid_curve(blowup_at=10)
     losses[60] = np.inf
-    assert lr_range.stop_step(LRS, losses) == 61
+    assert rules.stop_step(LRS, losses) == 61
     blowup = sigmoid_curve(blowup_at=-1.0)
-    k = lr_range.stop_step(LRS, blowup)
-    assert k is not None and k > lr_range.usable_curve(LRS, blowup).stopped_at
+    k = rules.stop_step(LRS, blowup)
+    assert k is not None and k > rules.usable_curve(LRS, blowup).stopped_at
     assert suggest(LRS[:k], blowup[:k]).lr == pytest.approx(suggest(LRS, blowup).lr)
 
 
 def test_smoothing_and_start_level_are_set_in_decades_so_a_shorter_sweep_reads_the_same():
     losses = u_curve()
-    full, cut = lr_range.usable_curve(LRS, losses), lr_range.usable_curve(LRS[:80], losses[:80])
+    full, cut = rules.usable_curve(LRS, losses), rules.usable_curve(LRS[:80], losses[:80])
     np.testing.assert_allclose(cut.smoothed[:60], full.smoothed[:60])
-    assert lr_range._start_level(cut) == lr_range._start_level(full)
+    assert rules._start_level(cut) == rules._start_level(full)
 
 
 @pytest.mark.parametrize("noise", [0.05, 0.10])
@@ -216,7 +216,7 @@ def test_noise_on_the_flat_start_does_not_stop_a_sweep_before_its_descent(noise)
     stopped = 0
     for _ in range(40):
         losses = u_curve() * np.exp(rng.normal(0, noise, len(LRS)))
-        k = lr_range.stop_step(LRS, losses)
+        k = rules.stop_step(LRS, losses)
         assert k is None or LRS[k - 1] > 10**-1.5  # never before the climb that starts at 10**-1.5
         if k is not None:
             assert suggest(LRS[:k], losses[:k]).lr == pytest.approx(suggest(LRS, losses).lr)
@@ -227,7 +227,7 @@ def test_noise_on_the_flat_start_does_not_stop_a_sweep_before_its_descent(noise)
 def test_a_spike_above_the_start_before_the_descent_does_not_stop_the_sweep():
     losses = u_curve()
     losses[(X > -5.0) & (X < -4.7)] += 0.6  # a burst of bad batches on the plateau, then the real descent
-    k = lr_range.stop_step(LRS, losses)
+    k = rules.stop_step(LRS, losses)
     assert k is not None and LRS[k - 1] > 10**-1.5
 
 
@@ -235,12 +235,12 @@ def test_a_long_sweep_stops_after_its_climb_and_its_fft_smoothing_matches_direct
     lrs = np.logspace(-6, 0, 6000)
     x = np.log10(lrs)
     losses = 2.3 - 1.8 / (1 + np.exp(-(x + 3) / 0.25)) + np.where(x > -1.5, 2.5 * (x + 1.5), 0.0)
-    k = lr_range.stop_step(lrs, losses)
-    curve = lr_range.usable_curve(lrs, losses)
+    k = rules.stop_step(lrs, losses)
+    curve = rules.usable_curve(lrs, losses)
     assert k is not None and lrs[k - 1] > 10**-1.5
-    assert curve.sigma > lr_range.FFT_RADIUS  # this curve went through the FFT path
+    assert curve.sigma > rules.FFT_RADIUS  # this curve went through the FFT path
     kernel = np.exp(-0.5 * (np.arange(-int(3 * curve.sigma), int(3 * curve.sigma) + 1) / curve.sigma) ** 2)
-    np.testing.assert_allclose(lr_range._convolve(losses, kernel), np.convolve(losses, kernel), rtol=1e-9)
+    np.testing.assert_allclose(rules._convolve(losses, kernel), np.convolve(losses, kernel), rtol=1e-9)
 
 
 def momentum_curve(dip: float = 1.9) -> np.ndarray:
@@ -256,27 +256,27 @@ def momentum_curve(dip: float = 1.9) -> np.ndarray:
 
 def test_a_curve_is_cut_where_it_climbs_back_above_its_start_so_a_later_dip_is_no_floor():
     losses = momentum_curve(dip=1.9)  # the dip after the spike lies below the shallow descent's minimum
-    curve = lr_range.usable_curve(LRS, losses)
+    curve = rules.usable_curve(LRS, losses)
     assert curve.reason == "loss back above its start"
     assert curve.lrs[-1] < 10**-0.9  # before the spike's top, long before the dip
     found = suggest(LRS, losses)
-    assert found.lr <= 10**-1.0 / lr_range.SAFETY  # from the floor before the spike, not the dip at 10**-0.5
+    assert found.lr <= 10**-1.0 / rules.SAFETY  # from the floor before the spike, not the dip at 10**-0.5
     assert found.lr == pytest.approx(suggest(LRS, momentum_curve(dip=2.3)).lr, rel=0.1)  # as if there were no dip
 
 
 def test_a_shallow_descent_lowers_the_confidence_and_says_so():
     shallow, deep = suggest(LRS, momentum_curve()), suggest(LRS, sigmoid_curve())
-    drop = lr_range.depth(lr_range.usable_curve(LRS, momentum_curve()))
-    assert drop < lr_range.DEEP_DROP and shallow.confidence == pytest.approx(drop / lr_range.DEEP_DROP)
+    drop = rules.depth(rules.usable_curve(LRS, momentum_curve()))
+    assert drop < rules.DEEP_DROP and shallow.confidence == pytest.approx(drop / rules.DEEP_DROP)
     assert f"a shallow descent ({drop:.0%} below the start)" in shallow.reason
     assert deep.confidence == 1.0 and "shallow" not in deep.reason
 
 
 def test_a_momentum_curve_stops_a_window_after_its_spike_and_suggests_what_the_full_sweep_would():
     losses = momentum_curve()
-    k = lr_range.stop_step(LRS, losses)
-    cut = lr_range.usable_curve(LRS, losses).stopped_at
-    assert k is not None and k == cut + int(3 * lr_range.usable_curve(LRS, losses).sigma) + 1
+    k = rules.stop_step(LRS, losses)
+    cut = rules.usable_curve(LRS, losses).stopped_at
+    assert k is not None and k == cut + int(3 * rules.usable_curve(LRS, losses).sigma) + 1
     assert suggest(LRS[:k], losses[:k]).lr == pytest.approx(suggest(LRS, losses).lr)
 
 
@@ -292,10 +292,10 @@ def batchnorm_curve() -> np.ndarray:
 
 def test_a_batchnorm_curve_is_read_up_to_its_spike_with_full_confidence():
     losses = batchnorm_curve()
-    curve = lr_range.usable_curve(LRS, losses)
+    curve = rules.usable_curve(LRS, losses)
     assert curve.lrs[-1] < 10**-1.0  # the recovery beyond the spike is not read
-    floor = lr_range.bottom(curve)
+    floor = rules.bottom(curve)
     assert 10**-3.3 < floor < 10**-1.5  # inside the broad floor
     found = suggest(LRS, losses)
     assert found.confidence == 1.0
-    assert found.lr <= floor / lr_range.SAFETY * (1 + 1e-9)
+    assert found.lr <= floor / rules.SAFETY * (1 + 1e-9)

@@ -16,21 +16,26 @@ import torch
 import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 
-from mlproject import data, pipeline, stopping, task, training
+from mlproject import pipeline
 from mlproject.config import JobConfig
 from mlproject.errors import Preempted, TrainingDiverged
-from mlproject.lr_range import suggest
-from mlproject.model import lenet
-from mlproject.ranks import Place
+from mlproject.finder import choose
+from mlproject.finder.rules import suggest
+from mlproject.processes import stopping
+from mlproject.processes.ranks import Place
+from mlproject.record.tracker import RunTracker
 from mlproject.session import Session
-from mlproject.tracking import Tracker
+from mlproject.training import batches, idx, runtime, task
+from mlproject.training.networks import lenet
 from tests.helpers import FASHION_DIR, as_options, requires_fashion_mnist, small_job
 
 # The small job on tests/helpers.write_dataset's 300 images.
 TINY = small_job(train_subset=0, val_size=100, batch_size=32, accelerator="cpu", seed=7, auto_lr=False)
 
 
-def run_job(tmp: Path, folder: Path, tracker: type[Tracker] = Tracker, **changes) -> tuple[pipeline.JobResult, dict]:
+def run_job(
+    tmp: Path, folder: Path, tracker: type[RunTracker] = RunTracker, **changes
+) -> tuple[pipeline.JobResult, dict]:
     uri = f"sqlite:///{tmp}/mlflow.db"
     client = MlflowClient(uri)
     if client.get_experiment_by_name("pipe") is None:
@@ -81,7 +86,7 @@ def test_a_cpu_job_does_not_probe_for_a_gpu_at_every_step(tmp_path, tiny_data):
     assert int(probes) < steps  # a few as the Trainer starts; not one a step
 
 
-class SignalledAsTheFirstEpochShows(Tracker):
+class SignalledAsTheFirstEpochShows(RunTracker):
     """A real SIGTERM to this process, the moment the job starts to show its first finished epoch."""
 
     def log_metrics(self, metrics, step=0):
@@ -111,12 +116,14 @@ def test_a_sigterm_as_an_epoch_shows_lets_its_report_and_checkpoint_land_whole(t
     assert torch.load(local, weights_only=False)["epoch"] == 0
 
 
-def test_a_second_signal_after_the_stop_does_not_interrupt_the_clean_up(tmp_path, tiny_data, stop_signals):
+def test_after_the_stop_signal_a_second_one_does_not_interrupt_the_clean_up(stop_signals):
+    """The first signal stops the job; a second (another Ctrl-C, the SIGTERM after a SIGINT) while it writes its
+    checkpoint and ends its run must not interrupt that."""
     with pytest.raises(Preempted, match="SIGTERM"):
-        run_job(tmp_path, tiny_data, SignalledAsTheFirstEpochShows, schedule="constant", epochs=3)
-    os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C, while the job would be logging its checkpoint
-    os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(0.1)  # nothing raised: the clean-up would carry on
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at the next bytecode, long before this ends
+    os.kill(os.getpid(), signal.SIGINT)  # a signal to this process is handled before os.kill returns:
+    os.kill(os.getpid(), signal.SIGTERM)  # had either raised, the test would fail here
 
 
 def test_flat_sweep_falls_back_to_lr_and_records_why(tmp_path, tiny_data):
@@ -124,7 +131,7 @@ def test_flat_sweep_falls_back_to_lr_and_records_why(tmp_path, tiny_data):
     result, params = run_job(tmp_path, tiny_data, auto_lr=True, lr_min=1e-12, lr_max=1e-11, lr=0.002, epochs=1)
     assert params["lr_source"] == "fallback"
     assert float(params["lr_used"]) == pytest.approx(0.002)
-    assert "flat" in result.choice.found.suggestion.reason
+    assert "flat" in result.choice.range_test.suggestion.reason
 
 
 def test_diverging_training_stops_with_a_clear_error(tmp_path, tiny_data):
@@ -176,8 +183,8 @@ def test_compile_trains_the_same_network_and_keeps_its_checkpoint_names(tmp_path
 @requires_fashion_mnist
 def test_the_range_test_stops_once_the_curve_has_diverged_and_suggests_what_the_full_sweep_would():
     cfg = JobConfig(train_subset=8000, val_size=500, accelerator="cpu", precision="32-true", seed=3)
-    job, rt = task.build(cfg.replace(data_dir=str(FASHION_DIR))), training.detect_runtime(cfg)
-    early_test, full_test = pipeline.one_sweep(cfg, job, rt), pipeline.one_sweep(cfg, job, rt, stop_early=False)
+    job, rt = task.build(cfg.replace(data_dir=str(FASHION_DIR))), runtime.detect_runtime(cfg)
+    early_test, full_test = choose.range_test(cfg, job, rt), choose.range_test(cfg, job, rt, stop_early=False)
     early, early_found = early_test.curve, early_test.suggestion
     full, full_found = full_test.curve, full_test.suggestion
     assert early.steps_run < full.steps_run == cfg.lr_steps  # LeNet/Adam diverges before lr_max=1
@@ -194,8 +201,8 @@ def test_lenet_pooling_before_relu_gives_the_textbook_values_and_gradients_bit_f
     net = lenet().to(memory_format=torch.channels_last)
     relu, pool = torch.nn.ReLU(), torch.nn.MaxPool2d(2)
     textbook = torch.nn.Sequential(net[0], relu, pool, net[3], relu, pool, *net[6:])
-    ds = data.load("fashion-mnist", data.Source((FASHION_DIR,)), 100, 0, seed=0)
-    x = data.normalize(ds.train.images[:256], ds.mean, ds.std).contiguous(memory_format=torch.channels_last)
+    ds = idx.load("fashion-mnist", idx.Source((FASHION_DIR,)), 100, 0, seed=0)
+    x = batches.normalize(ds.train.images[:256], ds.mean, ds.std).contiguous(memory_format=torch.channels_last)
     y = ds.train.labels[:256]
     outputs, grads = [], []
     for model in (net, textbook):

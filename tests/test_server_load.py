@@ -28,8 +28,8 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mlproject.sources import DataInput
-from mlproject.tracking import Tracker
+from mlproject.record.outputs import DataInput
+from mlproject.record.tracker import RunTracker
 from tests.helpers import REPO, as_options, free_port, requires_fashion_mnist, run_jobs, running_server, small_job
 
 pytestmark = [pytest.mark.slow, requires_fashion_mnist]
@@ -223,7 +223,7 @@ def log_one_dataset_at_once(url: str, runs: list[str], images: np.ndarray, label
     start, errors = threading.Barrier(len(runs)), []
 
     def race(run_id: str) -> None:
-        tracker = Tracker(MlflowClient(url), run_id)
+        tracker = RunTracker(MlflowClient(url), run_id)
         start.wait()
         try:
             tracker.log_dataset(DataInput("test", "testing", "/data/fashion-mnist", (images, labels)))

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlproject.logs import LEVEL_ENV
-from mlproject.tracking_env import run_url
+from mlproject.record.environment import run_url
 from service import job_args, probes, progress, run_outputs, spec
 from service.cli import cli
 from service.container_options import plan

@@ -13,14 +13,17 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mlproject import lr_range, pipeline, task, verify
-from mlproject.classpaths import add_code_path
+from mlproject import pipeline
 from mlproject.config import ConfigError, JobConfig
-from mlproject.lr_range import Suggestion
-from mlproject.ranks import Place
+from mlproject.finder import rules, verify
+from mlproject.finder.rules import Suggestion
+from mlproject.finder.verify import Trial
+from mlproject.processes.ranks import Place
+from mlproject.record import runconfig
+from mlproject.record.tracker import RunTracker
 from mlproject.session import Session
-from mlproject.tracking import Tracker
-from mlproject.verify import Trial
+from mlproject.training import task
+from mlproject.training.classpaths import add_code_path
 from tests.helpers import REPO, finish, job_env, runs_of, small_job, start_job, write_dataset
 
 CONFIDENT = Suggestion(1e-2, "combined", 1.0, "")
@@ -93,14 +96,15 @@ def test_another_candidate_replaces_the_suggestion_only_with_a_clearly_larger_ga
 def test_a_verified_lr_keeps_a_range_that_peaks_at_the_lr_itself():
     lrs = list(np.geomspace(1e-4, 1e-1, 40))
     losses = [2.3 - 1.5 * i / 39 for i in range(40)]  # still falling at lr_max: the floor is the sweep's edge
-    found = lr_range.suggest(lrs, losses, train_steps=1000)
-    guarded = lr_range.guard_edge(found, lrs, losses, ran_to_end=True)
+    curve = rules.usable_curve(lrs, losses)
+    found = rules.suggest_curve(curve, train_steps=1000)
+    guarded = rules.guard_edge(found, curve, ran_to_end=True)
     assert guarded.lr_high == guarded.lr
-    moved = verify.moved(guarded, 3 * float(guarded.lr or 0), lrs, losses)
+    moved = verify.moved(guarded, 3 * guarded.lr, curve)
     assert (moved.lr_low, moved.lr_high) == pytest.approx((moved.lr / 10, moved.lr))
     deep = [2.3 - 1.5 * math.sin(math.pi * i / 39) for i in range(40)]  # a floor in the middle of the sweep
-    s = lr_range.suggest(lrs, deep, train_steps=1000)
-    assert s.lr_high > s.lr and verify.moved(s, float(s.lr or 0), lrs, deep).lr_high > s.lr
+    s = rules.suggest(lrs, deep, train_steps=1000)
+    assert s.lr_high > s.lr and verify.moved(s, s.lr, rules.usable_curve(lrs, deep)).lr_high > s.lr
 
 
 def test_a_diverged_trial_never_wins_and_ties_keep_the_suggestion():
@@ -134,11 +138,11 @@ def run_job(tmp: Path, **changes: object) -> tuple[pipeline.JobResult, dict[str,
         client.create_experiment("verify", artifact_location=str(tmp / "artifacts"))
     cfg = JobConfig.from_params(TINY).replace(**changes)
     add_code_path(cfg.code)
-    tracker = Tracker.open(uri, "", "verify")
+    tracker = RunTracker.open(uri, "", "verify")
     try:
         work = tmp / tracker.run_id
         work.mkdir()
-        pipeline.log_config(tracker, cfg, "train")
+        runconfig.log_config(tracker, cfg, "train")
         result = pipeline.run(Session(cfg, task.build(cfg), tracker, work, None, Place()))
     finally:
         tracker.end("FINISHED")
@@ -159,8 +163,8 @@ def images(tmp_path: Path) -> Path:
 def test_a_suggestion_far_too_small_is_corrected_by_verification(tmp_path, images, monkeypatch):
     """The rule is made to answer a hundredth of its LR; with five candidates (a decade either side) verification
     moves the fit up by a decade, and the fit ends better than at the wrong suggestion."""
-    rule = lr_range.suggest
-    monkeypatch.setattr(lr_range, "suggest", lambda *a, **k: _scaled(rule(*a, **k), 0.01))
+    rule = rules.suggest_curve
+    monkeypatch.setattr(rules, "suggest_curve", lambda *a, **k: _scaled(rule(*a, **k), 0.01))
     job = {"data_dir": str(images), "auto_lr": True, "schedule": "constant", "epochs": 8, "verify_fraction": 1.0}
     wrong, wrong_params, _ = run_job(tmp_path, **job, lr_verify="off")
     fixed, params, folder = run_job(tmp_path, **job, lr_verify="5")
@@ -242,7 +246,7 @@ def test_two_processes_verify_in_one_ddp_world_and_choose_the_same_lr(tmp_path):
     code, _, err = finish(start_job(tmp_path, "train", *args, env=job_env(uri)), 600)
     assert code == 0, err[-3000:]
     chosen = [line.split("verify: chose lr=")[1].split(":")[0] for line in err.splitlines() if "verify: chose" in line]
-    assert len(chosen) == 1  # rank 0 speaks for the job; every rank takes rank 0's scores (verify.trial)
+    assert len(chosen) == 1  # rank 0 speaks for the job; every rank takes rank 0's scores (trials.trial)
     runs = [r for r in runs_of(uri, "jobs") if "lr_verified" in r.data.params]
     assert runs
     for run in runs:

@@ -78,7 +78,7 @@ def test_the_job_tells_its_story_a_line_per_epoch_at_the_level_asked(tmp_path):
     assert code == 0, err[-3000:]
     lines = err.splitlines()
     assert any(" INFO mlproject.progress: range test: up to 20 steps from lr 1e-06 to 1" in line for line in lines)
-    assert any(" INFO mlproject.pipeline: range test: " in line and " steps in " in line for line in lines)
+    assert any(" INFO mlproject.finder.choose: range test: " in line and " steps in " in line for line in lines)
     epochs = [line.split("mlproject.progress: ", 1)[1] for line in lines if "mlproject.progress: epoch " in line]
     assert [e.split(":")[0] for e in epochs] == ["epoch 1/2", "epoch 2/2"]
     assert "left" in epochs[0] and "val_acc" in epochs[0] and ", lr " in epochs[0]

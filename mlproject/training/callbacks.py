@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from mlproject import data, ranks, stopping
 from mlproject.errors import TrainingDiverged, UserCodeError
+from mlproject.processes import ranks, stopping
+from mlproject.training import batches
 
 EpochSink = Callable[[int, dict[str, float]], None]
 
@@ -91,9 +92,9 @@ class GuardHooks:
         self.check_stop()
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        for batches in self.iterables:
-            if isinstance(batches, data.DeviceBatches) and batches.shuffle:
-                batches.set_epoch(trainer.current_epoch)
+        for served in self.iterables:
+            if isinstance(served, batches.DeviceBatches) and served.shuffle:
+                served.set_epoch(trainer.current_epoch)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: torch.Tensor) -> None:
         if loss.numel() != 1:

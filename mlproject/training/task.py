@@ -6,48 +6,40 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from mlproject import data, images, lightning_api, sources
 from mlproject.catalog import BUILTIN_DATASETS
-from mlproject.classpaths import import_class, instantiate
-from mlproject.config import (
-    BUILTIN_MODELS,
-    IMAGE_FOLDER,
-    ConfigError,
-    JobConfig,
-    is_class_path,
-    json_object,
-)
+from mlproject.config import BUILTIN_MODELS, IMAGE_FOLDER, ConfigError, JobConfig, is_class_path, json_object
 from mlproject.errors import DataError
-from mlproject.lightning_api import Lightning
-from mlproject.model import builtin_net, classifier, torchvision_models, torchvision_net
+from mlproject.training import idx, images, lightning_api, sources
+from mlproject.training.batches import ImageData
+from mlproject.training.classifier import classifier
+from mlproject.training.classpaths import import_class, instantiate
+from mlproject.training.lightning_api import Lightning
+from mlproject.training.networks import builtin_net, torchvision_models, torchvision_net
+from mlproject.training.sources import DataSource
 
 log = logging.getLogger(__name__)
 
 LR_ATTRS = ("lr", "learning_rate")  # where Lightning's own finder looks
 
 
-@dataclass
+@dataclass(frozen=True)
 class Task:
     """A module factory and its data, with what the job needs to know of both."""
 
     lightning: Lightning
-    model_name: str
-    data_name: str
     user_module: bool
     make_module: Callable[[bool], Any]  # (channels_last) -> a fresh module, built under the caller's seed
-    loaders: Callable[[int, str], sources.Loaders]  # (shuffle seed, "cpu"/"cuda") -> what a Trainer reads
-    steps_per_epoch: Callable[[int], int | None]  # world size -> optimizer steps an epoch (None: not known yet)
-    data_bytes: int = 0  # the bytes a device-resident copy would take (0: not in memory)
-    probe: Callable[[torch.device], Any] | None = None  # lr_probe's fixed held-out batch
-    example: Callable[[], Any] | None = None  # a real batch's model input, for the logged model's signature
-    inputs: list[sources.DataInput] = field(default_factory=list)
+    data: DataSource
     lr_attr: str = "lr"
+
+    def module(self, seed: int, channels_last: bool) -> Any:
+        """A fresh module under `seed`: the range test's copy, the trials and the fit start from the same weights."""
+        self.lightning.pl.seed_everything(seed, workers=True, verbose=False)
+        return self.make_module(channels_last)
 
 
 def check(cfg: JobConfig) -> None:
@@ -67,7 +59,7 @@ def describe(cfg: JobConfig) -> str:
     model = cfg.model if not cfg.user_module else f"{cfg.model} (LightningModule)"
     if cfg.dataset in BUILTIN_DATASETS:
         source = sources.builtin_source(cfg)
-        found = data.find_dir(source.candidates)
+        found = idx.find_dir(source.candidates)
         where = str(found) if found else f"not found here (tried {', '.join(map(str, source.candidates))})"
         if found is None and not source.download_to:
             raise DataError(f"{cfg.dataset} {where}")
@@ -82,29 +74,26 @@ def build(cfg: JobConfig) -> Task:
     """Resolve the model and the dataset cfg names into a Task; every mistake is a ConfigError or DataError. The
     names are checked before any data is read."""
     model_class = _model_class(cfg)
-    datamodule, lightning, parts, shape = None, lightning_api.DEFAULT, {}, None
+    datamodule, lightning, shape = None, lightning_api.DEFAULT, None
     if cfg.dataset_args.strip() not in ("", "{}") and (cfg.dataset in BUILTIN_DATASETS or cfg.dataset == IMAGE_FOLDER):
         raise ConfigError("dataset_args", cfg.dataset_args, f"{{}} for the dataset {cfg.dataset}")
     if cfg.dataset in BUILTIN_DATASETS:
-        source = data.load(cfg.dataset, sources.builtin_source(cfg), cfg.val_size, cfg.train_subset, cfg.seed)
-        shape, parts = sources.in_memory(cfg, source)
+        loaded = idx.load(cfg.dataset, sources.builtin_source(cfg), cfg.val_size, cfg.train_subset, cfg.seed)
+        shape, source = sources.in_memory(cfg, loaded)
     elif cfg.dataset == IMAGE_FOLDER:
-        found = sources.image_folder(cfg)
-        shape, parts = (
-            sources.in_memory(cfg, found) if isinstance(found, data.ImageData) else sources.streamed(cfg, found)
-        )
+        folder = sources.image_folder(cfg)
+        if isinstance(folder, ImageData):
+            shape, source = sources.in_memory(cfg, folder)
+        else:
+            shape, source = sources.streamed(cfg, folder)
     else:
         datamodule, lightning = sources.user_data(cfg)
-        parts = {
-            "loaders": lambda seed, device: sources.Loaders(datamodule=datamodule),
-            "steps_per_epoch": lambda world: None,
-            "inputs": sources.datamodule_inputs(cfg, datamodule),
-        }
+        source = sources.datamodule_source(cfg, datamodule)
     if model_class is not None:
-        return _user_task(cfg, model_class, lightning, datamodule, parts)
+        return _user_task(cfg, model_class, lightning, datamodule, source)
     if shape is None:
         shape = sources.datamodule_shape(cfg, datamodule)
-    return _classifier_task(cfg, lightning, shape, parts)
+    return _classifier_task(cfg, lightning, shape, source)
 
 
 def _model_class(cfg: JobConfig) -> type | None:
@@ -129,7 +118,7 @@ def _model_class(cfg: JobConfig) -> type | None:
     return None
 
 
-def _classifier_task(cfg: JobConfig, lightning: Lightning, shape: sources.ImageShape, parts: dict[str, Any]) -> Task:
+def _classifier_task(cfg: JobConfig, lightning: Lightning, shape: sources.ImageShape, source: DataSource) -> Task:
     model_args = json_object("model_args", cfg.model_args)
     if cfg.model in BUILTIN_MODELS:
         builder = lambda: builtin_net(cfg.model, shape.channels, shape.classes, shape.size)  # noqa: E731
@@ -140,10 +129,10 @@ def _classifier_task(cfg: JobConfig, lightning: Lightning, shape: sources.ImageS
     def make_module(channels_last: bool) -> Any:
         return classifier(lightning, builder(), cfg.optimizer, cfg.lr, channels_last, cfg.augment)
 
-    return Task(lightning, cfg.model, cfg.dataset, False, make_module, **parts)
+    return Task(lightning, False, make_module, source)
 
 
-def _user_task(cfg: JobConfig, cls: type, lightning: Lightning, datamodule: Any, parts: dict[str, Any]) -> Task:
+def _user_task(cfg: JobConfig, cls: type, lightning: Lightning, datamodule: Any, source: DataSource) -> Task:
     found = lightning_api.of_class(cls)
     assert found is not None  # _model_class checked it
     if datamodule is not None and found != lightning:
@@ -161,12 +150,12 @@ def _user_task(cfg: JobConfig, cls: type, lightning: Lightning, datamodule: Any,
         )
     if cfg.lr_probe:
         raise ConfigError("lr_probe", "true", "false for a user module (the probe scores the built-in classifier)")
-    parts = {k: v for k, v in parts.items() if k not in ("probe", "example")}
 
     def make_module(channels_last: bool) -> Any:
         return instantiate("model_args", cls, kwargs)
 
-    return Task(found, cfg.model, cfg.dataset, True, make_module, lr_attr=lr_attr, **parts)
+    # The probe and the example input are the built-in classifier's: a user module's input may be anything.
+    return Task(found, True, make_module, replace(source, probe=None, example=None), lr_attr=lr_attr)
 
 
 def _lr_attr(cfg: JobConfig, lightning: Lightning, module: Any) -> str:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+from mlproject.processes import stopping
+
 log = logging.getLogger(__name__)
 
 # How long a rank waits for the others in a collective before the job fails: a rank that died must not leave
@@ -99,8 +101,6 @@ def agree(flag: bool, world: int) -> bool:
 def stop_together(world: int) -> Iterator[Callable[[], None]]:
     """A check() the ranks call at the same points: they stop together on any rank's signal. One process: signals
     stop it at once, and check() does nothing."""
-    from mlproject import stopping
-
     if world == 1:
         yield lambda: None
         return

@@ -6,18 +6,21 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mlproject import data, images, lightning_api
 from mlproject.catalog import ENV_DIRS
-from mlproject.classpaths import import_class, instantiate, overrides
 from mlproject.config import ConfigError, JobConfig, channel_stats, json_object
 from mlproject.errors import DataError
-from mlproject.lightning_api import Lightning
+from mlproject.record.outputs import DataInput
+from mlproject.training import batches, idx, images, lightning_api
+from mlproject.training.batches import ImageData, Split
+from mlproject.training.classpaths import import_class, instantiate, overrides
+from mlproject.training.lightning_api import Lightning
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +59,6 @@ class Loaders:
 
 
 @dataclass(frozen=True)
-class DataInput:
-    """A dataset the run records as an input: numpy arrays (built-in) or a folder's description."""
-
-    name: str
-    context: str  # training, validation, test
-    source: str
-    arrays: tuple[Any, Any] | None = None  # images, labels
-    rows: int = 0
-
-
-@dataclass(frozen=True)
 class ImageShape:
     """What a built-in or torchvision network must fit."""
 
@@ -75,33 +67,44 @@ class ImageShape:
     size: int
 
 
-def in_memory(cfg: JobConfig, source: data.ImageData) -> tuple[ImageShape, dict[str, Any]]:
-    """Loaders, sizes and inputs of image data held in memory (built-in datasets, small image folders)."""
-    cache: dict[str, data.Split] = {}
+@dataclass(frozen=True)
+class DataSource:
+    """What a data provider gives the job: loaders a Trainer reads, and what the job needs to know of them."""
 
-    def on(device: str, name: str, split: data.Split) -> data.Split:
+    loaders: Callable[[int, str], Loaders]  # (shuffle seed, "cpu"/"cuda") -> what one Trainer call reads
+    steps_per_epoch: Callable[[int], int | None]  # world size -> optimizer steps an epoch (None: not known yet)
+    inputs: list[DataInput] = field(default_factory=list)  # the datasets the run records
+    probe: Callable[[torch.device], Any] | None = None  # lr_probe's fixed held-out batch
+    example: Callable[[], Any] | None = None  # a real batch's model input, for the logged model's signature
+
+
+def in_memory(cfg: JobConfig, source: ImageData) -> tuple[ImageShape, DataSource]:
+    """Loaders, sizes and inputs of image data held in memory (built-in datasets, small image folders)."""
+    cache: dict[str, Split] = {}
+
+    def on(device: str, name: str, split: Split) -> Split:
         if name not in cache or cache[name].images.device.type != device:
             cache[name] = split.to(torch.device(device))
         return cache[name]
 
     def loaders(seed: int, device: str) -> Loaders:
-        def batches(name: str, split: data.Split | None, size: int, shuffle: bool, s: int) -> Any:
+        def served(name: str, split: Split | None, size: int, shuffle: bool, s: int) -> Any:
             if split is None:
                 return None
             if cfg.data_mode == "loader":
-                return data.loader_batches(split, size, source, shuffle, s)
-            return data.DeviceBatches(on(device, name, split), size, source, shuffle, s)
+                return batches.loader_batches(split, size, source, shuffle, s)
+            return batches.DeviceBatches(on(device, name, split), size, source, shuffle, s)
 
         eval_batch = max(cfg.batch_size, EVAL_BATCH)
         return Loaders(
-            batches("train", source.train, cfg.batch_size, True, seed),
-            batches("val", source.val, eval_batch, False, 0),
-            batches("test", source.test, eval_batch, False, 0),
+            served("train", source.train, cfg.batch_size, True, seed),
+            served("val", source.val, eval_batch, False, 0),
+            served("test", source.test, eval_batch, False, 0),
         )
 
     def probe(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = source.val.images[:PROBE_SIZE].to(device), source.val.labels[:PROBE_SIZE].to(device)
-        return data.normalize(images, source.mean, source.std), labels
+        return batches.normalize(images, source.mean, source.std), labels
 
     shape = ImageShape(source.channels, source.num_classes, source.image_size)
     splits = (("training", source.train), ("validation", source.val), ("test", source.test))
@@ -110,18 +113,16 @@ def in_memory(cfg: JobConfig, source: data.ImageData) -> tuple[ImageShape, dict[
         for context, split in splits
         if split is not None
     ]
-    parts = {
-        "loaders": loaders,
-        "steps_per_epoch": lambda world: math.ceil(len(source.train) / (cfg.batch_size * world)),
-        "data_bytes": source.nbytes,
-        "probe": probe,
-        "example": lambda: data.normalize((source.test or source.val).images[:2], source.mean, source.std),
-        "inputs": inputs,
-    }
-    return shape, parts
+    return shape, DataSource(
+        loaders,
+        lambda world: math.ceil(len(source.train) / (cfg.batch_size * world)),
+        inputs,
+        probe=probe,
+        example=lambda: batches.normalize((source.test or source.val).images[:2], source.mean, source.std),
+    )
 
 
-def streamed(cfg: JobConfig, files: images.ImageFiles) -> tuple[ImageShape, dict[str, Any]]:
+def streamed(cfg: JobConfig, files: images.ImageFiles) -> tuple[ImageShape, DataSource]:
     workers = images.default_workers(cfg.num_workers, os.cpu_count() or 1)
 
     def loaders(seed: int, device: str) -> Loaders:
@@ -135,7 +136,7 @@ def streamed(cfg: JobConfig, files: images.ImageFiles) -> tuple[ImageShape, dict
 
     def example() -> torch.Tensor:
         path, _ = files.samples["val"][0]
-        return data.normalize(images.decode(path, files.image_size, files.gray).unsqueeze(0), files.mean, files.std)
+        return batches.normalize(images.decode(path, files.image_size, files.gray).unsqueeze(0), files.mean, files.std)
 
     shape = ImageShape(files.channels, files.num_classes, files.image_size)
     inputs = [
@@ -143,16 +144,11 @@ def streamed(cfg: JobConfig, files: images.ImageFiles) -> tuple[ImageShape, dict
         for context, split in (("training", "train"), ("validation", "val"), ("test", "test"))
         if split in files.samples
     ]
-    parts = {
-        "loaders": loaders,
-        "steps_per_epoch": lambda world: math.ceil(len(files.samples["train"]) / (cfg.batch_size * world)),
-        "example": example,
-        "inputs": inputs,
-    }
-    return shape, parts
+    steps = lambda world: math.ceil(len(files.samples["train"]) / (cfg.batch_size * world))  # noqa: E731
+    return shape, DataSource(loaders, steps, inputs, example=example)
 
 
-def image_folder(cfg: JobConfig) -> data.ImageData | images.ImageFiles:
+def image_folder(cfg: JobConfig) -> ImageData | images.ImageFiles:
     if not cfg.data_dir:
         raise ConfigError("data_dir", "", "the image folder (train/<class>/<image>, val/ and test/ optional)")
     root = Path(cfg.data_dir).expanduser()
@@ -166,10 +162,10 @@ def image_folder(cfg: JobConfig) -> data.ImageData | images.ImageFiles:
     return images.load_streamed(listing, cfg.image_size, cfg.val_size, cfg.seed, mean, std)
 
 
-def builtin_source(cfg: JobConfig) -> data.Source:
+def builtin_source(cfg: JobConfig) -> idx.Source:
     env_dir = os.environ.get(ENV_DIRS[cfg.dataset], "")
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlproject"
-    return data.search_order(cfg.dataset, cfg.data_dir, env_dir, str(cache))
+    return idx.search_order(cfg.dataset, cfg.data_dir, env_dir, str(cache))
 
 
 def user_data(cfg: JobConfig) -> tuple[Any, Lightning]:
@@ -208,3 +204,9 @@ def datamodule_inputs(cfg: JobConfig, datamodule: Any) -> list[DataInput]:
     if not source:
         return []
     return [DataInput(cfg.dataset, "training", str(source))]
+
+
+def datamodule_source(cfg: JobConfig, datamodule: Any) -> DataSource:
+    """A user's data module, read as it is: its own loaders, steps known once a Trainer has set it up."""
+    loaders = lambda seed, device: Loaders(datamodule=datamodule)  # noqa: E731
+    return DataSource(loaders, lambda world: None, datamodule_inputs(cfg, datamodule))

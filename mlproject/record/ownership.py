@@ -9,9 +9,13 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+
+from mlflow.entities import Run, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from mlproject.config import CHECKPOINT_ARTIFACT, ConfigError
+from mlproject.record.stores import fail_run
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +25,7 @@ STALE_S = 3 * HEARTBEAT_S  # a heartbeat this old means the process is gone (on 
 CLAIM_SETTLE_S = 1.0  # two resumes that claim a run at once: the last claim stands, the other sees it and stops
 
 
-def fetch(uri: str, run_id: str) -> Any:
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
+def fetch(uri: str, run_id: str) -> Run:
     try:
         return MlflowClient(uri or None).get_run(run_id)
     except MlflowException as exc:
@@ -34,8 +35,6 @@ def fetch(uri: str, run_id: str) -> Any:
 def claim(uri: str, run_id: str) -> None:
     """Take over a run to resume it: one that stopped (KILLED, FAILED) or lost its process (RUNNING, but silent),
     with a checkpoint; refused for a finished run, a live one, and a run another resume has just taken."""
-    from mlflow.tracking import MlflowClient
-
     run = fetch(uri, run_id)
     status, tags = run.info.status, run.data.tags
     if status == "FINISHED":
@@ -84,7 +83,7 @@ def _pid_alive(pid: int) -> bool:
 class Heartbeat:
     """Rank 0's tags `lr_finder.owner` (host:pid) and `lr_finder.heartbeat` (Unix seconds), every HEARTBEAT_S."""
 
-    def __init__(self, client: Any, run_id: str) -> None:
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client, self.run_id = client, run_id
         self._stop = threading.Event()
         self._beat()
@@ -92,8 +91,6 @@ class Heartbeat:
         self._thread.start()
 
     def _beat(self) -> None:
-        from mlflow.entities import RunTag
-
         tags = [RunTag(OWNER_TAG, owner()), RunTag(HEARTBEAT_TAG, f"{time.time():.0f}")]
         try:
             self.client.log_batch(self.run_id, tags=tags)
@@ -112,8 +109,6 @@ class Heartbeat:
 
 def close_run(uri: str, run_id: str, now: float) -> str:
     """End a RUNNING run whose process is gone as FAILED, saying so in error.txt; the status it ended with."""
-    from mlproject.stores import fail_run
-
     run = fetch(uri, run_id)
     tags = run.data.tags
     if run.info.status != "RUNNING":
@@ -122,6 +117,10 @@ def close_run(uri: str, run_id: str, now: float) -> str:
         raise ConfigError("run_id", run_id, f"a run whose process is gone ({tags.get(OWNER_TAG, '?')} still runs it)")
     beat = tags.get(HEARTBEAT_TAG)
     since = f"last heard from {now - float(beat):.0f} s ago" if beat else "never heard from"
-    fail_run(uri, run_id, f"closed: its process ({tags.get(OWNER_TAG, 'unknown')}) is gone, {since}; "
-                f"continue it with resume={run_id} if it has a checkpoint")  # fmt: skip
+    fail_run(
+        uri,
+        run_id,
+        f"closed: its process ({tags.get(OWNER_TAG, 'unknown')}) is gone, {since}; "
+        f"continue it with resume={run_id} if it has a checkpoint",
+    )
     return "FAILED"

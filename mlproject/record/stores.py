@@ -9,6 +9,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -20,9 +21,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlproject.errors import TrackingError
-from mlproject.tracking_env import redact
+from mlproject.record.environment import redact
 
 log = logging.getLogger(__name__)
+
+# A unique-key violation as the server words it: "(psycopg2.errors.UniqueViolation) duplicate key value ..." on
+# PostgreSQL, "(sqlite3.IntegrityError) UNIQUE constraint failed ..." on sqlite
+DUPLICATE_KEY = re.compile(r"IntegrityError|UniqueViolation")
 
 
 def probe(tracking_uri: str, timeout_s: float = 20.0) -> None:
@@ -129,7 +134,7 @@ def disk_full(exc: BaseException) -> bool:
     return "No space left on device" in text or "Disk quota exceeded" in text
 
 
-def _detail(exc: BaseException) -> str:
+def detail(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename:
         return f"{exc.filename}: {exc.strerror}"
     text = exc.message if isinstance(exc, MlflowException) else str(exc)
@@ -154,7 +159,7 @@ def fail_run(tracking_uri: str, run_id: str, error: str) -> None:
         try:
             client.log_artifacts(run_id, tmp)
         except (MlflowException, OSError) as exc:  # a full store still gets the status
-            log.warning("error.txt not written: %s", _detail(exc))
+            log.warning("error.txt not written: %s", detail(exc))
     client.set_terminated(run_id, "FAILED")
 
 
@@ -180,9 +185,27 @@ def run_is_active(tracking_uri: str, run_id: str) -> bool:
 def create_run(tracking_uri: str, experiment_name: str) -> str:
     """A new run in the experiment (created if missing), for processes that attach to it by id."""
     client = MlflowClient(tracking_uri or None)
-    found = client.get_experiment_by_name(experiment_name)
+    return str(client.create_run(experiment_of(client, experiment_name)).info.run_id)
+
+
+def experiment_of(client: MlflowClient, name: str) -> str:
+    """The experiment's id, made if it does not exist. Jobs started together race to make it, and the loser reads
+    the winner's: mlflow.set_experiment returns early in that case without making it the active experiment, and
+    the run would start in the Default experiment instead."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
     try:
-        experiment_id = found.experiment_id if found else client.create_experiment(experiment_name)
-    except MlflowException:  # another job created it first
-        experiment_id = client.get_experiment_by_name(experiment_name).experiment_id
-    return client.create_run(experiment_id).info.run_id
+        return str(client.create_experiment(name))
+    except MlflowException as exc:
+        if not lost_insert_race(exc):
+            raise
+    found = client.get_experiment_by_name(name)
+    if found is None:  # made and deleted again in between
+        raise MlflowException(f"experiment {name!r} vanished while this job made it")
+    return str(found.experiment_id)
+
+
+def lost_insert_race(exc: MlflowException) -> bool:
+    """The server's insert hit a row another request wrote first; each driver words it differently."""
+    return exc.error_code == "RESOURCE_ALREADY_EXISTS" or DUPLICATE_KEY.search(exc.message) is not None

@@ -11,10 +11,12 @@ from typing import Any
 
 import torch
 
-from mlproject import lr_range, ranks, stopping
 from mlproject.errors import UserCodeError
-from mlproject.lightning_api import Lightning
-from mlproject.training import Runtime, build_trainer
+from mlproject.finder import rules
+from mlproject.processes import ranks, stopping
+from mlproject.training.lightning_api import Lightning
+from mlproject.training.runtime import Runtime
+from mlproject.training.trainer import build_trainer
 
 NEVER = 10**9  # a validation interval no sweep reaches: the range test trains, it does not validate
 
@@ -23,9 +25,8 @@ NEVER = 10**9  # a validation interval no sweep reaches: the range test trains, 
 class LRCurve:
     lrs: list[float]
     losses: list[float]  # raw per-step training losses of the global batch, NaN/inf kept as they came
-    lightning_losses: list[float]  # Lightning's running average of rank 0's loss, for comparison only
     probe_losses: list[float]  # loss on a fixed held-out batch after each step (empty unless probing)
-    stop_reason: str  # why the job's early stop ended the sweep (lr_range.stop_reason), or ""
+    stop_reason: str  # why the job's early stop ended the sweep (rules.stop_reason), or ""
     lr_min: float
     lr_max: float
     steps_requested: int
@@ -77,7 +78,7 @@ def _loss_of(output: Any, owner: str) -> torch.Tensor:
 
 class _Recorder:
     """Sits in the private copy's hooks, since lr_find replaces the Trainer's callbacks with its own: records the
-    raw loss of every step, averaged over the ranks; with `stop_early`, ends the sweep once lr_range.stop_reason
+    raw loss of every step, averaged over the ranks; with `stop_early`, ends the sweep once rules.stop_reason
     gives a reason (rank 0 decides for every rank)."""
 
     def __init__(self, io: MemoryCheckpointIOHooks, probe: Callable[[], float] | None, stop_early: bool) -> None:
@@ -132,7 +133,7 @@ class _Recorder:
             self.probed.append(self.probe())
         if self.stop_early:
             read = self.probed if self.probe is not None else self.raw
-            self.stop_reason = trainer.strategy.broadcast(lr_range.stop_reason(self.lrs, read))
+            self.stop_reason = trainer.strategy.broadcast(rules.stop_reason(self.lrs, read))
             trainer.should_stop = trainer.should_stop or bool(self.stop_reason)
 
 
@@ -167,7 +168,7 @@ def range_test(
     The global RNG is forked, so running the sweep does not change what the fit afterwards does. With `probe`
     (a fixed held-out batch, built-in classifier only), the loss on it after every step is recorded too: Smith's
     validation-based test. With `stop_early`, the sweep ends once the curve has diverged past use
-    (lr_range.stop_reason), decided on the global batch's loss; Lightning's own stop, on rank 0's loss alone, is off.
+    (rules.stop_reason), decided on the global batch's loss; Lightning's own stop, on rank 0's loss alone, is off.
     """
     start = time.perf_counter()
     private = copy.deepcopy(module)
@@ -192,7 +193,6 @@ def range_test(
     return LRCurve(
         lrs=lrs,
         losses=recorder.raw[: len(lrs)],
-        lightning_losses=[float(v) for v in finder.results["loss"]],
         probe_losses=recorder.probed[: len(lrs)],
         stop_reason=recorder.stop_reason,
         lr_min=lr_min,

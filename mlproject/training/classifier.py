@@ -1,102 +1,31 @@
-"""The networks the job builds itself (three of its own, any torchvision classifier) and the LightningModule that
-trains them; it only calls self.log() and knows nothing of MLflow."""
+"""The built-in classifier: a LightningModule of either Lightning package around any image network, with its
+optimizer and augmentation. It only calls self.log() and knows nothing of MLflow."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlproject.config import BUILTIN_MODELS, ConfigError
-from mlproject.lightning_api import Lightning
+from mlproject.training.lightning_api import Lightning
+
+if TYPE_CHECKING:  # the hooks run as a LightningModule of either package (lightning_api.make binds them)
+    from pytorch_lightning import LightningModule as Module
+else:
+    Module = object
 
 
-def lenet(channels: int = 1, classes: int = 10, size: int = 28) -> nn.Module:
-    """LeNet-5 with ReLU and max-pooling, as in the reference experiment.
-
-    Each block pools before its ReLU: the two commute (ReLU is monotonic), so values and gradients are the
-    textbook order's bit for bit, and the ReLU runs on a quarter of the elements (benchmarks/RESULTS.md).
-    """
-    side = (size // 2 - 4) // 2
-    return nn.Sequential(
-        nn.Conv2d(channels, 6, 5, padding=2), nn.MaxPool2d(2), nn.ReLU(),
-        nn.Conv2d(6, 16, 5), nn.MaxPool2d(2), nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(16 * side * side, 120), nn.ReLU(),
-        nn.Linear(120, 84), nn.ReLU(),
-        nn.Linear(84, classes),
-    )  # fmt: skip
-
-
-def mlp(channels: int = 1, classes: int = 10, size: int = 28) -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(channels * size * size, 256), nn.ReLU(), nn.Linear(256, classes))
-
-
-def cnn_bn(channels: int = 1, classes: int = 10, size: int = 28) -> nn.Module:
-    """A small CNN with BatchNorm: its range-test curve is shaped unlike LeNet's."""
-    side = size // 4
-    return nn.Sequential(
-        nn.Conv2d(channels, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * side * side, classes),
-    )  # fmt: skip
-
-
-NETS = {"lenet": lenet, "mlp": mlp, "cnn_bn": cnn_bn}
-assert tuple(NETS) == BUILTIN_MODELS
-MIN_SIZE = {"lenet": 12, "mlp": 1, "cnn_bn": 4}  # below these the network has no features left
-
-
-def torchvision_models() -> list[str]:
-    """The classification builders of torchvision.models (its detection, segmentation, video ... live apart)."""
-    import torchvision
-
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def torchvision_net(name: str, channels: int, classes: int, kwargs: dict[str, Any]) -> nn.Module:
-    """torchvision's builder with weights=None and `classes` outputs; the stem's first convolution takes
-    `channels` (its other hyperparameters kept) when the data is not RGB."""
-    import torchvision
-
-    try:
-        net = torchvision.models.get_model(name, weights=None, num_classes=classes, **kwargs)
-    except TypeError as exc:
-        raise ConfigError("model_args", kwargs, f"init arguments torchvision's {name} accepts ({exc})") from exc
-    if channels != 3 and not _replace_first_conv(net, channels):
-        raise ConfigError("model", name, f"a network with a convolution to take {channels}-channel images")
-    return net
-
-
-def _replace_first_conv(net: nn.Module, channels: int) -> bool:
-    for parent in net.modules():
-        for child_name, child in parent.named_children():
-            if isinstance(child, nn.Conv2d):
-                conv = nn.Conv2d(
-                    channels, child.out_channels, child.kernel_size, child.stride, child.padding, child.dilation,
-                    child.groups if child.groups == 1 else channels, child.bias is not None, child.padding_mode,
-                )  # fmt: skip
-                setattr(parent, child_name, conv)
-                return True
-    return False
-
-
-def builtin_net(name: str, channels: int, classes: int, size: int) -> nn.Module:
-    if size < MIN_SIZE[name]:
-        raise ConfigError("image_size", size, f"at least {MIN_SIZE[name]} pixels for model {name}")
-    return NETS[name](channels, classes, size)
-
-
-def make_optimizer(params: object, optimizer: str, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[nn.Parameter], optimizer: str, lr: float) -> torch.optim.Optimizer:
     """fused=True: one kernel per parameter instead of a Python loop of small ops (on a CPU too)."""
     if optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, fused=True)  # type: ignore[arg-type]
+        return torch.optim.Adam(params, lr=lr, fused=True)
     if optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True)  # type: ignore[arg-type]
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=True)
     # Momentum 0.9: the SGD that people actually run; plain SGD needs far more epochs.
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, fused=True)  # type: ignore[arg-type]
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, fused=True)
 
 
 def random_crop_flip(x: torch.Tensor) -> torch.Tensor:
@@ -114,7 +43,7 @@ def random_crop_flip(x: torch.Tensor) -> torch.Tensor:
     return padded[index[0], index[1], rows, cols]
 
 
-class ClassifierHooks:
+class ClassifierHooks(Module):
     """Cross-entropy classification; logs epoch aggregates of loss and accuracy per stage.
 
     The training loss is summed on the device and logged once, at the epoch's last batch: a self.log() call

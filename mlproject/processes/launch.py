@@ -15,9 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from mlproject.config import JobConfig
-from mlproject.tracking_env import configure_client, redact
-
 log = logging.getLogger(__name__)
 
 STATUS_DIR_ENV = "LR_FINDER_STATUS_DIR"  # where each worker leaves its exit code
@@ -51,7 +48,7 @@ class Outcome:
 def command(devices: int, argv: list[str]) -> list[str]:
     """torchrun on this machine alone (a free port found by itself), no restarts: a failed rank fails the job."""
     return [
-        sys.executable, "-m", "mlproject.launch", "--standalone", f"--nproc-per-node={devices}",
+        sys.executable, "-m", "mlproject.processes.launch", "--standalone", f"--nproc-per-node={devices}",
         "--max-restarts=0", f"--monitor-interval={MONITOR_S}", "-m", "mlproject", *argv,
     ]  # fmt: skip
 
@@ -136,28 +133,8 @@ def lost_reason(outcome: Outcome) -> str:
     return "; ".join(parts) + "; the other ranks were stopped (torchrun stops a job whose worker fails)"
 
 
-def supervise(cfg: JobConfig, experiment_name: str, argv: list[str]) -> int:
-    """The job as torchrun's launcher: its names checked, its run created (or `mlflow run`'s taken) and handed to the
-    workers, and a run that lost a worker recorded FAILED; returns the job's exit code."""
-    from mlproject import task
-    from mlproject.stores import create_run, fail_run, probe, run_status
-
-    task.check(cfg)  # a mistake in the names fails before any process starts
-    configure_client()
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    probe(uri)
-    run_id = cfg.resume or os.environ.get("MLFLOW_RUN_ID") or create_run(uri, experiment_name)
-    log.info("run %s on %s: %d processes (torchrun)", run_id, redact(uri) or "the local store", cfg.devices)
-    # The cores shared out among the workers (torchrun would give each one thread, and say so at length).
-    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cfg.devices))}
-    outcome = run_workers(cfg.devices, argv, {**threads, **os.environ, "MLFLOW_RUN_ID": run_id})
-    if outcome.lost() or run_status(uri, run_id) == "RUNNING":
-        fail_run(uri, run_id, lost_reason(outcome))
-    return outcome.exit_code()
-
-
 if __name__ == "__main__":  # torchrun itself, stopping when the job's launcher dies
-    from mlproject import stopping
+    from mlproject.processes import stopping
 
     stopping.die_with_parent()
     from torch.distributed.run import main

@@ -14,8 +14,8 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import datasets
 from torchvision.transforms.v2 import functional as tvf
 
-from mlproject.data import ImageData, Split, hold_out, normalize
 from mlproject.errors import DataError
+from mlproject.training.batches import ImageData, Split, hold_out, normalize
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ def decode(path: str, size: int, gray: bool) -> torch.Tensor:
     """One image as uint8 (C, size, size): the shorter side resized to `size`, then the centre cropped."""
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if gray else "RGB")
-            tensor = tvf.pil_to_tensor(img)
+            tensor = tvf.pil_to_tensor(img.convert("L" if gray else "RGB"))
     except (OSError, UnidentifiedImageError, ValueError) as exc:
         raise DataError(f"cannot read image {path}: {exc}; delete it or replace it") from exc
     tensor = tvf.resize(tensor, [size], antialias=True)
@@ -125,8 +124,9 @@ def load_in_memory(
     else:
         held = min(val_size, max(1, len(train) // VAL_SHARE))
         if held < val_size:
-            log.warning("val_size=%d is more than a fifth of the %d training images: holding out %d", val_size,
-                        len(train), held)  # fmt: skip
+            log.warning(
+                "val_size=%d is more than a fifth of the %d training images: holding out %d", val_size, len(train), held
+            )
         train, val = hold_out(train, held, 0, seed)
     test = _decoded(listing.samples["test"], size, gray) if "test" in listing.samples else None
     mean, std = _given_or_computed(mean, std, train.images)

@@ -35,6 +35,7 @@ START_DECADES = 0.25  # the stretch whose median is the curve's starting level
 # raw losses' scatter around the smoothed curve, so that noise on a plateau does not count.
 RISE_NOISE = 3.0
 RISE_REASON = "loss back above its start"
+EDGE_SHARE = 0.05  # a smoothed minimum in the sweep's last 5% of points: the floor lies beyond lr_max, not in it
 CHECKS = 200  # a sweep past 2 * CHECKS steps is checked every len // CHECKS steps: a long sweep stays cheap
 FFT_RADIUS = 100  # smoothing kernels wider than this convolve by FFT (sweeps of thousands of steps)
 
@@ -74,7 +75,7 @@ def points_per_decade(lrs: Sequence[float] | np.ndarray) -> float:
     return (len(lrs) - 1) / math.log10(lrs[-1] / lrs[0])
 
 
-def smooth(losses: Sequence[float], sigma: float | None = None) -> np.ndarray:
+def smooth(losses: Sequence[float] | np.ndarray, sigma: float | None = None) -> np.ndarray:
     """Zero-phase Gaussian smoothing over sweep steps (no lag, unlike Lightning's running average);
     `sigma` in steps, by default a thirtieth of the curve."""
     y = np.asarray(losses, dtype=float)
@@ -336,14 +337,20 @@ def suggest(
     fallback_lr: float = 1e-3,
     train_steps: int | None = None,
 ) -> Suggestion:
-    """The suggestion for a sweep; never None: with no usable curve, `fallback_lr` and the reason why.
+    """The suggestion for a sweep's LRs and raw losses: suggest_curve() on its usable part."""
+    return suggest_curve(usable_curve(lrs, losses), method, fallback_lr, train_steps)
+
+
+def suggest_curve(
+    curve: Curve, method: str = "combined", fallback_lr: float = 1e-3, train_steps: int | None = None
+) -> Suggestion:
+    """The suggestion for a usable curve; never None: with no descent to read, `fallback_lr` and the reason why.
 
     `train_steps`, the length of the training the LR is for, moves the combined rule toward the floor of
     the curve for short trainings (see toward_floor); unknown, it assumes a long one.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    curve = usable_curve(lrs, losses)
     found = combined(curve, train_steps) if method == "combined" else METHODS[method](curve)
     candidates = found.candidates if found and found.candidates else answers(curve)  # combined has them
     if found is None or not math.isfinite(found.lr):
@@ -354,20 +361,19 @@ def suggest(
     return Suggestion(found.lr, found.method, found.confidence, found.reason, low, high, candidates)
 
 
-EDGE_SHARE = 0.05  # a smoothed minimum in the sweep's last 5% of points: the floor lies beyond lr_max, not in it
-
-
-def guard_edge(found: Suggestion, lrs: Sequence[float], losses: Sequence[float], ran_to_end: bool) -> Suggestion:
+def guard_edge(found: Suggestion, curve: Curve, ran_to_end: bool) -> Suggestion:
     """A curve still falling at lr_max has no floor in the sweep: the rules' floor is then the sweep's edge, and a
     one-cycle peak there can diverge over a long fit. The answer becomes the steepest descent, not the floor's,
     with confidence 0 and the reason; a sweep that diverged, or stopped early, found its floor."""
-    curve = usable_curve(lrs, losses)
     n = len(curve.smoothed)
     if not ran_to_end or curve.reason or n < MIN_POINTS or found.method == "fallback":
         return found
     if int(np.argmin(curve.smoothed)) < n * (1 - EDGE_SHARE):
         return found
     steep = found.candidates.get("steepest") or found.lr
-    reason = (f"the loss still fell at lr_max={lrs[-1]:.3g}: the sweep found no floor, so the steepest descent "
-              f"({steep:.3g}) is used; raise lr_max for a better answer")  # fmt: skip
+    lr_max = float(curve.lrs[-1])  # an uncut curve: the sweep's last LR
+    reason = (
+        f"the loss still fell at lr_max={lr_max:.3g}: the sweep found no floor, so the steepest descent "
+        f"({steep:.3g}) is used; raise lr_max for a better answer"
+    )
     return Suggestion(steep, found.method, 0.0, reason, steep / 10, steep, found.candidates)

@@ -1,0 +1,101 @@
+"""The finder's one entry point, as `Tuner.lr_find` is Lightning's: choose_lr() runs the range test (lr_repeats
+times), reads its suggestion, verifies a doubtful one by trial fits, records all of it in the run and hands the fit
+an LRChoice."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from mlproject import progress
+from mlproject.config import JobConfig
+from mlproject.finder import records, rules, sweep, trials
+from mlproject.finder.result import LRChoice, RangeTest
+from mlproject.record.tracker import Tracker
+from mlproject.training.runtime import Runtime
+from mlproject.training.task import Task
+
+log = logging.getLogger(__name__)
+
+SPREAD_WARNING = 0.3  # decades between repeated range tests beyond which the suggestion is called uncertain
+
+
+def choose_lr(cfg: JobConfig, job: Task, rt: Runtime, tracker: Tracker) -> LRChoice:
+    """Sweep, suggest, verify, record; with no usable sweep the fallback is cfg.lr, its reason recorded."""
+    found = repeated(cfg, job, rt)
+    s, curve = found.suggestion, found.curve
+    source = "fallback" if s.method == "fallback" else "finder"
+    stop = f"stopped: {curve.stop_reason}" if curve.stop_reason else "ran to lr_max"
+    log.info(
+        "range test: %d of %d steps in %.2f s (%s); %s lr=%.4g (%s)",
+        curve.steps_run,
+        curve.steps_requested,
+        curve.seconds,
+        stop,
+        source,
+        s.lr,
+        s.reason,
+    )
+    checked = trials.verify(cfg, job, rt, found)
+    if checked.ran and checked.suggestion is not None:
+        s, source = checked.suggestion, "verified"
+    onecycle = cfg.resolved_schedule == "onecycle"
+    lr = s.lr_high if onecycle else s.lr
+    low = s.lr_low if onecycle and source != "fallback" else 0.0
+    choice = LRChoice(lr, source, low, found, checked)
+    # With a probe, what the training-loss curve alone would have said, for comparison.
+    train_curve = rules.suggest_curve(found.usable, cfg.lr_method, cfg.lr, found.fit_steps).lr if cfg.lr_probe else None
+    records.record(tracker, cfg, choice, train_curve)
+    return choice
+
+
+def repeated(cfg: JobConfig, job: Task, rt: Runtime) -> RangeTest:
+    """lr_repeats range tests under successive seeds: the median suggestion's, with every repeat's and their spread."""
+    tests = [range_test(cfg.replace(seed=cfg.seed + r), job, rt) for r in range(cfg.lr_repeats)]
+    answered = [t for t in tests if t.suggestion.method != "fallback"] or tests
+    median = sorted(answered, key=lambda t: t.suggestion.lr)[(len(answered) - 1) // 2]  # its curve is the one plotted
+    spread = spread_decades([t.suggestion.lr for t in answered])
+    if spread > SPREAD_WARNING:
+        log.warning("the %d range tests disagree by %.2f decades: the suggestion is uncertain", len(tests), spread)
+    repeats = tuple(t.suggestion.lr for t in tests)
+    return RangeTest(median.curve, median.usable, median.signal, median.suggestion, repeats, spread, median.fit_steps)
+
+
+def range_test(cfg: JobConfig, job: Task, rt: Runtime, stop_early: bool = True) -> RangeTest:
+    """One range test on a fresh module under cfg.seed; with lr_probe the suggestion comes from the held-out probe's
+    curve."""
+    progress.sweep_start(cfg.lr_min, cfg.lr_max, cfg.lr_steps, shown=True)
+    module = job.module(cfg.seed, rt.channels_last)
+    probe = job.data.probe(rt.device) if cfg.lr_probe and job.data.probe else None
+    inputs = job.data.loaders(cfg.seed + 1, rt.device.type).sweep_kwargs()
+    curve = sweep.range_test(
+        module,
+        inputs,
+        lightning=job.lightning,
+        rt=rt,
+        lr_min=cfg.lr_min,
+        lr_max=cfg.lr_max,
+        steps=cfg.lr_steps,
+        probe=probe,
+        stop_early=stop_early,
+    )
+    steps = fit_steps(cfg, job, rt, curve.batches_per_epoch)
+    usable = rules.usable_curve(curve.lrs, curve.losses)
+    signal = rules.usable_curve(curve.lrs, curve.probe_losses) if cfg.lr_probe else usable
+    suggestion = rules.suggest_curve(signal, cfg.lr_method, cfg.lr, steps)
+    suggestion = rules.guard_edge(suggestion, signal, curve.steps_run == curve.steps_requested)
+    if suggestion.confidence == 0.0 and suggestion.method != "fallback":
+        log.warning("range test: %s", suggestion.reason)
+    return RangeTest(curve, usable, signal, suggestion, (suggestion.lr,), 0.0, steps)
+
+
+def fit_steps(cfg: JobConfig, job: Task, rt: Runtime, batches_per_epoch: int = 0) -> int:
+    """Optimizer steps of the fit on each rank: what the combined rule weighs (and the one-cycle's length)."""
+    per_epoch = job.data.steps_per_epoch(rt.world_size) or batches_per_epoch
+    return cfg.epochs * per_epoch
+
+
+def spread_decades(lrs: list[float]) -> float:
+    """Decades between the largest and the smallest suggestion (0 for a single sweep)."""
+    logs = [math.log10(lr) for lr in lrs if lr > 0]
+    return max(logs) - min(logs) if logs else 0.0

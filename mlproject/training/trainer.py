@@ -1,0 +1,87 @@
+"""The Trainer for the resolved hardware, and the fit: fit, then test, each epoch's values handed to a sink."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlproject.processes import ranks
+from mlproject.training import callbacks
+from mlproject.training.lightning_api import Lightning
+from mlproject.training.runtime import Runtime
+from mlproject.training.sources import Loaders
+
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # torch's switch for an NVML-based torch.cuda.is_available()
+
+
+def _strategy(lightning: Lightning, rt: Runtime) -> Any:
+    """DDP across more than one process (gloo on CPUs), with a bounded wait for a lost rank; else Lightning's."""
+    if rt.world_size == 1:
+        return "auto"
+    strategies = importlib.import_module(f"{lightning.name}.strategies")
+    backend = "nccl" if rt.accelerator == "gpu" else "gloo"
+    return strategies.DDPStrategy(process_group_backend=backend, timeout=ranks.TIMEOUT)
+
+
+def build_trainer(lightning: Lightning, rt: Runtime, max_epochs: int, callbacks: list[Any], **overrides: object) -> Any:
+    """A Trainer with Lightning's own logger and checkpoints off: the record package owns the run and its keys."""
+    trainer_class = lightning.pl.Trainer  # imports the package, which sets NVML_CHECK=1: set it after that
+    if rt.accelerator == "cpu":
+        # Lightning sets NVML_CHECK=1 so that asking for CUDA does not initialise it before DataLoader workers fork.
+        # Every optimizer step asks, and without a GPU the check tries to load libnvidia-ml each time, a
+        # measurable share of LeNet's step. A CPU run has no CUDA to protect.
+        os.environ[NVML_CHECK] = "0"
+    kwargs: dict[str, object] = dict(
+        accelerator=rt.accelerator,
+        devices=rt.devices,
+        num_nodes=rt.num_nodes,
+        strategy=_strategy(lightning, rt),
+        precision=rt.precision,
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+    kwargs.update(overrides)
+    return trainer_class(**kwargs)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    history: list[dict[str, float]]  # every epoch's reported values
+    validation: dict[str, float]  # the last validation's values
+    test: dict[str, float]  # empty when there is nothing to test on
+
+
+def fit_and_test(
+    lightning: Lightning,
+    module: Any,
+    loaders: Loaders,
+    rt: Runtime,
+    *,
+    epochs: int,
+    sink: callbacks.EpochSink,
+    checkpoint: Path,
+    keep: Callable[[Path], None],
+    resume_from: Path | None = None,
+    bar: bool = False,
+) -> FitResult:
+    """Fit (from `resume_from` when given), then test; `checkpoint` holds the last good epoch's state."""
+    with ranks.stop_together(rt.world_size) as check_stop:
+        reporter = lightning.make(callbacks.ReporterHooks, "callbacks.Checkpoint", sink, checkpoint, keep)
+        guard = lightning.make(callbacks.GuardHooks, "Callback", loaders.iterables(), check_stop)
+        trainer = build_trainer(
+            lightning, rt, epochs, [reporter, guard], enable_checkpointing=True, enable_progress_bar=bar
+        )  # enable_checkpointing: the reporter is the checkpoint callback
+        trainer.fit(module, **loaders.fit_kwargs(), ckpt_path=resume_from)
+        test_inputs = loaders.test_kwargs()
+        results = trainer.test(module, **test_inputs, verbose=False) if test_inputs else [{}]
+    test = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    return FitResult(reporter.history, reporter.validation, test)
