@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -23,7 +24,6 @@ from tests.helpers import (
     free_port,
     job_env,
     requires_fashion_mnist,
-    running_server,
     runs_of,
     small_job,
     wait_for_metric,
@@ -76,23 +76,21 @@ def test_two_processes_at_batch_b_sweep_and_train_exactly_as_one_at_batch_2b(tmp
     assert b.data.tags["world_size"] == "2"
 
 
-def test_a_job_of_two_processes_makes_one_run_with_one_row_per_epoch_on_a_tracking_server(tmp_path):
-    with running_server(tmp_path / "server", f"sqlite:///{tmp_path}/server/mlflow.db") as server:
-        job = start(tmp_path, *as_options(small_job(epochs=2, devices=2, lr_steps=30)), uri=server.url)
-        code, out, err = finish(job)
-        assert code == 0, err[-3000:]
-        client = MlflowClient(server.url)
-        (run,) = runs_of(server.url, "ddp")
-        assert run.info.status == "FINISHED"
-        for key in ("val_loss", "val_acc", "train_loss", "epoch_seconds", "learning_rate"):
-            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1], key
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "lr_suggested")] == [0]
-        import mlflow
-
-        mlflow.set_tracking_uri(server.url)
-        models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
-        assert [m.source_run_id for m in models] == [run.info.run_id]
-        assert out.count(f"run {run.info.run_id}:") == 1  # rank 0 alone reports
+def test_a_job_of_two_processes_makes_one_run_with_one_row_per_epoch_on_a_tracking_server(tmp_path, team_server):
+    args = as_options(small_job(epochs=2, devices=2, lr_steps=30))
+    code, out, err = finish(start(tmp_path, *args, uri=team_server.url, experiment="ddp-server", **team_server.env()))
+    assert code == 0, err[-3000:]
+    uri = team_server.with_credentials()
+    client = MlflowClient(uri)
+    (run,) = runs_of(uri, "ddp-server")
+    assert run.info.status == "FINISHED"
+    for key in ("val_loss", "val_acc", "train_loss", "epoch_seconds", "learning_rate"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 1], key
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "lr_suggested")] == [0]
+    mlflow.set_tracking_uri(uri)
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert [m.source_run_id for m in models] == [run.info.run_id]
+    assert out.count(f"run {run.info.run_id}:") == 1  # rank 0 alone reports
 
 
 def worker_pids(uri: str) -> dict[int, int]:
@@ -108,7 +106,7 @@ def worker_pids(uri: str) -> dict[int, int]:
     return found
 
 
-FOUR_EPOCHS = as_options(small_job(train_subset=12000, val_size=2000, epochs=4, lr_steps=30, devices=2))
+FOUR_EPOCHS = as_options(small_job(train_subset=8000, val_size=1000, epochs=4, lr_steps=30, devices=2))
 
 
 def test_sigterm_to_every_rank_stops_all_once_and_resume_at_the_same_world_size_finishes_alike(tmp_path):

@@ -9,17 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
-from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
-from mlflow.tracking._tracking_service.client import TrackingServiceClient
 
-from mlproject.record.tracker import RunTracker
-from service import server
 from tests.helpers import (
-    AUTH_ENV,
     BIN,
     REPO,
     as_mlflow_params,
@@ -28,16 +21,16 @@ from tests.helpers import (
     free_port,
     job_env,
     requires_fashion_mnist,
-    running_server,
     runs_of,
     small_job,
     start_job,
+    wait_for_line,
     wait_for_metric,
 )
 
 pytestmark = [pytest.mark.slow, requires_fashion_mnist]
-# Four epochs of a few seconds each: time to stop one midway.
-FOUR_EPOCHS = as_options(small_job(train_subset=20000, val_size=2000, epochs=4, lr_steps=30))
+# Four epochs of about a second each: time to stop one midway.
+FOUR_EPOCHS = as_options(small_job(train_subset=10000, val_size=1000, epochs=4, lr_steps=30))
 
 
 def job(tmp: Path, *args: str, env: dict[str, str]) -> subprocess.Popen:
@@ -86,20 +79,31 @@ def test_unreachable_tracking_server_fails_fast_naming_it(tmp_path):
     assert last.startswith("error: tracking server http://127.0.0.1:9 unreachable")
 
 
-def test_tracking_credentials_appear_nowhere(tmp_path):
-    secret = "s3cret-Pa55-4711"
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = job_env(uri, MLFLOW_TRACKING_USERNAME="team", MLFLOW_TRACKING_PASSWORD=secret, MLFLOW_TRACKING_TOKEN=secret)
-    code, out, err = finish(job(tmp_path, *as_options(small_job()), env=env))
+SECRET = "s3cret-Pa55-4711"
+
+
+@pytest.fixture(scope="module")
+def job_with_credentials(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """One small job on a new local store, with credentials in its environment (which the store does not need):
+    its folder, and what it wrote to stdout and stderr."""
+    tmp = tmp_path_factory.mktemp("credentials")
+    uri = f"sqlite:///{tmp}/private.db"
+    env = job_env(uri, MLFLOW_TRACKING_USERNAME="team", MLFLOW_TRACKING_PASSWORD=SECRET, MLFLOW_TRACKING_TOKEN=SECRET)
+    code, out, err = finish(job(tmp, *as_options(small_job()), env=env))
     assert code == 0, err[-2000:]
-    assert secret not in out + err
-    client = MlflowClient(uri)
+    return tmp, out, err
+
+
+def test_tracking_credentials_appear_nowhere(job_with_credentials):
+    tmp, out, err = job_with_credentials
+    assert SECRET not in out + err
+    client = MlflowClient(f"sqlite:///{tmp}/private.db")
     (run,) = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
-    assert secret not in repr(run.data.params) + repr(run.data.tags)
-    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "all")))
+    assert SECRET not in repr(run.data.params) + repr(run.data.tags)
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp / "all")))
     for path in local.rglob("*"):
         if path.is_file():
-            assert secret.encode() not in path.read_bytes(), path
+            assert SECRET.encode() not in path.read_bytes(), path
 
 
 def start_server(tmp: Path, port: int) -> subprocess.Popen:
@@ -127,20 +131,23 @@ def wait_healthy(port: int, timeout: float = 120) -> None:
 def test_server_down_mid_run_loses_no_metric(tmp_path):
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server, proc = start_server(tmp_path, port), None
+    server, proc, log = start_server(tmp_path, port), None, tmp_path / "job.log"
     try:
         wait_healthy(port)
-        proc = job(tmp_path, *FOUR_EPOCHS, env=job_env(uri))
-        run_id = wait_for_metric(MlflowClient(uri), "faults", "epoch_seconds", process=proc)
-        epoch = MlflowClient(uri).get_metric_history(run_id, "epoch_seconds")[0].value
+        with log.open("w") as out:
+            cmd = [sys.executable, "-m", "mlproject", "train", "--experiment-name", "faults", *FOUR_EPOCHS]
+            proc = subprocess.Popen(
+                cmd, cwd=tmp_path, env=job_env(uri), stdout=out, stderr=subprocess.STDOUT, text=True
+            )
+        wait_for_metric(MlflowClient(uri), "faults", "epoch_seconds", process=proc)
         os.killpg(server.pid, signal.SIGKILL)  # the server and its workers, without warning
         server.wait()
-        time.sleep(20 + 1.5 * epoch)  # down for 20 s, and across at least one epoch's end
+        wait_for_line(proc, log, "tracking server unreachable", timeout_s=120)  # an epoch ended while it was down
         server = start_server(tmp_path, port)
         wait_healthy(port)
-        code, _, err = finish(proc)
+        code = proc.wait(timeout=600)
+        err = log.read_text()
         assert code == 0, err[-3000:]
-        assert "tracking server unreachable" in err  # it noticed, and carried on
         client = MlflowClient(uri)
         (run,) = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
         assert run.info.status == "FINISHED"
@@ -156,8 +163,10 @@ def test_server_down_mid_run_loses_no_metric(tmp_path):
 
 
 def mlflow_run_process(tmp: Path, *params: str, experiment: str = "faults") -> subprocess.Popen:
-    """`mlflow run` as a user types it, in its own process group (a terminal's), output captured."""
+    """`mlflow run` as a user types it, in its own process group (a terminal's), output captured. The store is made
+    first: `mlflow run` and this test's client would otherwise both migrate a new sqlite file at once."""
     uri = f"sqlite:///{tmp}/mlflow.db"
+    MlflowClient(uri).search_experiments(max_results=1)
     env = {**job_env(uri), "PATH": f"{BIN}:{os.environ['PATH']}"}
     args = [str(BIN / "mlflow"), "run", str(REPO), "--env-manager", "local", "--experiment-name", experiment]
     for p in params:
@@ -190,7 +199,7 @@ def gone_within(pid: int, seconds: float) -> bool:
 
 def test_killing_mlflow_run_stops_its_job_within_seconds_and_the_run_ends_killed(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    launcher = mlflow_run_process(tmp_path, *as_mlflow_params(small_job(train_subset=20000, epochs=4)))
+    launcher = mlflow_run_process(tmp_path, *as_mlflow_params(small_job(train_subset=10000, epochs=4)))
     run_id = wait_for_metric(MlflowClient(uri), "faults", "epoch_seconds", process=launcher)
     pid = job_pid(run_id)
     assert pid is not None
@@ -202,7 +211,7 @@ def test_killing_mlflow_run_stops_its_job_within_seconds_and_the_run_ends_killed
 
 def test_ctrl_c_under_mlflow_run_records_the_stop_and_exits_130(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    launcher = mlflow_run_process(tmp_path, *as_mlflow_params(small_job(train_subset=20000, epochs=4)))
+    launcher = mlflow_run_process(tmp_path, *as_mlflow_params(small_job(train_subset=10000, epochs=4)))
     client = MlflowClient(uri)
     run_id = wait_for_metric(client, "faults", "epoch_seconds", process=launcher)
     os.killpg(launcher.pid, signal.SIGINT)  # the terminal's Ctrl-C: every process of the foreground group
@@ -219,7 +228,8 @@ def test_ctrl_c_under_mlflow_run_records_the_stop_and_exits_130(tmp_path):
 def test_a_stop_before_the_first_epoch_says_there_is_nothing_to_resume_and_resume_is_refused(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    proc = job(tmp_path, *as_options(small_job(train_subset=50000, val_size=2000, epochs=2)), env=job_env(uri))
+    # A first epoch of seconds: the stop lands in it, after the range test.
+    proc = job(tmp_path, *as_options(small_job(train_subset=30000, val_size=1000, epochs=2)), env=job_env(uri))
     run_id = wait_for_metric(
         client, "faults", "lr_suggested", process=proc
     )  # the range test is over; the first epoch is not
@@ -302,72 +312,25 @@ def test_a_curve_still_falling_at_lr_max_gives_no_confident_answer(tmp_path):
 # --- secrets, stores, disks, concurrency -----------------------------------------------------------------------
 
 
-def test_credentials_inside_the_tracking_uri_are_never_printed(tmp_path):
-    password = "uri-Pa55-never-shown"
-    env = {**AUTH_ENV, server.AUTH_PASSWORD_ENV: password}
-    with running_server(tmp_path / "server", f"sqlite:///{tmp_path}/server/mlflow.db", "--app-name", "basic-auth",
-                        env=env) as srv:  # fmt: skip
-        uri = srv.url.replace("http://", f"http://admin:{password}@")
-        code, out, err = finish(job(tmp_path, *as_options(small_job()), env=job_env(uri)))
+def test_credentials_inside_the_tracking_uri_are_never_printed(tmp_path, team_server):
+    uri, password = team_server.with_credentials(), team_server.password
+    code, out, err = finish(start_job(tmp_path, "train", *as_options(small_job()), env=job_env(uri), experiment="uri"))
     assert code == 0, err[-3000:].replace(password, "***")
     assert password not in out + err
 
 
-def test_the_local_sqlite_store_is_created_readable_by_its_user_alone(tmp_path):
-    code, _, err = finish(job(tmp_path, "--auto-lr", "false", "--epochs", "1", "--train-subset", "500",
-                              env=job_env(f"sqlite:///{tmp_path}/private.db")))  # fmt: skip
-    assert code == 0, err[-2000:]
-    assert oct((tmp_path / "private.db").stat().st_mode & 0o777) == "0o600"
+def test_the_local_sqlite_store_is_created_readable_by_its_user_alone(job_with_credentials):
+    tmp, _, _ = job_with_credentials
+    assert oct((tmp / "private.db").stat().st_mode & 0o777) == "0o600"
 
 
 def test_jobs_started_together_on_a_new_sqlite_store_all_finish(tmp_path):
     uri = f"sqlite:///{tmp_path}/new.db"
-    jobs = [job(tmp_path, *as_options(small_job(seed=s, lr_steps=10, auto_lr=False)), env=job_env(uri))
-            for s in range(4)]  # fmt: skip
+    env = job_env(uri, OMP_NUM_THREADS="1")  # four jobs share two cores: a thread each, none spinning on another's
+    jobs = [job(tmp_path, *as_options(small_job(seed=s, lr_steps=10, auto_lr=False)), env=env) for s in range(4)]
     results = [finish(p) for p in jobs]
     assert [code for code, _, _ in results] == [0, 0, 0, 0], [err[-800:] for _, _, err in results]
     assert sorted(r.info.status for r in runs_of(uri, "faults")) == ["FINISHED"] * 4
-
-
-def test_a_job_that_loses_the_race_to_make_its_experiment_runs_in_it(tmp_path, monkeypatch):
-    """The moment of the race above, made certain: another job makes the experiment between this job's look-up
-    and its own create. The run must still go to that experiment, not to MLflow's Default one."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    client = MlflowClient(uri)
-    made = client.create_experiment("faults")  # the other job's, made after this job looked
-    looked: list[str] = []
-    real = TrackingServiceClient.get_experiment_by_name
-
-    def first_not_there_yet(self, name):
-        looked.append(name)
-        return None if len(looked) == 1 else real(self, name)
-
-    monkeypatch.setattr(TrackingServiceClient, "get_experiment_by_name", first_not_there_yet)
-    tracker = RunTracker.open(uri, "", "faults")
-    tracker.end("FINISHED")
-    assert looked[0] == "faults"
-    assert client.get_run(tracker.run_id).info.experiment_id == made
-
-
-def test_a_run_whose_first_try_to_record_its_end_fails_still_ends_with_its_status(tmp_path, monkeypatch):
-    """The store is busy (sqlite locked by another writer, a server restarting) at the moment the run ends: the
-    write is retried, and the run must not stay RUNNING."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    tries: list[str] = []
-    real = TrackingServiceClient.set_terminated
-
-    def busy_once(self, run_id, status=None, end_time=None):
-        tries.append(status)
-        if len(tries) == 1:
-            raise MlflowException("(sqlite3.OperationalError) database is locked", TEMPORARILY_UNAVAILABLE)
-        return real(self, run_id, status, end_time)
-
-    monkeypatch.setattr(TrackingServiceClient, "set_terminated", busy_once)
-    tracker = RunTracker.open(uri, "", "faults")
-    tracker.end("KILLED", error="stopped by SIGTERM")
-    assert tries[:2] == ["KILLED", "KILLED"]
-    assert MlflowClient(uri).get_run(tracker.run_id).info.status == "KILLED"
-    assert mlflow.active_run() is None  # and the process holds no run open
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")

@@ -13,13 +13,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.helpers import (
-    AUTH_ENV,
     as_options,
     finish,
     http_answering,
     job_env,
     requires_fashion_mnist,
-    running_server,
     small_job,
     start_job,
 )
@@ -52,11 +50,9 @@ def test_a_server_that_is_not_mlflow(tmp_path):
 
 
 @pytest.mark.slow
-def test_wrong_server_credentials(tmp_path):
-    with running_server(tmp_path / "srv", f"sqlite:///{tmp_path}/srv/mlflow.db", "--app-name", "basic-auth",
-                        env=AUTH_ENV) as srv:  # fmt: skip
-        code, _, err = run(tmp_path, *SMALL, uri=srv.url, MLFLOW_TRACKING_USERNAME="admin",
-                           MLFLOW_TRACKING_PASSWORD="wrong-one")  # fmt: skip
+def test_wrong_server_credentials(tmp_path, team_server):
+    wrong = {**team_server.env(), "MLFLOW_TRACKING_PASSWORD": "wrong-one"}
+    code, _, err = run(tmp_path, *SMALL, uri=team_server.url, **wrong)
     line = one_line(code, err)
     assert "refused the credentials (HTTP 401)" in line and "wrong-one" not in err
 

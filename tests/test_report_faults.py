@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from mlflow.server import get_app_client
 from mlflow.tracking import MlflowClient
 
 from service import server
-from tests.helpers import AUTH_ENV, free_port, http_answering, lr_finder, running_server
+from tests.helpers import AUTH_ENV, free_port, http_answering, lr_finder
 
 ADMIN_PASSWORD = AUTH_ENV[server.AUTH_PASSWORD_ENV]
 VIEWER, VIEWER_PASSWORD = "viewer", "Viewer-pass-2026!"
@@ -127,25 +126,23 @@ class AuthServer:
 
 
 @pytest.fixture(scope="module")
-def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuthServer]:
-    """A basic-auth server holding a study (a parent, two child runs) and a deleted experiment; a user `viewer` who
-    may not read the study."""
-    folder = tmp_path_factory.mktemp("auth-server")
-    with running_server(folder, f"sqlite:///{folder}/mlflow.db", "--app-name", "basic-auth", env=AUTH_ENV) as srv:
-        admin = srv.url.replace("http://", f"http://admin:{ADMIN_PASSWORD}@")
-        client = MlflowClient(admin)
-        study = client.create_experiment("study")
-        parent = client.create_run(study, run_name="compare").info.run_id
-        for acc in (0.8, 0.9):
-            child = client.create_run(study, run_name=f"acc={acc}", tags={"mlflow.parentRunId": parent})
-            client.log_metric(child.info.run_id, "test_acc", acc)
-            client.set_terminated(child.info.run_id, "FINISHED")
-        gone = client.create_experiment("gone")
-        client.delete_experiment(gone)
-        users = get_app_client("basic-auth", tracking_uri=admin)
-        users.create_user(VIEWER, VIEWER_PASSWORD)
-        users.grant_user_permission(VIEWER, "experiment", study, "DENY")
-        yield AuthServer(srv.url, parent, gone)
+def auth_server(team_server) -> AuthServer:
+    """The team's basic-auth server, holding a study (a parent, two child runs) and a deleted experiment; a user
+    `viewer` who may not read the study."""
+    admin = team_server.with_credentials()
+    client = MlflowClient(admin)
+    study = client.create_experiment("study")
+    parent = client.create_run(study, run_name="compare").info.run_id
+    for acc in (0.8, 0.9):
+        child = client.create_run(study, run_name=f"acc={acc}", tags={"mlflow.parentRunId": parent})
+        client.log_metric(child.info.run_id, "test_acc", acc)
+        client.set_terminated(child.info.run_id, "FINISHED")
+    gone = client.create_experiment("gone")
+    client.delete_experiment(gone)
+    users = get_app_client("basic-auth", tracking_uri=admin)
+    users.create_user(VIEWER, VIEWER_PASSWORD)
+    users.grant_user_permission(VIEWER, "experiment", study, "DENY")
+    return AuthServer(team_server.url, parent, gone)
 
 
 @pytest.mark.slow
