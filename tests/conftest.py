@@ -61,5 +61,7 @@ def team_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TeamServer
     """One server for the tests that only need somewhere to log, each in experiments of its own: a server takes
     20 s to answer on 2 cores. Tests of the server itself start their own."""
     folder = tmp_path_factory.mktemp("team-server")
-    with running_server(folder, f"sqlite:///{folder}/mlflow.db", "--app-name", "basic-auth", env=AUTH_ENV) as srv:
+    uri = f"sqlite:///{folder}/mlflow.db"
+    # One worker process: one test at a time writes to it, and each worker costs seconds of imports to start.
+    with running_server(folder, uri, "--app-name", "basic-auth", "--workers", "1", env=AUTH_ENV) as srv:
         yield TeamServer(srv.url, "admin", AUTH_ENV[server.AUTH_PASSWORD_ENV])

@@ -228,7 +228,8 @@ def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A basic-auth tracking server on this machine's loopback (the containers use the host network)."""
     folder = tmp_path_factory.mktemp("tracking")
     env = {**AUTH_ENV, server.AUTH_PASSWORD_ENV: PASSWORD}
-    with running_server(folder, f"sqlite:///{folder}/mlflow.db", "--app-name", "basic-auth", env=env) as srv:
+    uri = f"sqlite:///{folder}/mlflow.db"
+    with running_server(folder, uri, "--app-name", "basic-auth", "--workers", "1", env=env) as srv:
         yield srv.url
 
 

@@ -253,6 +253,7 @@ def test_a_job_killed_outright_is_told_apart_closed_and_resumed(tmp_path):
     client = MlflowClient(uri)
     proc = job(tmp_path, *FOUR_EPOCHS, env=job_env(uri))
     run_id = wait_for_metric(client, "faults", "epoch_seconds", process=proc)
+    proc.send_signal(signal.SIGSTOP)  # alive but still: it cannot end its run while the second job starts
     code, _, err = finish(job(tmp_path, "--resume", run_id, env=job_env(uri)))
     assert code == 2 and "still runs it" in err, err[-2000:]  # alive: no second writer
     proc.kill()  # SIGKILL: no handler runs, nothing is recorded
