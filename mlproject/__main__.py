@@ -24,13 +24,14 @@ from mlproject.config import CHECKPOINT_ARTIFACT, STUDY_STAGES, ConfigError, Job
 from mlproject.errors import DataError, HardwareError, Preempted, TrackingError, TrainingDiverged, UserCodeError
 from mlproject.options import Number, OneOf, convert, job_options
 from mlproject.processes import launch, ranks, stopping
-from mlproject.record.environment import configure_client
+from mlproject.record.environment import configure_client, pin_local_store
 from mlproject.training.classpaths import add_code_path
 
 if TYPE_CHECKING:
     from mlproject.session import Body, Session
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
+PATH_FIELDS = ("data_dir", "code", "config")  # made absolute before the job may enter the code folder
 log = logging.getLogger("mlproject")
 
 
@@ -159,10 +160,13 @@ def compare_command(
 @job_options(JobConfig())
 def check_command(experiment_name: str, **options: Any) -> None:
     """Check what the job would train, without training or tracking: the parameters, the user's classes (imported
-    from --code), and the data it would read. One line, exit 0; or the one-line error, exit 2."""
-    from mlproject.training import task  # torch and torchvision
+    from --code and built), where the LR goes, and the data up to its first batch, as the job checks them. One line,
+    exit 0; or the one-line error the job would give, exit 2."""
+    from mlproject.training import preview  # torch and Lightning
 
-    click.echo(f"ok: {task.describe(_config(options, JobConfig()).cfg)}")
+    cfg = _config(options, JobConfig()).cfg
+    _enter_code_folder(cfg)
+    click.echo(f"ok: {preview.describe(cfg)}")
 
 
 @cli.command("close")
@@ -198,8 +202,17 @@ def _config(options: dict[str, Any], defaults: JobConfig) -> Invocation:
         from_file = {name: convert(name, value) for name, value in found.items()}
         options = configfile.merge(from_file, options, defaults.as_dict())
     cfg = JobConfig(**options)
+    cfg = cfg.replace(**{k: os.path.abspath(getattr(cfg, k)) for k in PATH_FIELDS if getattr(cfg, k)})
     add_code_path(cfg.code)
     return Invocation(cfg, tuple(k for k, v in from_file.items() if options[k] == v))
+
+
+def _enter_code_folder(cfg: JobConfig) -> None:
+    """Run from the user's code folder, so that a relative path in their code resolves as in their own checkout
+    (`mlflow run` runs from this project's); the local store stays where it was named."""
+    if cfg.code:
+        pin_local_store(os.environ, os.getcwd())
+        os.chdir(cfg.code)
 
 
 def _run_job(
@@ -218,6 +231,7 @@ def _run_job(
     if ranks.needs_launch(cfg.devices, cfg.num_nodes, here):
         ctx.exit(session.supervise(cfg, experiment_name, ctx.obj["argv"]))
     session.check_world(cfg, here)
+    _enter_code_folder(cfg)
     show = progress.mode(cfg.progress, sys.stderr.isatty())
     session.run(session.Start(cfg, invocation.from_file, experiment_name, entry, parent_run), body, show)
 

@@ -19,6 +19,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("auto", "onecycle", "constant", "module")
 BUILTIN_MODELS = ("lenet", "mlp", "cnn_bn")
 IMAGE_FOLDER = "imagefolder"
+MODULE_DATA = "module"  # a user module's own dataloaders
 LR_METHODS = ("combined", "steepest", "valley", "minimum")
 ACCELERATORS = ("auto", "cpu", "gpu")
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
@@ -28,6 +29,8 @@ PROGRESS = ("auto", "bar", "lines", "off")
 STUDY_STAGES = ("all", "plan", "member")  # the compare entry point's --stage
 
 CHECKPOINT_ARTIFACT = "checkpoints/last.ckpt"  # what a failed or preempted run keeps, and resume reads
+# The built-in networks' own LR (lr=0): Adam's default, the reference experiment's. A user module's own is its own.
+BUILTIN_LR = 1e-3
 
 # Beyond these the job is a mistake, not an experiment: refuse early instead of running for days.
 MAX_EPOCHS = 10_000
@@ -36,6 +39,30 @@ MAX_LR_STEPS = 100_000
 MIN_LR_STEPS = 10  # fewer points than the suggestion rules need (lr_range.MIN_POINTS): no sweep could answer
 SWEEP_DECADE = 10.0  # lr_max / lr_min at least: the range test reads the slope over a decade of LR or more
 MAX_CANDIDATES = 9  # lr_verify: nine half-decade candidates already span four decades
+
+# Trainer arguments with a job parameter of their own (LightningCLI's trainer: key -> the parameter)
+TRAINER_FIELDS = {
+    "max_epochs": "epochs",
+    "accelerator": "accelerator",
+    "devices": "devices",
+    "num_nodes": "num_nodes",
+    "precision": "precision",
+    "gradient_clip_val": "gradient_clip_val",
+    "accumulate_grad_batches": "accumulate_grad_batches",
+    "callbacks": "callbacks",
+}
+# Trainer arguments that change how the job trains, which it decides itself: a value other than the Trainer's
+# default is refused (the strategy follows devices and num_nodes; the fit runs whole epochs; Lightning's own
+# checkpoints and loggers are off because the run is the job's).
+TRAINER_CONFLICTS = (
+    "strategy", "fast_dev_run", "max_steps", "max_time", "min_steps", "min_epochs", "limit_train_batches",
+    "overfit_batches", "barebones", "plugins",
+)  # fmt: skip
+# ... and those that change only what Lightning shows or writes where the job keeps its own: left out, said once.
+TRAINER_SHOWN = (
+    "logger", "enable_checkpointing", "enable_progress_bar", "enable_model_summary", "log_every_n_steps",
+    "default_root_dir", "profiler", "enable_autolog_hparams", "model_registry",
+)  # fmt: skip
 
 _CLASS_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
@@ -107,15 +134,31 @@ def is_class_path(name: str) -> bool:
     return bool(_CLASS_PATH.fullmatch(name))
 
 
+def callback_specs(text: str) -> list[dict[str, Any]]:
+    """`callbacks`: '' or JSON, one {"class_path": ..., "init_args": ...} or a list of them, as LightningCLI's."""
+    try:
+        value = json.loads(text) if text.strip() else []
+    except json.JSONDecodeError as exc:
+        raise ConfigError("callbacks", text, f'a JSON list of {{"class_path": ...}} objects ({exc.msg})') from exc
+    specs = value if isinstance(value, list) else [value]
+    if not all(isinstance(s, dict) and isinstance(s.get("class_path"), str) for s in specs):
+        raise ConfigError("callbacks", text, 'a JSON list of {"class_path": ..., "init_args": {...}} objects')
+    return specs
+
+
 @dataclass(frozen=True)
 class JobConfig:
     """Everything one job needs. Defaults reproduce the reference experiment (LeNet, Fashion-MNIST, batch 64)."""
 
     auto_lr: bool = False
-    lr: float = 1e-3  # used when auto_lr is false, and as the fallback when the range test gives no answer
+    # The LR when auto_lr is false, and the fallback when the range test gives no answer; 0: the model's own (a user
+    # module's, as its configure_optimizers builds it; BUILTIN_LR for the built-in networks).
+    lr: float = 0.0
     epochs: int = 4  # with the finder's one-cycle, beats the reference's accuracy (benchmarks/RESULTS.md)
     batch_size: int = 64  # per device
-    optimizer: str = "adam"  # the built-in classifier's; a user module's configure_optimizers decides its own
+    # The built-in classifier's (adam, adamw, sgd), or an optimizer's class path with optimizer_args: for a user
+    # module it then replaces its configure_optimizers, as LightningCLI's optimizer: section does.
+    optimizer: str = "adam"
     # auto: onecycle for built-in and torchvision models, the module's own schedule for a user module
     schedule: str = "auto"
     # A built-in network, a torchvision classification model by name, or a LightningModule's class path.
@@ -129,6 +172,15 @@ class JobConfig:
     config: str = ""  # a LightningCLI YAML file; values given explicitly win over it
     code: str = ""  # a folder put on the import path before class paths are resolved
     lr_attr: str = ""  # the module's LR attribute; empty: lr or learning_rate, as Lightning looks for it
+    # LightningCLI's other sections, as a config file sets them (docs/own-model.md):
+    optimizer_args: str = "{}"  # init arguments of an optimizer given by class path
+    lr_scheduler: str = ""  # an LR scheduler's class path: the schedule a user module trains under
+    lr_scheduler_args: str = "{}"
+    gradient_clip_val: float = 0.0  # 0: no clipping
+    accumulate_grad_batches: int = 1
+    callbacks: str = ""  # Lightning callbacks for the fit: a JSON list of {"class_path": ..., "init_args": ...}
+    trainer_args: str = "{}"  # further Trainer arguments (LightningCLI's trainer: keys without a field here)
+    ckpt_path: str = ""  # a Lightning checkpoint whose weights the module starts from
     monitor: str = "val_loss"  # the figure studies and reports rank by
     monitor_mode: str = "min"
     train_subset: int = 0  # 0: the whole training split
@@ -162,7 +214,8 @@ class JobConfig:
     resume: str = ""  # a run id: continue that run from its last checkpoint, with its configuration
 
     def __post_init__(self) -> None:
-        _positive_finite("lr", self.lr)
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise ConfigError("lr", self.lr, "a finite number > 0, or 0 for the model's own LR")
         _positive_finite("lr_min", self.lr_min)
         _positive_finite("lr_max", self.lr_max)
         if self.lr_max < SWEEP_DECADE * self.lr_min:
@@ -181,7 +234,9 @@ class JobConfig:
         _int_in("num_workers", self.num_workers, -1, 256)
         _int_in("devices", self.devices, 1, 64)
         _int_in("num_nodes", self.num_nodes, 1, 4096)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        if not (self.optimizer in OPTIMIZERS or is_class_path(self.optimizer)):
+            accepted = f"one of {', '.join(OPTIMIZERS)}, or an optimizer's class path (torch.optim.AdamW)"
+            raise ConfigError("optimizer", self.optimizer, accepted)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("lr_method", self.lr_method, LR_METHODS)
         _choice("accelerator", self.accelerator, ACCELERATORS)
@@ -196,6 +251,7 @@ class JobConfig:
                 "register_model", self.register_model, "a model name (letters, digits, . _ - / and spaces)"
             )
         self._check_names()
+        self._check_sections()
         json_object("model_args", self.model_args)
         json_object("dataset_args", self.dataset_args)
         channel_stats("image_mean", self.image_mean)
@@ -213,17 +269,34 @@ class JobConfig:
                 f"a built-in network ({', '.join(BUILTIN_MODELS)}), a torchvision classification model "
                 "(e.g. resnet18) or a LightningModule's class path (package.module.Class)",
             )
-        if not (self.dataset in (*BUILTIN_DATASETS, IMAGE_FOLDER) or is_class_path(self.dataset)):
+        if not (self.dataset in (*BUILTIN_DATASETS, IMAGE_FOLDER, MODULE_DATA) or is_class_path(self.dataset)):
             raise ConfigError(
                 "dataset",
                 self.dataset,
-                f"{', '.join(BUILTIN_DATASETS)}, {IMAGE_FOLDER} or a LightningDataModule's class path "
-                "(package.module.Class)",
+                f"{', '.join(BUILTIN_DATASETS)}, {IMAGE_FOLDER}, {MODULE_DATA} (a user module's own dataloaders) or "
+                "a LightningDataModule's class path (package.module.Class)",
             )
         if self.lr_attr and not re.fullmatch(r"[A-Za-z_]\w*", self.lr_attr):
             raise ConfigError("lr_attr", self.lr_attr, "an attribute name, e.g. lr")
         if not _METRIC.fullmatch(self.monitor):
             raise ConfigError("monitor", self.monitor, "a metric name the module logs, e.g. val_loss")
+
+    def _check_sections(self) -> None:
+        """LightningCLI's sections as parameters: the optimizer's and scheduler's, the Trainer's, a checkpoint."""
+        if json_object("optimizer_args", self.optimizer_args) and not is_class_path(self.optimizer):
+            raise ConfigError("optimizer_args", self.optimizer_args, "{} unless optimizer is a class path")
+        if self.lr_scheduler and not is_class_path(self.lr_scheduler):
+            raise ConfigError("lr_scheduler", self.lr_scheduler, "an LR scheduler's class path, or empty")
+        if json_object("lr_scheduler_args", self.lr_scheduler_args) and not self.lr_scheduler:
+            raise ConfigError("lr_scheduler_args", self.lr_scheduler_args, "{} unless lr_scheduler is given")
+        if not (math.isfinite(self.gradient_clip_val) and self.gradient_clip_val >= 0):
+            raise ConfigError("gradient_clip_val", self.gradient_clip_val, "a finite number >= 0 (0: no clipping)")
+        _int_in("accumulate_grad_batches", self.accumulate_grad_batches, 1, 1024)
+        callback_specs(self.callbacks)
+        owned = sorted(set(json_object("trainer_args", self.trainer_args)) & {*TRAINER_FIELDS, *TRAINER_CONFLICTS})
+        if owned:
+            raise ConfigError("trainer_args", self.trainer_args, f"Trainer arguments the job does not set itself "
+                              f"({', '.join(owned)} are its own)")  # fmt: skip
 
     @property
     def user_module(self) -> bool:
@@ -232,10 +305,10 @@ class JobConfig:
 
     @property
     def resolved_schedule(self) -> str:
-        """auto: onecycle for the built-in classifier, the module's own for a user module."""
+        """auto: the module's own for a user module or an lr_scheduler given, onecycle for the built-in classifier."""
         if self.schedule != "auto":
             return self.schedule
-        return "module" if self.user_module else "onecycle"
+        return "module" if self.user_module or self.lr_scheduler else "onecycle"
 
     def as_params(self) -> dict[str, str]:
         """The MLflow params: one string per field, in a stable spelling."""

@@ -33,3 +33,14 @@ def setup(verbose: bool) -> None:
     if chosen > logging.DEBUG:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_quiet_libraries)
+
+
+def adopt(name: str) -> None:
+    """A library that adds a console handler of its own when imported (Lightning does, printing `INFO: ...` lines):
+    its records go to this job's handler instead, under the same filter, once the job has set one up."""
+    if not logging.getLogger().handlers:  # not the job's command line: leave the library as it set itself up
+        return
+    logger = logging.getLogger(name)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.propagate = True

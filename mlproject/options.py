@@ -51,10 +51,20 @@ class OneOf(click.Choice):
 # One click option per JobConfig field; the option's name is the field's name with dashes.
 OPTIONS: list[tuple[str, Any, str]] = [
     ("auto_lr", TrueFalse(), "Run the LR range test and train with its suggestion (true/false)."),
-    ("lr", Number(float), "Learning rate when auto_lr is false; the fallback when the range test finds none."),
+    (
+        "lr",
+        Number(float),
+        "Learning rate when auto_lr is false, and the fallback when the range test finds none; 0: the model's own "
+        "(a module's, as its configure_optimizers builds it; 0.001 for the built-in networks).",
+    ),
     ("epochs", Number(int), "Training epochs."),
     ("batch_size", Number(int), "Batch size per device (the range test uses it too)."),
-    ("optimizer", OneOf(config.OPTIMIZERS), "The built-in classifier's optimizer (sgd uses momentum 0.9)."),
+    (
+        "optimizer",
+        click.STRING,
+        "The built-in classifier's optimizer: adam, adamw, sgd (momentum 0.9); or an optimizer's class path with "
+        "optimizer_args, which for a user module replaces its configure_optimizers (LightningCLI's optimizer:).",
+    ),
     (
         "schedule",
         OneOf(config.SCHEDULES),
@@ -78,6 +88,14 @@ OPTIONS: list[tuple[str, Any, str]] = [
     ("config", click.STRING, "A LightningCLI YAML config; values given explicitly win over it."),
     ("code", click.STRING, "A folder put on the import path before class paths are resolved."),
     ("lr_attr", click.STRING, "The module's LR attribute; empty: lr or learning_rate, on the module or its hparams."),
+    ("optimizer_args", click.STRING, "Init arguments of an optimizer given by class path, as a JSON object."),
+    ("lr_scheduler", click.STRING, "An LR scheduler's class path: the schedule a user module trains under."),
+    ("lr_scheduler_args", click.STRING, "The LR scheduler's init arguments as a JSON object."),
+    ("gradient_clip_val", Number(float), "Clip gradients at this norm (Lightning's gradient_clip_val); 0: none."),
+    ("accumulate_grad_batches", Number(int), "Batches whose gradients each optimizer step sums (Lightning's)."),
+    ("callbacks", click.STRING, 'Lightning callbacks for the fit: a JSON list of {"class_path": ..., ...} objects.'),
+    ("trainer_args", click.STRING, "Further Trainer arguments as a JSON object (LightningCLI's other trainer: keys)."),
+    ("ckpt_path", click.STRING, "A Lightning checkpoint whose weights the module starts from."),
     ("monitor", click.STRING, "The figure studies and reports rank by (a value the module logs, e.g. val_loss)."),
     ("monitor_mode", OneOf(config.MONITOR_MODES), "Whether a smaller or a larger monitor value is better."),
     ("train_subset", Number(int), "Use only this many training samples; 0 uses all."),

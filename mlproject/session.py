@@ -156,10 +156,14 @@ def _attach(start: Start, workdir: Path, here: ranks.Place) -> Session:
     else:
         job, resume = new_job, None
         if cfg.run_name or not run_id or MLFLOW_RANDOM_NAME.fullmatch(tracker.reader.get().tags.get(RUN_NAME_TAG, "")):
-            tracker.set_tags({RUN_NAME_TAG: cfg.run_name or default_name(cfg, start.entry)})
-        runconfig.log_config(tracker, cfg, start.entry)
-        # Under `mlflow run` MLflow logged every parameter's command-line value first (params are write-once).
+            tracker.set_tags({RUN_NAME_TAG: cfg.run_name or default_name(cfg, start.entry, job.own_lr)})
+        resolved = job.resolved(cfg)
+        runconfig.log_config(tracker, resolved, start.entry)
+        # Under `mlflow run` MLflow logged every parameter's command-line value first (params are write-once): what
+        # a config file set, and what the job resolved otherwise, are tags beside them.
         tracker.set_tags({f"config.{k}": cfg.as_params()[k] for k in start.from_file})
+        tracker.set_tags({f"resolved.{k}": v for k, v in runconfig.changed(cfg, resolved).items()})
+        cfg = resolved
     commit = git_commit(Path(__file__).parent)  # `mlflow run` tags its own as mlflow.source.git.commit
     if commit:
         tracker.set_tags({"git_commit": commit})
@@ -174,12 +178,14 @@ def _resumed(reader: RunReader, workdir: Path) -> tuple[JobConfig, Resume]:
     return cfg, Resume(checkpoint, float(params["lr_used"]), params["lr_source"])
 
 
-def default_name(cfg: JobConfig, entry: str) -> str:
-    """What the run is: lenet-adam-finder, resnet18-sgd-lr=0.01, TabularRegressor-finder, lenet-adam-study."""
+def default_name(cfg: JobConfig, entry: str, own_lr: float | None = None) -> str:
+    """What the run is: lenet-adam-finder, resnet18-sgd-lr=0.01, TabularRegressor-finder, lenet-adam-study,
+    TabularRegressor-own-lr (its own LR, unknown before the fit)."""
     parts = [cfg.model.rsplit(".", 1)[-1]] + ([] if cfg.user_module else [cfg.optimizer])
     if entry in ("compare", "lr-find"):
         return "-".join([*parts, "study" if entry == "compare" else "lr-find"])
-    return "-".join([*parts, "finder" if cfg.auto_lr else f"lr={cfg.lr:g}"])
+    lr = cfg.lr or own_lr
+    return "-".join([*parts, "finder" if cfg.auto_lr else f"lr={lr:g}" if lr else "own-lr"])
 
 
 def _check_attachable(uri: str, run_id: str) -> None:

@@ -12,7 +12,6 @@ from tests.helpers import REPO
 BAD = [
     (["--lr", "abc"], "lr"),
     (["--lr", "-1"], "lr"),
-    (["--lr", "0"], "lr"),
     (["--lr", "nan"], "lr"),
     (["--lr", "inf"], "lr"),
     (["--lr", ""], "lr"),

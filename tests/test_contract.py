@@ -31,7 +31,9 @@ def test_every_entry_point_declares_every_config_field_with_its_default(entry, d
         ), f.name
 
 
-@pytest.mark.parametrize("entry, command", [("main", "train"), ("lr_find", "lr-find"), ("compare", "compare")])
+@pytest.mark.parametrize(
+    "entry, command", [("main", "train"), ("lr_find", "lr-find"), ("compare", "compare"), ("config", "train")]
+)
 def test_entry_points_pass_every_parameter_to_the_same_named_option(entry, command):
     spec = ENTRY_POINTS[entry]
     line = spec["command"]
@@ -98,3 +100,10 @@ def test_dockerfile_installs_the_job_extra_at_the_locks_versions():
     assert "pip install -c /tmp/lock/constraints.txt -r /tmp/lock/job.txt" in dockerfile
     ignored = (REPO / ".dockerignore").read_text().splitlines()
     assert {"!pyproject.toml", "!constraints.txt"} <= set(ignored), "the build context carries both"
+
+
+def test_the_config_entry_point_takes_a_file_and_a_code_folder_alone():
+    """MLflow logs an entry point's parameters before the job starts, and params are write-once: with these two
+    alone, the params of a config file's run are what the file set (tests/test_user_code.py runs one)."""
+    assert set(ENTRY_POINTS["config"]["parameters"]) == {"config", "code"}
+    assert "default" not in ENTRY_POINTS["config"]["parameters"]["config"]  # mlflow run asks for it

@@ -135,8 +135,7 @@ def test_sharded_batches_are_disjoint_slices_of_the_one_process_batches_at_world
     one = list(batches.DeviceBatches(split, 16 * world, ds, shuffle=True, seed=5))
     ranks = []
     for rank in range(world):
-        shard = batches.DeviceBatches(split, 16, ds, shuffle=True, seed=5)
-        shard.shard(rank, world)
+        shard = batches.DeviceBatches(split, 16, ds, shuffle=True, seed=5, place=(rank, world))
         ranks.append(list(shard))
         assert len(shard) == len(one)
     for step, (x, y) in enumerate(one):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 from mlproject import progress
 from mlproject.config import JobConfig
@@ -18,10 +19,16 @@ from mlproject.training.task import Task
 log = logging.getLogger(__name__)
 
 SPREAD_WARNING = 0.3  # decades between repeated range tests beyond which the suggestion is called uncertain
+# On small data the range test could cost several fits (and its curve would measure memorisation): it takes at most
+# this share of the fit's optimizer steps, but keeps MIN_PER_DECADE steps a decade of its LR range: sparser, the
+# smoothing (rules.SMOOTH_DECADES, 0.2 decades) spans under two points and a noisy step reads as divergence.
+SWEEP_SHARE = 0.5
+MIN_PER_DECADE = 8
 
 
 def choose_lr(cfg: JobConfig, job: Task, rt: Runtime, tracker: Tracker) -> LRChoice:
-    """Sweep, suggest, verify, record; with no usable sweep the fallback is cfg.lr, its reason recorded."""
+    """Sweep, suggest, verify, record; with no usable sweep the fallback is job.fallback_lr(cfg) (lr, the module's
+    own, or BUILTIN_LR), its reason recorded."""
     found = repeated(cfg, job, rt)
     s, curve = found.suggestion, found.curve
     source = "fallback" if s.method == "fallback" else "finder"
@@ -44,7 +51,10 @@ def choose_lr(cfg: JobConfig, job: Task, rt: Runtime, tracker: Tracker) -> LRCho
     low = s.lr_low if onecycle and source != "fallback" else 0.0
     choice = LRChoice(lr, source, low, found, checked)
     # With a probe, what the training-loss curve alone would have said, for comparison.
-    train_curve = rules.suggest_curve(found.usable, cfg.lr_method, cfg.lr, found.fit_steps).lr if cfg.lr_probe else None
+    fallback = job.fallback_lr(cfg)
+    train_curve = (
+        rules.suggest_curve(found.usable, cfg.lr_method, fallback, found.fit_steps).lr if cfg.lr_probe else None
+    )
     records.record(tracker, cfg, choice, train_curve)
     return choice
 
@@ -58,13 +68,16 @@ def repeated(cfg: JobConfig, job: Task, rt: Runtime) -> RangeTest:
     if spread > SPREAD_WARNING:
         log.warning("the %d range tests disagree by %.2f decades: the suggestion is uncertain", len(tests), spread)
     repeats = tuple(t.suggestion.lr for t in tests)
-    return RangeTest(median.curve, median.usable, median.signal, median.suggestion, repeats, spread, median.fit_steps)
+    return replace(median, repeat_suggestions=repeats, spread_decades=spread)
 
 
 def range_test(cfg: JobConfig, job: Task, rt: Runtime, stop_early: bool = True) -> RangeTest:
     """One range test on a fresh module under cfg.seed; with lr_probe the suggestion comes from the held-out probe's
     curve."""
-    progress.sweep_start(cfg.lr_min, cfg.lr_max, cfg.lr_steps, shown=True)
+    budget, why = sweep_steps(cfg.lr_steps, fit_steps(cfg, job, rt), math.log10(cfg.lr_max / cfg.lr_min))
+    if why:
+        log.info("range test: %s", why)
+    progress.sweep_start(cfg.lr_min, cfg.lr_max, budget, shown=True)
     module = job.module(cfg.seed, rt.channels_last)
     probe = job.data.probe(rt.device) if cfg.lr_probe and job.data.probe else None
     inputs = job.data.loaders(cfg.seed + 1, rt.device.type).sweep_kwargs()
@@ -75,24 +88,39 @@ def range_test(cfg: JobConfig, job: Task, rt: Runtime, stop_early: bool = True) 
         rt=rt,
         lr_min=cfg.lr_min,
         lr_max=cfg.lr_max,
-        steps=cfg.lr_steps,
+        steps=budget,
         probe=probe,
         stop_early=stop_early,
+        trainer_args=job.trainer_args,
     )
     steps = fit_steps(cfg, job, rt, curve.batches_per_epoch)
     usable = rules.usable_curve(curve.lrs, curve.losses)
     signal = rules.usable_curve(curve.lrs, curve.probe_losses) if cfg.lr_probe else usable
-    suggestion = rules.suggest_curve(signal, cfg.lr_method, cfg.lr, steps)
+    suggestion = rules.suggest_curve(signal, cfg.lr_method, job.fallback_lr(cfg), steps)
     suggestion = rules.guard_edge(suggestion, signal, curve.steps_run == curve.steps_requested)
     if suggestion.confidence == 0.0 and suggestion.method != "fallback":
         log.warning("range test: %s", suggestion.reason)
-    return RangeTest(curve, usable, signal, suggestion, (suggestion.lr,), 0.0, steps)
+    return RangeTest(curve, usable, signal, suggestion, (suggestion.lr,), 0.0, steps, cfg.lr_steps)
+
+
+def sweep_steps(asked: int, fit: int, decades: float) -> tuple[int, str]:
+    """The range test's steps within its share of the fit (`fit` optimizer steps, 0 when unknown) over `decades` of
+    LR, and why fewer than asked ("" when as asked)."""
+    least = max(2 * rules.MIN_POINTS, math.ceil(MIN_PER_DECADE * decades))  # a curve's cut leaves MIN_POINTS
+    cap = max(least, int(SWEEP_SHARE * fit)) if fit else asked
+    if asked <= cap:
+        return asked, ""
+    return cap, (
+        f"{cap} steps, not lr_steps={asked}: a range test takes at most {SWEEP_SHARE:.0%} of the fit's {fit} steps, "
+        f"and {least} at least ({MIN_PER_DECADE} a decade, {2 * rules.MIN_POINTS} in all); the same LRs, read more "
+        "coarsely"
+    )
 
 
 def fit_steps(cfg: JobConfig, job: Task, rt: Runtime, batches_per_epoch: int = 0) -> int:
     """Optimizer steps of the fit on each rank: what the combined rule weighs (and the one-cycle's length)."""
     per_epoch = job.data.steps_per_epoch(rt.world_size) or batches_per_epoch
-    return cfg.epochs * per_epoch
+    return cfg.epochs * per_epoch // cfg.accumulate_grad_batches
 
 
 def spread_decades(lrs: list[float]) -> float:

@@ -20,10 +20,8 @@ def record(tracker: Tracker, cfg: JobConfig, choice: LRChoice, train_curve_sugge
     verified LR as params, the timings, the spread of repeats and the curve as metrics."""
     found, checked = choice.range_test, choice.verification
     assert found is not None, "a choice made without a range test has nothing to record"
-    extra: dict[str, object] = {
-        "batch_size": cfg.batch_size,
-        "effective_batch_size": cfg.batch_size * found.curve.world_size,
-    }
+    batch = found.curve.batch_size or cfg.batch_size  # as served, where the loader says
+    extra: dict[str, object] = {"batch_size": batch, "effective_batch_size": batch * found.curve.world_size}
     if train_curve_suggestion is not None:  # probing: what the training-loss curve alone would have said
         extra |= {"signal": "validation probe", "train_curve_suggestion": train_curve_suggestion}
     files: dict[str, bytes | str] = {
@@ -63,6 +61,7 @@ def summary(found: RangeTest, extra: Mapping[str, object]) -> dict[str, object]:
         "lr_high": s.lr_high,
         "lr_min": curve.lr_min,
         "lr_max": curve.lr_max,
+        "lr_steps": found.lr_steps,  # asked; steps_requested is what the fit's length allowed (SWEEP_SHARE)
         "steps_requested": curve.steps_requested,
         "steps_run": curve.steps_run,
         "stopped_on_divergence": curve.stopped_early or bool(usable.reason),

@@ -21,14 +21,18 @@ class RangeTest:
     repeat_suggestions: tuple[float, ...]  # every repeat's, in run order
     spread_decades: float
     fit_steps: int  # the length of fit the combined rule weighed
+    lr_steps: int = 0  # the steps asked for: more than the sweep ran where the fit is short (choose.SWEEP_SHARE)
+
+
+OWN_LR = "module"  # lr_source of a module that trains at the LR it builds its optimizer at: the job sets none
 
 
 @dataclass(frozen=True)
 class LRChoice:
     """The LR the fit trains at, and where it came from."""
 
-    lr: float  # the one-cycle peak when the schedule is onecycle
-    source: str  # finder, verified, fixed or fallback
+    lr: float  # the one-cycle peak when the schedule is onecycle; nan: the module's own, read back at the fit
+    source: str  # finder, verified, fixed, fallback or module (OWN_LR)
     lr_low: float = 0.0  # the one-cycle start; 0: the schedule's default
     range_test: RangeTest | None = None
     verification: Verification | None = None

@@ -14,6 +14,7 @@ import torch
 from mlproject.errors import UserCodeError
 from mlproject.finder import rules
 from mlproject.processes import ranks, stopping
+from mlproject.training.batches import served_batch_size
 from mlproject.training.lightning_api import Lightning
 from mlproject.training.runtime import Runtime
 from mlproject.training.trainer import build_trainer
@@ -33,6 +34,7 @@ class LRCurve:
     seconds: float
     batches_per_epoch: int  # of the training data, on each rank
     world_size: int
+    batch_size: int | None = None  # what the training loader served on each rank (None where it does not say)
 
     @property
     def steps_run(self) -> int:
@@ -78,8 +80,9 @@ def _loss_of(output: Any, owner: str) -> torch.Tensor:
 
 class _Recorder:
     """Sits in the private copy's hooks, since lr_find replaces the Trainer's callbacks with its own: records the
-    raw loss of every step, averaged over the ranks; with `stop_early`, ends the sweep once rules.stop_reason
-    gives a reason (rank 0 decides for every rank)."""
+    raw loss of every optimizer step, averaged over the ranks; with `stop_early`, ends the sweep once
+    rules.stop_reason gives a reason (rank 0 decides for every rank). With accumulate_grad_batches = k, an optimizer
+    step is k batches at one LR, and its loss their mean (Lightning hands each batch's loss on divided by k)."""
 
     def __init__(self, io: MemoryCheckpointIOHooks, probe: Callable[[], float] | None, stop_early: bool) -> None:
         self.io, self.probe, self.stop_early = io, probe, stop_early
@@ -90,7 +93,10 @@ class _Recorder:
         self.stop_reason = ""
         self.batches_per_epoch = 0
         self.world_size = 1
+        self.batch_size: int | None = None
         self._pending: dict[str, Any] | None = None
+        self._batches = 0  # training_step calls so far
+        self._summed: torch.Tensor | None = None  # this optimizer step's losses so far
 
     def instrument(self, module: Any) -> None:
         owner = type(module).__qualname__
@@ -98,14 +104,20 @@ class _Recorder:
         originals |= {name: getattr(module, name) for name in ("on_train_start", "on_save_checkpoint")}
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
-            self.lrs.append(module.trainer.optimizers[0].param_groups[0]["lr"])  # before the scheduler steps
+            if self._batches % module.trainer.accumulate_grad_batches == 0:  # an optimizer step's first batch
+                self.lrs.append(module.trainer.optimizers[0].param_groups[0]["lr"])  # before the scheduler steps
+            self._batches += 1
             output = originals["training_step"](*args, **kwargs)
             _loss_of(output, owner)
             return output
 
         def on_train_batch_end(outputs: Any, batch: Any, batch_idx: int) -> None:
             originals["on_train_batch_end"](outputs, batch, batch_idx)
-            self.step(module.trainer, _loss_of(outputs, owner))
+            loss = _loss_of(outputs, owner).detach().float()
+            self._summed = loss if self._summed is None else self._summed + loss
+            if self._batches % module.trainer.accumulate_grad_batches == 0:  # the optimizer has stepped
+                self.step(module.trainer, self._summed)
+                self._summed = None
 
         def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
             originals["on_save_checkpoint"](checkpoint)
@@ -116,6 +128,7 @@ class _Recorder:
             originals["on_train_start"]()
             trainer = module.trainer
             self.batches_per_epoch, self.world_size = int(trainer.num_training_batches), trainer.world_size
+            self.batch_size = served_batch_size(trainer.train_dataloader)
             if self.io.snapshot is None and self._pending is not None:
                 self.io.snapshot = copy.deepcopy(self._pending)
 
@@ -128,7 +141,7 @@ class _Recorder:
         """One host sync a step, as Lightning's own finder makes; with a probe, also its loss under the weights this
         step's LR produced."""
         self.check_stop()
-        self.raw.append(float(trainer.strategy.reduce(loss.detach().float(), reduce_op="mean")))
+        self.raw.append(float(trainer.strategy.reduce(loss, reduce_op="mean")))
         if self.probe is not None:
             self.probed.append(self.probe())
         if self.stop_early:
@@ -161,6 +174,7 @@ def range_test(
     steps: int,
     probe: Any = None,
     stop_early: bool = True,
+    trainer_args: dict[str, Any] | None = None,
 ) -> LRCurve:
     """Sweep the LR exponentially from lr_min to lr_max, one optimizer step each, with the module's own optimizer
     (its schedulers off); `module` is not touched.
@@ -178,7 +192,7 @@ def range_test(
     devices = [torch.cuda.current_device()] if rt.accelerator == "gpu" else []
     with torch.random.fork_rng(devices=devices), ranks.stop_together(rt.world_size) as check_stop:
         recorder.check_stop = check_stop
-        trainer = build_trainer(lightning, rt, -1, [], plugins=[io], check_val_every_n_epoch=NEVER)
+        trainer = build_trainer(lightning, rt, -1, [], trainer_args, plugins=[io], check_val_every_n_epoch=NEVER)
         finder = lightning.tuner(trainer).lr_find(
             private,
             **sweep_inputs,
@@ -201,4 +215,5 @@ def range_test(
         seconds=time.perf_counter() - start,
         batches_per_epoch=recorder.batches_per_epoch,
         world_size=recorder.world_size,
+        batch_size=recorder.batch_size,
     )

@@ -3,20 +3,20 @@ steps, then scored on the validation figure the job monitors (the choices themse
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mlproject.config import JobConfig
 from mlproject.finder.result import RangeTest
 from mlproject.finder.sweep import NEVER
 from mlproject.finder.verify import Plan, Trial, Verification, moved, plan, winner
-from mlproject.training import optimizers, trainer
+from mlproject.training import lightning_api, trainer
 from mlproject.training.lightning_api import Lightning
+from mlproject.training.optimizers import apply_schedule
 from mlproject.training.runtime import Runtime
 from mlproject.training.sources import Loaders
 from mlproject.training.task import Task
@@ -35,6 +35,7 @@ class TrialKit:
     loaders: Callable[[], Loaders]
     monitor: str
     mode: str
+    trainer_args: dict[str, Any] = field(default_factory=dict)
 
 
 def run_trials(kit: TrialKit, chosen: Plan, setting: str) -> Verification:
@@ -85,11 +86,13 @@ def trial(kit: TrialKit, lr: float, steps: int, before: bool = False) -> Trial |
     same winner."""
     start = time.perf_counter()
     module, loaders = kit.make_module(lr), kit.loaders()
-    missing = _no_validation(kit.lightning, module, loaders)
+    missing = _no_validation(module, loaders)
     if missing:
         return missing
     hooks = kit.lightning.make(TrialHooks, "Callback")
-    fitter = trainer.build_trainer(kit.lightning, kit.rt, -1, [hooks], max_steps=steps, check_val_every_n_epoch=NEVER)
+    fitter = trainer.build_trainer(
+        kit.lightning, kit.rt, -1, [hooks], kit.trainer_args, max_steps=steps, check_val_every_n_epoch=NEVER
+    )
     untrained = _validate(fitter, module, loaders) if before else {}
     fitter.fit(module, **loaders.fit_kwargs())
     values = {} if hooks.diverged else _validate(fitter, module, loaders)
@@ -101,22 +104,16 @@ def trial(kit: TrialKit, lr: float, steps: int, before: bool = False) -> Trial |
     return Trial(lr, score if math.isfinite(score) else math.nan, int(fitter.global_step), seconds, first)
 
 
-def _validate(trainer: Any, module: Any, loaders: Loaders) -> dict[str, float]:
-    found = trainer.validate(module, **_validation_kwargs(loaders), verbose=False)
+def _validate(fitter: Any, module: Any, loaders: Loaders) -> dict[str, float]:
+    found = fitter.validate(module, **loaders.validation_kwargs(), verbose=False)
     return {k: float(v) for k, v in (found[0] if found else {}).items()}
 
 
-def _validation_kwargs(loaders: Loaders) -> dict[str, Any]:
-    return {"datamodule": loaders.datamodule} if loaders.datamodule is not None else {"dataloaders": loaders.val}
-
-
-def _no_validation(lightning: Lightning, module: Any, loaders: Loaders) -> str:
+def _no_validation(module: Any, loaders: Loaders) -> str:
     """Why no trial can be scored (no validation loop or data), or ""."""
-    overridden = importlib.import_module(f"{lightning.name}.utilities.model_helpers").is_overridden
-    if not overridden("validation_step", module):
+    if not lightning_api.defines(type(module), "validation_step"):
         return f"{type(module).__qualname__} has no validation_step to score the candidates by"
-    data = loaders.datamodule
-    if (data is None and loaders.val is None) or (data is not None and not overridden("val_dataloader", data)):
+    if not loaders.has_validation():
         return "the data has no validation set to score the candidates on"
     return ""
 
@@ -131,12 +128,12 @@ def verify(cfg: JobConfig, job: Task, rt: Runtime, found: RangeTest) -> Verifica
 
     def make_module(lr: float) -> Any:
         module = job.module(cfg.seed, rt.channels_last)
-        optimizers.set_lr(job.lightning, module, job.lr_attr, lr)
-        optimizers.apply_schedule(module, schedule, lr, 0.0)
+        job.set_lr(module, lr)
+        apply_schedule(module, schedule, lr, 0.0)
         return module
 
     loaders = lambda: job.data.loaders(cfg.seed, rt.device.type)  # noqa: E731
-    kit = TrialKit(job.lightning, rt, make_module, loaders, cfg.monitor, cfg.monitor_mode)
+    kit = TrialKit(job.lightning, rt, make_module, loaders, cfg.monitor, cfg.monitor_mode, job.trainer_args)
     done = run_trials(kit, chosen, cfg.lr_verify)
     if done.lr is None:
         log.info("verify: skipped: %s", done.reason)

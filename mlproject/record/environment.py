@@ -36,3 +36,11 @@ def run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
     parts = urlsplit(ui_url)
     base = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
     return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def pin_local_store(environ: MutableMapping[str, str], cwd: str) -> None:
+    """A local sqlite store named relative to `cwd` (or MLflow's default, ./mlflow.db), made absolute: the job may
+    change its working folder (to the user's code) and must keep writing where it was told."""
+    uri = environ.get("MLFLOW_TRACKING_URI", "") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        environ["MLFLOW_TRACKING_URI"] = "sqlite:///" + os.path.join(cwd, uri.removeprefix("sqlite:///"))

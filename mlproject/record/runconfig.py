@@ -22,3 +22,9 @@ def resumed_config(reader: RunReader, workdir: Path) -> JobConfig:
     """The configuration the run started with (its config.json), marked as resumed."""
     params = json.loads(reader.download(CONFIG_FILE, workdir).read_text())
     return JobConfig.from_params(params).replace(resume=reader.run.run_id)
+
+
+def changed(given: JobConfig, resolved: JobConfig) -> dict[str, str]:
+    """The params whose value the job resolved to something other than what it was given."""
+    before, after = given.as_params(), resolved.as_params()
+    return {k: v for k, v in after.items() if before[k] != v}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -77,19 +78,24 @@ class DeviceBatches:
     """Batches cut from one uint8 tensor on the device: normalised, shuffled and sliced there, no per-sample Python.
 
     Shuffling uses its own generator seeded by (seed, epoch), so the batch order never depends on global RNG state.
-    Across the ranks of the default process group (or those given to shard()), each global batch of world x
+    Across the ranks of the default process group (or the `place` given), each global batch of world x
     batch_size samples is cut into one slice per rank, so that N ranks at batch b see exactly the samples one process
     sees at batch N x b.
     """
 
-    def __init__(self, split: Split, batch_size: int, data: ImageData, shuffle: bool, seed: int) -> None:
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        data: ImageData,
+        shuffle: bool,
+        seed: int,
+        place: tuple[int, int] | None = None,
+    ) -> None:
         self.images, self.labels = split.images, split.labels  # already on the device: see Split.to
         self.batch_size, self.mean, self.std = batch_size, data.mean, data.std
         self.shuffle, self.seed, self.epoch = shuffle, seed, 0
-        self.place: tuple[int, int] | None = None  # (rank, world); None: the process group's, read when iterated
-
-    def shard(self, rank: int, world: int) -> None:
-        self.place = (rank, world)
+        self.place = place  # (rank, world); None: the process group's, read when iterated
 
     def _place(self) -> tuple[int, int]:
         if self.place is not None:
@@ -155,3 +161,16 @@ def loader_batches(
         shuffle=shuffle,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def served_batch_size(loader: Any) -> int | None:
+    """The batch size a training loader serves: a DataLoader's, DeviceBatches', or the one loader inside Lightning's
+    CombinedLoader; None where it does not say (a sampler of its own, several loaders)."""
+    inner = getattr(loader, "iterables", None)
+    if inner is not None and not isinstance(loader, (DeviceBatches, torch.utils.data.DataLoader)):
+        loaders = (
+            list(inner.values()) if isinstance(inner, dict) else list(inner) if isinstance(inner, list) else [inner]
+        )
+        return served_batch_size(loaders[0]) if len(loaders) == 1 else None
+    size = getattr(loader, "batch_size", None)
+    return size if isinstance(size, int) else None

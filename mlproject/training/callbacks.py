@@ -13,7 +13,7 @@ import torch
 
 from mlproject.errors import TrainingDiverged, UserCodeError
 from mlproject.processes import ranks, stopping
-from mlproject.training import batches
+from mlproject.training import batches, optimizers
 
 EpochSink = Callable[[int, dict[str, float]], None]
 
@@ -35,6 +35,10 @@ class ReporterHooks:
 
     All of it happens under stopping.held(): a SIGTERM in between would leave a run that shows an epoch it has
     no checkpoint of, or a checkpoint of an epoch it never showed (which a resume would then skip).
+
+    A value the module logs per step only (on_step=True, on_epoch=False) is reported as its epoch mean under its own
+    name, summed on the device as it comes; `learning_rate` is the optimizers' LR as the epoch starts, the largest
+    of their param groups, as lr_used reads it.
     """
 
     def __init__(self, sink: EpochSink, checkpoint: Path, keep: Callable[[Path], None]) -> None:
@@ -45,11 +49,25 @@ class ReporterHooks:
         self.validation: dict[str, float] = {}
         self.started = 0.0
         self.lr = math.nan
+        self.per_step: dict[str, tuple[torch.Tensor, int]] = {}
+        self.last: dict[str, torch.Tensor] = {}  # each per-step value's latest tensor: one logged value counts once
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self.started = time.perf_counter()
-        self.lr = float(trainer.optimizers[0].param_groups[0]["lr"])
-        self.validation = {}
+        self.lr = max(float(group["lr"]) for opt in trainer.optimizers for group in opt.param_groups)
+        self.validation, self.per_step = {}, {}
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        results = trainer._results
+        if results is None:
+            return
+        for _, metric in results.valid_items():
+            meta, value = metric.meta, metric._forward_cache
+            step_only = meta.on_step and not meta.on_epoch and meta.logger
+            if step_only and isinstance(value, torch.Tensor) and self.last.get(meta.name) is not value:
+                self.last[meta.name] = value
+                total, count = self.per_step.get(meta.name, (torch.zeros((), device=value.device), 0))
+                self.per_step[meta.name] = (total + value.detach().float(), count + 1)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.sanity_checking:
@@ -57,7 +75,8 @@ class ReporterHooks:
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         train = epoch_values(trainer)
-        metrics = {**train, **self.validation, "learning_rate": self.lr}
+        steps = {name: float(total) / count for name, (total, count) in self.per_step.items()}
+        metrics = {**steps, **train, **self.validation, "learning_rate": self.lr}
         metrics["epoch_seconds"] = time.perf_counter() - self.started  # training and validation
         self.history.append(metrics)
         with stopping.held():
@@ -66,6 +85,25 @@ class ReporterHooks:
                 if self.checkpoint.exists():  # rank 0 writes it
                     self.keep(self.checkpoint)
             self.sink(trainer.current_epoch, metrics)
+
+
+class AppliedHooks:
+    """What the fit applies, read back from what applies it: at the fit's start, once configure_optimizers has built
+    the optimizers and before any step (and before a resumed fit restores their state), the LR they were built at,
+    handed to `built`, which may stop the fit; as training starts, the batch size its loader serves (None where the
+    loader does not say)."""
+
+    def __init__(self, built: Callable[[float], None]) -> None:
+        self.built = built
+        self.lr = math.nan
+        self.batch_size: int | None = None
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self.lr = optimizers.built_lr(trainer.optimizers)
+        self.built(self.lr)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self.batch_size = batches.served_batch_size(trainer.train_dataloader)
 
 
 class GuardHooks:
@@ -104,6 +142,9 @@ class GuardHooks:
             )
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not pl_module.automatic_optimization:  # it steps its optimizers itself: training_step may return None
+            self.check_stop()
+            return
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is None:
             owner = type(pl_module).__qualname__

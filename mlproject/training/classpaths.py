@@ -3,6 +3,7 @@ built from JSON init arguments as LightningCLI builds them."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -44,7 +45,9 @@ def import_class(param: str, path: str) -> type:
 
 
 def instantiate(param: str, cls: type, kwargs: dict[str, Any]) -> Any:
-    """cls(**kwargs), LightningCLI-style: nested {"class_path", "init_args"} values are built first."""
+    """cls(**kwargs), LightningCLI-style: nested {"class_path", "init_args"} values are built first; an optimizer or
+    an LR scheduler among them becomes a factory (its init_args bound, its params or optimizer to come), as
+    LightningCLI makes an OptimizerCallable or LRSchedulerCallable argument."""
     built = {key: _nested(param, value) for key, value in kwargs.items()}
     try:
         return cls(**built)
@@ -55,13 +58,14 @@ def instantiate(param: str, cls: type, kwargs: dict[str, Any]) -> Any:
 def _nested(param: str, value: Any) -> Any:
     if isinstance(value, dict) and "class_path" in value:
         inner = import_class(param, value["class_path"])
+        if takes_later(inner):
+            return functools.partial(inner, **(value.get("init_args") or {}))
         return instantiate(param, inner, value.get("init_args") or {})
     return value
 
 
-def overrides(obj: Any, hook: str) -> bool:
-    """Whether the object's class defines `hook` itself rather than inheriting Lightning's default."""
-    for klass in type(obj).__mro__:
-        if hook in vars(klass):
-            return not klass.__module__.startswith(("pytorch_lightning", "lightning"))
-    return False
+def takes_later(cls: type) -> bool:
+    """An optimizer (built on parameters) or an LR scheduler (on an optimizer): torch's own base classes, by where
+    they come from, so that this module needs no torch to import."""
+    names = ("Optimizer", "LRScheduler", "ReduceLROnPlateau")
+    return any(base.__module__.startswith("torch.optim") and base.__name__ in names for base in cls.__mro__)

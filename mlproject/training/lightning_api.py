@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from mlproject import logs
+
 PACKAGES = ("pytorch_lightning", "lightning.pytorch")
 
 
@@ -24,7 +26,10 @@ class Lightning:
 
     @property
     def pl(self) -> ModuleType:
-        return importlib.import_module(self.name)
+        package = importlib.import_module(self.name)
+        for name in ("lightning", self.name):  # each adds a console handler of its own at import
+            logs.adopt(name)
+        return package
 
     @property
     def LightningModule(self) -> type:  # noqa: N802 - the class's own name
@@ -80,3 +85,15 @@ def is_module(cls: type) -> bool:
 def is_datamodule(cls: type) -> bool:
     found = of_class(cls)
     return found is not None and issubclass(cls, found.LightningDataModule)
+
+
+def defines(cls: type, hook: str) -> bool:
+    """Whether `cls` (a LightningModule or LightningDataModule) defines `hook` itself, or inherits it from a class
+    other than Lightning's own base: told apart by where the function comes from, not by a package's name, so a
+    class of Lightning's demos or of a package named lightning_* counts as the user's."""
+    found = of_class(cls)
+    if found is None:
+        return callable(getattr(cls, hook, None))
+    base = found.LightningDataModule if issubclass(cls, found.LightningDataModule) else found.LightningModule
+    own, default = getattr(cls, hook, None), getattr(base, hook, None)
+    return own is not None and own is not default

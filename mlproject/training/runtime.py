@@ -34,14 +34,17 @@ class Runtime:
 
 
 def resolve_runtime(cfg: JobConfig, cuda_available: bool, gpu_bf16: bool, cpu_bf16: bool = False) -> Runtime:
-    """Pure: what to run on. 'auto' picks the GPU when there is one, and bf16-mixed where the chosen device
-    computes bf16 natively (a bf16 GPU; a CPU with AVX512-BF16 or AMX)."""
+    """Pure: what to run on. 'auto' picks the GPU when there is one; for the built-in networks, bf16-mixed where the
+    chosen device computes bf16 natively (a bf16 GPU; a CPU with AVX512-BF16 or AMX); a user module keeps Lightning's
+    own default, 32-true, unless precision is given."""
     if cfg.accelerator == "gpu" and not cuda_available:
         raise HardwareError("accelerator=gpu but no CUDA device is visible; use accelerator=cpu or auto")
     accelerator = "gpu" if cfg.accelerator == "gpu" or (cfg.accelerator == "auto" and cuda_available) else "cpu"
     precision = cfg.precision
     if accelerator == "cpu" and precision == "16-mixed":  # Lightning would train in bf16 instead, unasked
         raise HardwareError("precision=16-mixed needs a GPU and none is visible; use auto, bf16-mixed or 32-true")
+    if precision == "auto" and cfg.user_module:  # its own Trainer would train it in 32-true: the numbers are its
+        precision = "32-true"
     if precision == "auto":
         # bf16-mixed where the device computes it natively: fp32 is slower for LeNet's step (benchmarks/RESULTS.md).
         precision = "bf16-mixed" if (gpu_bf16 if accelerator == "gpu" else cpu_bf16) else "32-true"

@@ -3,6 +3,7 @@ LightningDataModule; each gives the loaders a Trainer reads, the fit's steps, th
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -19,7 +20,7 @@ from mlproject.errors import DataError
 from mlproject.record.outputs import DataInput
 from mlproject.training import batches, idx, images, lightning_api
 from mlproject.training.batches import ImageData, Split
-from mlproject.training.classpaths import import_class, instantiate, overrides
+from mlproject.training.classpaths import import_class, instantiate
 from mlproject.training.lightning_api import Lightning
 
 log = logging.getLogger(__name__)
@@ -32,27 +33,47 @@ PROBE_SIZE = 1024  # held-out samples lr_probe scores after every sweep step: ~1
 
 @dataclass(frozen=True)
 class Loaders:
-    """What one Trainer call reads: the job's own iterables, or a user's data module."""
+    """What one Trainer call reads: the job's own iterables, a user's data module, or (`own`) the dataloaders the
+    module defines itself, which the Trainer asks it for."""
 
     train: Any = None
     val: Any = None
     test: Any = None
     datamodule: Any = None
+    own: frozenset[str] = frozenset()  # the module's own loaders: the hooks it defines (train, val, test)
 
     def fit_kwargs(self) -> dict[str, Any]:
+        if self.own:
+            return {}
         if self.datamodule is not None:
             return {"datamodule": self.datamodule}
         return {"train_dataloaders": self.train, "val_dataloaders": self.val}
 
     def sweep_kwargs(self) -> dict[str, Any]:
+        if self.own:
+            return {}
         return {"datamodule": self.datamodule} if self.datamodule is not None else {"train_dataloaders": self.train}
 
     def test_kwargs(self) -> dict[str, Any] | None:
         """None when there is nothing to test on."""
+        if self.own:
+            return {} if "test" in self.own else None
         if self.datamodule is not None:
-            has_test = overrides(self.datamodule, "test_dataloader")
+            has_test = lightning_api.defines(type(self.datamodule), "test_dataloader")
             return {"datamodule": self.datamodule} if has_test else None
         return {"dataloaders": self.test} if self.test is not None else None
+
+    def has_validation(self) -> bool:
+        if self.own:
+            return "val" in self.own
+        if self.datamodule is not None:
+            return lightning_api.defines(type(self.datamodule), "val_dataloader")
+        return self.val is not None
+
+    def validation_kwargs(self) -> dict[str, Any]:
+        if self.own:
+            return {}
+        return {"datamodule": self.datamodule} if self.datamodule is not None else {"dataloaders": self.val}
 
     def iterables(self) -> list[Any]:
         return [it for it in (self.train, self.val, self.test) if it is not None]
@@ -76,6 +97,8 @@ class DataSource:
     inputs: list[DataInput] = field(default_factory=list)  # the datasets the run records
     probe: Callable[[torch.device], Any] | None = None  # lr_probe's fixed held-out batch
     example: Callable[[], Any] | None = None  # a real batch's model input, for the logged model's signature
+    own: bool = False  # the module's own dataloaders
+    subsets: bool = True  # whether train_subset applies (a data module, or a module's own loaders, serve all theirs)
 
 
 def in_memory(cfg: JobConfig, source: ImageData) -> tuple[ImageShape, DataSource]:
@@ -174,7 +197,7 @@ def user_data(cfg: JobConfig) -> tuple[Any, Lightning]:
     if found is None or not lightning_api.is_datamodule(cls):
         raise ConfigError("dataset", cfg.dataset, "a LightningDataModule subclass (pytorch_lightning or lightning)")
     datamodule = instantiate("dataset_args", cls, json_object("dataset_args", cfg.dataset_args))
-    if not overrides(datamodule, "train_dataloader"):
+    if not lightning_api.defines(cls, "train_dataloader"):
         raise ConfigError("dataset", cfg.dataset, "a LightningDataModule that defines train_dataloader()")
     return datamodule, found
 
@@ -209,4 +232,30 @@ def datamodule_inputs(cfg: JobConfig, datamodule: Any) -> list[DataInput]:
 def datamodule_source(cfg: JobConfig, datamodule: Any) -> DataSource:
     """A user's data module, read as it is: its own loaders, steps known once a Trainer has set it up."""
     loaders = lambda seed, device: Loaders(datamodule=datamodule)  # noqa: E731
-    return DataSource(loaders, lambda world: None, datamodule_inputs(cfg, datamodule))
+
+    @functools.cache
+    def per_epoch(world: int) -> int | None:
+        """Its training loader's batches, set up as Lightning will set it up; one process only (several would each
+        prepare the data at once), and None for a loader without a length."""
+        if world != 1:
+            return None
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        try:
+            return len(datamodule.train_dataloader())
+        except TypeError:
+            return None
+
+    return DataSource(loaders, per_epoch, datamodule_inputs(cfg, datamodule), subsets=False)
+
+
+def module_source(cfg: JobConfig, cls: type | None) -> DataSource:
+    """A module's own dataloaders: it defines train_dataloader (and maybe val_ and test_); the Trainer asks it."""
+    if cls is None:
+        raise ConfigError("dataset", cfg.dataset, "a dataset for a built-in network: they bring no dataloaders")
+    hooks = frozenset(name for name in ("train", "val", "test") if lightning_api.defines(cls, f"{name}_dataloader"))
+    if "train" not in hooks:
+        accepted = f"a model that defines train_dataloader() ({cls.__qualname__} does not)"
+        raise ConfigError("dataset", cfg.dataset, accepted)
+    loaders = lambda seed, device: Loaders(own=hooks)  # noqa: E731
+    return DataSource(loaders, lambda world: None, own=True, subsets=False)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mlproject.processes import ranks
-from mlproject.training import callbacks
+from mlproject.training import callbacks, lightning_api
 from mlproject.training.lightning_api import Lightning
 from mlproject.training.runtime import Runtime
 from mlproject.training.sources import Loaders
@@ -27,8 +27,17 @@ def _strategy(lightning: Lightning, rt: Runtime) -> Any:
     return strategies.DDPStrategy(process_group_backend=backend, timeout=ranks.TIMEOUT)
 
 
-def build_trainer(lightning: Lightning, rt: Runtime, max_epochs: int, callbacks: list[Any], **overrides: object) -> Any:
-    """A Trainer with Lightning's own logger and checkpoints off: the record package owns the run and its keys."""
+def build_trainer(
+    lightning: Lightning,
+    rt: Runtime,
+    max_epochs: int,
+    callbacks: list[Any],
+    trainer_args: dict[str, Any] | None = None,
+    **overrides: object,
+) -> Any:
+    """A Trainer with Lightning's own logger and checkpoints off: the record package owns the run and its keys.
+    `trainer_args` (the job's clipping, accumulation, trainer_args) come over the job's settings, `overrides` (what
+    this Trainer is for: a sweep, a trial) over both."""
     trainer_class = lightning.pl.Trainer  # imports the package, which sets NVML_CHECK=1: set it after that
     if rt.accelerator == "cpu":
         # Lightning sets NVML_CHECK=1 so that asking for CUDA does not initialise it before DataLoader workers fork.
@@ -49,12 +58,15 @@ def build_trainer(lightning: Lightning, rt: Runtime, max_epochs: int, callbacks:
         num_sanity_val_steps=0,
         callbacks=callbacks,
     )
+    kwargs.update(trainer_args or {})
     kwargs.update(overrides)
     return trainer_class(**kwargs)
 
 
 @dataclass(frozen=True)
 class FitResult:
+    lr: float  # the LR the optimizers were built at (the one-cycle peak), read back from them
+    batch_size: int | None  # the batch the training loader served (per device), None where it does not say
     history: list[dict[str, float]]  # every epoch's reported values
     validation: dict[str, float]  # the last validation's values
     test: dict[str, float]  # empty when there is nothing to test on
@@ -70,18 +82,25 @@ def fit_and_test(
     sink: callbacks.EpochSink,
     checkpoint: Path,
     keep: Callable[[Path], None],
+    built: Callable[[float], None] = lambda lr: None,
     resume_from: Path | None = None,
     bar: bool = False,
+    extra: list[Any] | None = None,
+    trainer_args: dict[str, Any] | None = None,
 ) -> FitResult:
-    """Fit (from `resume_from` when given), then test; `checkpoint` holds the last good epoch's state."""
+    """Fit (from `resume_from` when given), then test; `checkpoint` holds the last good epoch's state, `built` gets
+    the LR the optimizers were built at before the first step."""
     with ranks.stop_together(rt.world_size) as check_stop:
         reporter = lightning.make(callbacks.ReporterHooks, "callbacks.Checkpoint", sink, checkpoint, keep)
         guard = lightning.make(callbacks.GuardHooks, "Callback", loaders.iterables(), check_stop)
+        applied = lightning.make(callbacks.AppliedHooks, "Callback", built)
+        hooks = [reporter, guard, applied, *(extra or [])]
         trainer = build_trainer(
-            lightning, rt, epochs, [reporter, guard], enable_checkpointing=True, enable_progress_bar=bar
+            lightning, rt, epochs, hooks, trainer_args, enable_checkpointing=True, enable_progress_bar=bar
         )  # enable_checkpointing: the reporter is the checkpoint callback
         trainer.fit(module, **loaders.fit_kwargs(), ckpt_path=resume_from)
-        test_inputs = loaders.test_kwargs()
-        results = trainer.test(module, **test_inputs, verbose=False) if test_inputs else [{}]
+        test_inputs = loaders.test_kwargs()  # None: no test data; a module without test_step: no test either
+        tested = test_inputs is not None and lightning_api.defines(type(module), "test_step")
+        results = trainer.test(module, **(test_inputs or {}), verbose=False) if tested else [{}]
     test = {k: float(v) for k, v in (results[0] if results else {}).items()}
-    return FitResult(reporter.history, reporter.validation, test)
+    return FitResult(applied.lr, applied.batch_size, reporter.history, reporter.validation, test)
