@@ -47,7 +47,7 @@ from mlflow.tracking import MlflowClient
 from pytorch_lightning.tuner.lr_finder import _LRFinder
 
 from mlproject.catalog import FASHION_MNIST_DIR
-from mlproject.config import JobConfig
+from mlproject.config import BUILTIN_LR, JobConfig
 from mlproject.errors import TrainingDiverged
 from mlproject.finder import choose, rules, trials, verify
 from mlproject.finder.result import RangeTest
@@ -110,7 +110,7 @@ def lightning_suggestion(found: RangeTest) -> float:
     curve = found.curve
     finder = _LRFinder("exponential", curve.lr_min, curve.lr_max, curve.steps_requested)
     finder.results = {"lr": curve.lrs, "loss": lightning_losses(curve.losses)}
-    return finder.suggestion() or JobConfig().lr
+    return finder.suggestion() or BUILTIN_LR
 
 
 def lightning_losses(losses: list[float], beta: float = 0.98) -> list[float]:
@@ -166,7 +166,7 @@ def train(cfg: JobConfig, job: task.Task, rt: runtime.Runtime, lr: float) -> dic
     """The case's constant-LR training from the seed's weights and batches: test figures and seconds."""
     start = time.perf_counter()
     module = job.module(cfg.seed, rt.channels_last)
-    optimizers.set_lr(job.lightning, module, job.lr_attr, lr)
+    job.set_lr(module, lr)
     optimizers.apply_schedule(module, "constant", lr, 0.0)
     loaders = job.data.loaders(cfg.seed, rt.device.type)
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from mlproject.config import JobConfig
+from mlproject.config import BUILTIN_LR, JobConfig
 
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 OUR_IMPORTS = "import mlproject.__main__, mlproject.pipeline, mlproject.record.tracker"
@@ -98,7 +98,7 @@ def tracking_overhead(uri: str, tracked_first: bool, epochs: int = 2) -> tuple[f
     """Fit seconds with the epoch metrics going to MLflow and with them going nowhere (same fit otherwise), and the
     seconds spent inside the MLflow writes."""
     from mlproject.record.tracker import RunTracker
-    from mlproject.training import optimizers, runtime, task, trainer
+    from mlproject.training import runtime, task, trainer
 
     cfg = JobConfig(epochs=epochs, schedule="constant")
     job, rt = task.build(cfg), runtime.detect_runtime(cfg)
@@ -113,7 +113,7 @@ def tracking_overhead(uri: str, tracked_first: bool, epochs: int = 2) -> tuple[f
     sinks = {"tracked": tracked, "untracked": lambda e, m: None}
     for name in ("tracked", "untracked") if tracked_first else ("untracked", "tracked"):
         module = job.module(cfg.seed, rt.channels_last)
-        optimizers.set_lr(job.lightning, module, job.lr_attr, cfg.lr)
+        job.set_lr(module, cfg.lr or BUILTIN_LR)
         loaders = job.data.loaders(cfg.seed, rt.device.type)
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()

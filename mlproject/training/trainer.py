@@ -72,6 +72,42 @@ class FitResult:
     test: dict[str, float]  # empty when there is nothing to test on
 
 
+@dataclass(frozen=True)
+class FitSetup:
+    """A fit's Trainer with the job's callbacks, and the two whose findings the job reads afterwards."""
+
+    trainer: Any
+    reporter: callbacks.ReporterHooks
+    applied: callbacks.AppliedHooks
+
+
+def fit_setup(
+    lightning: Lightning,
+    rt: Runtime,
+    loaders: Loaders,
+    epochs: int,
+    sink: callbacks.EpochSink,
+    checkpoint: Path,
+    keep: Callable[[Path], None],
+    built: Callable[[float], None] = lambda lr: None,
+    check_stop: Callable[[], None] = lambda: None,
+    extra: list[Any] | None = None,
+    trainer_args: dict[str, Any] | None = None,
+    bar: bool = False,
+) -> FitSetup:
+    """The fit's Trainer: the job's reporter (the epoch's values and checkpoint), guard and read-back of what was
+    applied, then the callbacks the user added (benchmarks.overhead builds the same one)."""
+    reporter = lightning.make(callbacks.ReporterHooks, "callbacks.Checkpoint", sink, checkpoint, keep)
+    guard = lightning.make(callbacks.GuardHooks, "Callback", loaders.iterables(), check_stop)
+    applied = lightning.make(callbacks.AppliedHooks, "Callback", built)
+    hooks = [reporter, guard, applied, *(extra or [])]
+    # enable_checkpointing: the reporter is the checkpoint callback
+    fitter = build_trainer(
+        lightning, rt, epochs, hooks, trainer_args, enable_checkpointing=True, enable_progress_bar=bar
+    )
+    return FitSetup(fitter, reporter, applied)
+
+
 def fit_and_test(
     lightning: Lightning,
     module: Any,
@@ -91,16 +127,13 @@ def fit_and_test(
     """Fit (from `resume_from` when given), then test; `checkpoint` holds the last good epoch's state, `built` gets
     the LR the optimizers were built at before the first step."""
     with ranks.stop_together(rt.world_size) as check_stop:
-        reporter = lightning.make(callbacks.ReporterHooks, "callbacks.Checkpoint", sink, checkpoint, keep)
-        guard = lightning.make(callbacks.GuardHooks, "Callback", loaders.iterables(), check_stop)
-        applied = lightning.make(callbacks.AppliedHooks, "Callback", built)
-        hooks = [reporter, guard, applied, *(extra or [])]
-        trainer = build_trainer(
-            lightning, rt, epochs, hooks, trainer_args, enable_checkpointing=True, enable_progress_bar=bar
-        )  # enable_checkpointing: the reporter is the checkpoint callback
-        trainer.fit(module, **loaders.fit_kwargs(), ckpt_path=resume_from)
+        setup = fit_setup(
+            lightning, rt, loaders, epochs, sink, checkpoint, keep, built, check_stop, extra, trainer_args, bar
+        )
+        setup.trainer.fit(module, **loaders.fit_kwargs(), ckpt_path=resume_from)
         test_inputs = loaders.test_kwargs()  # None: no test data; a module without test_step: no test either
         tested = test_inputs is not None and lightning_api.defines(type(module), "test_step")
-        results = trainer.test(module, **(test_inputs or {}), verbose=False) if tested else [{}]
+        results = setup.trainer.test(module, **(test_inputs or {}), verbose=False) if tested else [{}]
     test = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    reporter, applied = setup.reporter, setup.applied
     return FitResult(applied.lr, applied.batch_size, reporter.history, reporter.validation, test)
