@@ -1,4 +1,4 @@
-"""Suggestion rules on hand-made curves with known answers; no trainer involved."""
+"""The suggestion rules of finder/rules.py on hand-made curves (nan and inf included), without a trainer."""
 
 import math
 
