@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mlproject.config import CHECKPOINT_ARTIFACT, ConfigError, JobConfig
 from mlproject.errors import Preempted
-from mlproject.processes import launch, ranks, stopping
+from mlproject.processes import launch, ranks, stopping, threads
 from mlproject.record import ownership, runconfig, stores
 from mlproject.record.environment import configure_client, redact
 from mlproject.record.ownership import Heartbeat
@@ -238,9 +238,9 @@ def supervise(cfg: JobConfig, experiment_name: str, argv: list[str]) -> int:
     stores.probe(uri)
     run_id = cfg.resume or os.environ.get("MLFLOW_RUN_ID") or stores.create_run(uri, experiment_name)
     log.info("run %s on %s: %d processes (torchrun)", run_id, redact(uri) or "the local store", cfg.devices)
-    # The cores shared out among the workers (torchrun would give each one thread, and say so at length).
-    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cfg.devices))}
-    outcome = launch.run_workers(cfg.devices, argv, {**threads, **os.environ, "MLFLOW_RUN_ID": run_id})
+    # The CPU share divided among the workers (torchrun would give each one thread, and say so at length).
+    shared = threads.for_children(cfg.devices, "DDP ranks")
+    outcome = launch.run_workers(cfg.devices, argv, {**os.environ, **shared, "MLFLOW_RUN_ID": run_id})
     if outcome.lost() or stores.run_status(uri, run_id) == "RUNNING":
         stores.fail_run(uri, run_id, launch.lost_reason(outcome))
     return outcome.exit_code()

@@ -21,7 +21,7 @@ from mlproject import markdown, pipeline, plots
 from mlproject.config import ConfigError, JobConfig
 from mlproject.errors import Preempted
 from mlproject.finder.result import LRChoice
-from mlproject.processes import ranks
+from mlproject.processes import ranks, threads
 from mlproject.record import runconfig, stores
 from mlproject.record.reader import RunReader, RunView
 from mlproject.record.tracker import Tracker
@@ -152,12 +152,13 @@ def run_all(session: Session, lrs: Sequence[float], parallel: int, argv: Sequenc
 def run_in_processes(plan: Plan, parallel: int, argv: Sequence[str]) -> None:
     """Each member as `compare --stage member`, `parallel` at a time; with several GPUs, each on one of them."""
     gpus = _gpu_count()
+    shared = threads.for_children(min(parallel, len(plan.members)), "study members at a time")
     pending = list(plan.members)
     running: list[subprocess.Popen[bytes]] = []
     while pending or running:
         while pending and len(running) < parallel:
             index = len(plan.members) - len(pending)
-            env = dict(os.environ)
+            env = {**os.environ, **shared}
             env.pop("MLFLOW_RUN_ID", None)  # each member makes its own child run
             if gpus > 1:
                 env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)

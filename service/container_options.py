@@ -73,6 +73,12 @@ def container_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--network", default="", help="Docker network; host reaches a server on this machine's 127.0.0.1."
         ),
+        click.option(
+            "--cpus",
+            default="",
+            metavar="N",
+            help="A CPU quota for the container (docker's --cpus); the job sizes its threads to it [default: none].",
+        ),
         click.option("--shm-size", default="2g", show_default=True, help="Shared memory (DataLoader workers)."),
         click.option(
             "-v",
@@ -109,6 +115,7 @@ def plan(
     env_extra: tuple[str, ...],
     network: str,
     shm_size: str,
+    cpus: str = "",
     verbose: bool = False,
     code: str = "",
     name: str = "",
@@ -125,6 +132,7 @@ def plan(
             image,
             gpus=gpus,
             shm_size=shm_size,
+            cpus=cpus,
             names=names,
             network=network,
             command=command.args,

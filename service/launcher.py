@@ -176,6 +176,7 @@ def _create(
             environment={**environment, **QUIET},
             device_requests=_device_requests(spec.gpus) if gpus else [],
             shm_size=spec.shm_size,
+            nano_cpus=int(spec.cpus * 1e9) or None,
             mounts=mounts,
             network_mode=spec.network or None,
             name=spec.name or None,

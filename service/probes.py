@@ -21,6 +21,9 @@ _GPU_CODE = """import sys, torch
 n = torch.cuda.device_count() if torch.cuda.is_available() else 0
 print(", ".join(torch.cuda.get_device_name(i) for i in range(n)) or f"torch {torch.__version__} sees no GPU")
 sys.exit(0 if n else 1)"""
+_THREADS_CODE = """from mlproject.processes import threads
+chosen = threads.decide(threads.read_share())
+print(f"{chosen.count} ({chosen.why})")"""
 _TRACKING_CODE = """import sys
 from mlflow import MlflowClient
 try:
@@ -40,6 +43,12 @@ def doctor_probes(spec: LaunchSpec, check: tuple[str, ...]) -> list[Probe]:
             gpus=False,
             hint=f"check {TRACKING_ENV} from inside a container (--network host for a server on 127.0.0.1) and "
             "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN",
+        ),
+        Probe(
+            "threads",
+            ("-c", _THREADS_CODE),
+            gpus=False,
+            hint="pass --cpus N for the CPUs the job may use, or --env OMP_NUM_THREADS with it set here",
         ),
         Probe(
             "data and code",

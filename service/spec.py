@@ -70,13 +70,15 @@ class LaunchSpec:
     network: str
     name: str = ""
     entrypoint: tuple[str, ...] = ()  # empty: the image's own, `mlflow run <project> --env-manager local`
+    cpus: float = 0.0  # docker's --cpus: a CPU quota the job's threads are sized to; 0, none
 
     def describe(self) -> list[str]:
         """What a person should see before the job starts: no environment values."""
         mounts = ", ".join(f"{m.source} -> {m.target}{' (ro)' if m.read_only else ''}" for m in self.mounts)
         network = self.network or "default"
         return [
-            f"image {self.image}, gpus {self.gpus.describe()}, shm {self.shm_size}, network {network}",
+            f"image {self.image}, gpus {self.gpus.describe()}, cpus {f'{self.cpus:g}' if self.cpus else 'all'}, "
+            f"shm {self.shm_size}, network {network}",
             f"mounts: {mounts or 'none'}",
             f"environment (values hidden): {', '.join(self.env_names) or 'none'}",
             "job: " + " ".join(self.entrypoint or ("mlflow run",)) + "".join(" " + a for a in self.args),
@@ -150,6 +152,7 @@ def launch_spec(
     entrypoint: tuple[str, ...] = (),
     name: str = "",
     code: str = "",
+    cpus: str = "",
 ) -> LaunchSpec:
     """The job container; raises SpecError on anything the job could not survive. command and entrypoint are
     job_args' JobCommand; data, cache and code are host folders as absolute paths, or (data and cache) docker
@@ -171,7 +174,19 @@ def launch_spec(
         network=network,
         name=name,
         entrypoint=entrypoint,
+        cpus=parse_cpus(cpus),
     )
+
+
+def parse_cpus(value: str) -> float:
+    """docker's --cpus: a positive number of CPUs, fractions allowed; empty for no quota."""
+    try:
+        cpus = float(value) if value.strip() else 0.0
+    except ValueError:
+        cpus = -1.0
+    if not (cpus >= 0 and cpus < 1e6) or (value.strip() and cpus == 0):
+        raise SpecError(f"--cpus {value!r}: pass a number of CPUs above 0, such as 1, 2 or 1.5")
+    return cpus
 
 
 def _mount(option: str, source: str, target: str, read_only: bool) -> Mount:

@@ -389,7 +389,8 @@ def finished(image, tracking, tmp_path_factory) -> Finished:
     summary, outputs = folder / "summary.md", folder / "outputs"
     args = [*JOB, "--summary", str(summary), "--ui-url", "http://mlflow.example", "--outputs", str(outputs)]
     began = time.monotonic()
-    result = lr_finder(*run_args("docker", *args, "--run-name", "one epoch"), env=credentials(tracking))
+    args += ["--run-name", "one epoch", "--cpus", "1"]  # a quota the job's threads must be sized to
+    result = lr_finder(*run_args("docker", *args), env=credentials(tracking))
     print(f"\none-epoch job in the container: {time.monotonic() - began:.0f} s")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (run,) = runs(tracking, "docker")
@@ -411,6 +412,15 @@ def test_one_epoch_job_in_the_container_fulfils_the_run_contract(finished):
     assert tags["mlflow.docker.image.uri"] == IMAGE
     assert tags["mlflow.source.git.commit"] == finished.revision, "the image's commit, recorded when it was built"
     assert run.info.run_name == "one epoch"
+
+
+def test_the_job_computes_with_one_thread_in_a_container_given_one_cpu(finished):
+    tags, metrics = finished.run.data.tags, finished.run.data.metrics
+    assert tags["threads"] == "1", "torch's own count, read back as the job started"
+    shape = r"\d+ CPUs? in its affinity mask, a quota of 1 \(/sys/fs/cgroup/\S+\), 1 process of the job"
+    assert re.fullmatch(shape, tags["threads_from"]), tags["threads_from"]
+    assert metrics["threads"] == 1
+    assert "cpus 1, " in finished.result.stderr, "the launch plan says what the container is given"
 
 
 def test_run_streams_the_job_log_and_writes_the_summary(finished):
@@ -608,11 +618,14 @@ def test_run_and_build_show_a_pulls_layers_and_megabytes(engine, pushed, tmp_pat
 
 
 def test_doctor_passes_with_a_reachable_server_credentials_and_the_dataset(image, tracking):
-    result = lr_finder("doctor", "--image", IMAGE, "--gpus", "none", "--network", "host", env=credentials(tracking))
+    args = ["--image", IMAGE, "--gpus", "none", "--network", "host", "--cpus", "1.5"]
+    result = lr_finder("doctor", *args, env=credentials(tracking))
     assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"^ok +threads: 1 \(.*a quota of 1.5 \(/sys/fs/cgroup/", result.stdout, re.M), result.stdout
     for check in ("docker engine", "image", "tracking server", "data and code"):
         assert re.search(rf"^ok +{check}: ", result.stdout, flags=re.MULTILINE), check
-    assert re.search(r"^ok +data and code: ok: model lenet on fashion-mnist from /data$", result.stdout, re.M)
+    verdict = r"ok: model lenet on fashion-mnist from /data; LR set at .*; first batch \(64, 1, 28, 28\) and \(64,\)$"
+    assert re.search(rf"^ok +data and code: {verdict}", result.stdout, re.M), result.stdout
     assert "GPU" not in result.stdout
     assert PASSWORD not in result.stdout + result.stderr
 

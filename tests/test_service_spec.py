@@ -78,6 +78,19 @@ def test_bad_shared_memory_size_is_refused():
         launch(shm_size="two gigs")
 
 
+@pytest.mark.parametrize(("given", "cpus"), [("", 0.0), ("1", 1.0), ("1.5", 1.5), (" 4 ", 4.0)])
+def test_a_cpu_quota_takes_dockers_numbers(given, cpus):
+    launched = launch(cpus=given)
+    assert launched.cpus == cpus
+    assert f"cpus {given.strip() or 'all'}, " in launched.describe()[0]
+
+
+@pytest.mark.parametrize("given", ["0", "-1", "two", "nan", "inf"])
+def test_a_cpu_quota_that_is_no_positive_number_is_refused_by_name(given):
+    with pytest.raises(spec.SpecError, match=r"^--cpus '.*': pass a number of CPUs above 0, such as 1, 2 or 1\.5$"):
+        launch(cpus=given)
+
+
 def test_credentials_pass_by_name_when_set_and_extra_names_must_exist():
     env = {"MLFLOW_TRACKING_URI": "http://x", "MLFLOW_TRACKING_PASSWORD": "p", "MLFLOW_TRACKING_USERNAME": "u"}
     names = spec.env_names({**env, "HOME": "/root"}, ["HOME"])
@@ -168,7 +181,7 @@ CHECK = job_args.CHECK_COMMAND
 
 
 def test_doctor_checks_the_gpu_only_when_one_is_asked_for():
-    names = ["GPU in a container", "tracking server", "data and code"]
+    names = ["GPU in a container", "tracking server", "threads", "data and code"]
     assert [p.name for p in probes.doctor_probes(launch(), CHECK)] == names
     assert [p.name for p in probes.doctor_probes(launch(gpus="none"), CHECK)] == names[1:]
     assert all(p.hint for p in probes.doctor_probes(launch(), CHECK))

@@ -87,6 +87,7 @@ class _Recorder:
     def __init__(self, io: MemoryCheckpointIOHooks, probe: Callable[[], float] | None, stop_early: bool) -> None:
         self.io, self.probe, self.stop_early = io, probe, stop_early
         self.check_stop: Callable[[], None] = lambda: None
+        self.tick: Callable[[], None] = lambda: None  # processes.threads.Sharing's, where the runtime has one
         self.lrs: list[float] = []
         self.raw: list[float] = []
         self.probed: list[float] = []
@@ -118,6 +119,7 @@ class _Recorder:
             if self._batches % module.trainer.accumulate_grad_batches == 0:  # the optimizer has stepped
                 self.step(module.trainer, self._summed)
                 self._summed = None
+            self.tick()
 
         def on_save_checkpoint(checkpoint: dict[str, Any]) -> None:
             originals["on_save_checkpoint"](checkpoint)
@@ -189,6 +191,8 @@ def range_test(
     io = lightning.make(MemoryCheckpointIOHooks, "plugins.CheckpointIO")
     recorder = _Recorder(io, probe_loss(private, probe) if probe is not None else None, stop_early)
     recorder.instrument(private)
+    if rt.sharing is not None:
+        recorder.tick = rt.sharing.tick
     devices = [torch.cuda.current_device()] if rt.accelerator == "gpu" else []
     with torch.random.fork_rng(devices=devices), ranks.stop_together(rt.world_size) as check_stop:
         recorder.check_stop = check_stop

@@ -78,6 +78,7 @@ class ReporterHooks:
         steps = {name: float(total) / count for name, (total, count) in self.per_step.items()}
         metrics = {**steps, **train, **self.validation, "learning_rate": self.lr}
         metrics["epoch_seconds"] = time.perf_counter() - self.started  # training and validation
+        metrics["threads"] = float(torch.get_num_threads())  # as the epoch ends: processes.threads may narrow them
         self.history.append(metrics)
         with stopping.held():
             if all(math.isfinite(v) for v in train.values()):
@@ -106,12 +107,24 @@ class AppliedHooks:
         self.batch_size = batches.served_batch_size(trainer.train_dataloader)
 
 
+class SharingHooks:
+    """Hands every training step to processes.threads.Sharing, which narrows the threads while other processes keep
+    the CPUs busy and widens them back after."""
+
+    def __init__(self, tick: Callable[[], None]) -> None:
+        self.tick = tick
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.tick()
+
+
 class GuardHooks:
     """Keeps training honest and resumable: pins the shuffle to the epoch, checks that training_step returns a
     scalar loss, stops on a non-finite loss (after the reporter has shown that epoch; its checkpoint is the
     epoch before), and lets a stop signal end every rank at the same batch."""
 
     CHECK_EVERY = 25  # batches between finiteness checks: each check is one host sync
+    STOP_EVERY = 10  # training batches between two stop votes: with several ranks each is a collective
 
     def __init__(self, iterables: list[Any], check_stop: Callable[[], None] = lambda: None) -> None:
         self.iterables = iterables
@@ -151,7 +164,8 @@ class GuardHooks:
             raise UserCodeError(
                 f'{owner}.training_step returned no loss: return the loss tensor, or a dict with "loss"'
             )
-        self.check_stop()
+        if batch_idx % self.STOP_EVERY == 0:
+            self.check_stop()
         if batch_idx % self.CHECK_EVERY == 0:
             value = float(loss)
             self._check(value, trainer, f"step {trainer.global_step}")

@@ -220,7 +220,8 @@ def file_loader(
 
 
 def default_workers(asked: int, cpus: int) -> int:
-    """num_workers: -1 means one per core, at most 8 (decoding scales with cores, memory with workers)."""
+    """num_workers: -1 means one per CPU of the job's share (processes.threads), at most 8 (decoding scales with
+    CPUs, memory with workers)."""
     return asked if asked >= 0 else max(0, min(8, cpus))
 
 

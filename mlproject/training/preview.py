@@ -3,13 +3,14 @@ read) carried up to the first batch, in one line. What check calls ok, the job a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mlproject.catalog import BUILTIN_DATASETS
 from mlproject.config import IMAGE_FOLDER, MODULE_DATA, JobConfig
-from mlproject.training import idx, sources
+from mlproject.training import idx, images, sources
 from mlproject.training.task import Task, build
 
 
@@ -25,7 +26,7 @@ def data_of(cfg: JobConfig, job: Task) -> str:
         where = idx.find_dir(sources.builtin_source(cfg).candidates)
         return f"{job.dataset} from {where}" if where else f"{job.dataset} (downloaded by torchvision)"
     if job.dataset == IMAGE_FOLDER:
-        return f"the image folder {cfg.data_dir}"
+        return f"the image folder {cfg.data_dir}: {images.describe(images.scan(Path(cfg.data_dir)))}"
     if job.dataset == MODULE_DATA:
         return "its own dataloaders"
     return f"{job.dataset} (LightningDataModule)"

@@ -4,13 +4,15 @@ detection that feeds them, and the tags that record them."""
 from __future__ import annotations
 
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from importlib.metadata import version
 
 import torch
 
 from mlproject.config import JobConfig
 from mlproject.errors import HardwareError
+from mlproject.processes import threads
+from mlproject.processes.threads import Sharing, Threads
 from mlproject.training.lightning_api import Lightning
 
 
@@ -23,6 +25,8 @@ class Runtime:
     precision: str
     channels_last: bool
     num_nodes: int = 1
+    threads: Threads | None = None  # the CPU threads it computes with, and why (None: torch's default)
+    sharing: Sharing | None = field(default=None, compare=False)  # narrows them while others are busy
 
     @property
     def device(self) -> torch.device:
@@ -60,7 +64,11 @@ def detect_runtime(cfg: JobConfig) -> Runtime:
     if rt.accelerator == "gpu":  # TF32 for what stays in fp32: Ampere and newer run it at tensor-core speed
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return rt
+    share = threads.read_share()
+    chosen = threads.decide(share)  # one process: a launcher or a study hands its processes their share
+    torch.set_num_threads(chosen.count)
+    sharing = Sharing(chosen, share, torch.set_num_threads)
+    return replace(rt, threads=chosen, sharing=sharing)
 
 
 def tags(rt: Runtime, lightning: Lightning) -> dict[str, str]:
@@ -74,6 +82,9 @@ def tags(rt: Runtime, lightning: Lightning) -> dict[str, str]:
         "device": device,
         "precision": rt.precision,
         "world_size": str(rt.world_size),
+        # read back from torch, not from the rule: what the process computes with as it starts
+        "threads": str(torch.get_num_threads()),
+        **({"threads_from": rt.threads.why} if rt.threads is not None else {}),
     }
 
 

@@ -17,6 +17,7 @@ import torch
 from mlproject.catalog import ENV_DIRS
 from mlproject.config import ConfigError, JobConfig, channel_stats, json_object
 from mlproject.errors import DataError
+from mlproject.processes import threads
 from mlproject.record.outputs import DataInput
 from mlproject.training import batches, idx, images, lightning_api
 from mlproject.training.batches import ImageData, Split
@@ -146,7 +147,7 @@ def in_memory(cfg: JobConfig, source: ImageData) -> tuple[ImageShape, DataSource
 
 
 def streamed(cfg: JobConfig, files: images.ImageFiles) -> tuple[ImageShape, DataSource]:
-    workers = images.default_workers(cfg.num_workers, os.cpu_count() or 1)
+    workers = images.default_workers(cfg.num_workers, math.floor(threads.read_share().cpus))
 
     def loaders(seed: int, device: str) -> Loaders:
         pin = device == "cuda"

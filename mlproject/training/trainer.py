@@ -27,6 +27,10 @@ def _strategy(lightning: Lightning, rt: Runtime) -> Any:
     return strategies.DDPStrategy(process_group_backend=backend, timeout=ranks.TIMEOUT)
 
 
+def _sharing(lightning: Lightning, rt: Runtime) -> list[Any]:
+    return [lightning.make(callbacks.SharingHooks, "Callback", rt.sharing.tick)] if rt.sharing is not None else []
+
+
 def build_trainer(
     lightning: Lightning,
     rt: Runtime,
@@ -56,7 +60,7 @@ def build_trainer(
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        callbacks=callbacks,
+        callbacks=[*callbacks, *_sharing(lightning, rt)],
     )
     kwargs.update(trainer_args or {})
     kwargs.update(overrides)
