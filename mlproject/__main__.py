@@ -233,7 +233,10 @@ def _run_job(
     session.check_world(cfg, here)
     _enter_code_folder(cfg)
     show = progress.mode(cfg.progress, sys.stderr.isatty())
-    session.run(session.Start(cfg, invocation.from_file, experiment_name, entry, parent_run), body, show)
+    try:
+        session.run(session.Start(cfg, invocation.from_file, experiment_name, entry, parent_run), body, show)
+    finally:
+        ranks.leave()
 
 
 def _param_name(exc: click.exceptions.BadParameter) -> str:

@@ -97,6 +97,16 @@ def agree(flag: bool, world: int) -> bool:
     return bool(value.item())
 
 
+def leave() -> None:
+    """Ends this rank's process group once its job is over, so that gloo's threads are joined before the
+    interpreter exits: left to the exit, a rank now and then aborts there ("terminate called without an active
+    exception") and its launcher stops the others as if it had failed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @contextlib.contextmanager
 def stop_together(world: int) -> Iterator[Callable[[], None]]:
     """A check() the ranks call at the same points: they stop together on any rank's signal. One process: signals
