@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from mlproject import __version__, configfile, logs, progress
-from mlproject.config import CHECKPOINT_ARTIFACT, STUDY_STAGES, ConfigError, JobConfig, field_names, parse_lrs
+from mlproject.config import (
+    CHECKPOINT_ARTIFACT,
+    STUDY_STAGES,
+    ConfigError,
+    JobConfig,
+    field_names,
+    parse_lr_free,
+    parse_lrs,
+)
 from mlproject.errors import DataError, HardwareError, Preempted, TrackingError, TrainingDiverged, UserCodeError
 from mlproject.options import Number, OneOf, convert, job_options
 from mlproject.processes import launch, ranks, stopping
@@ -97,6 +105,12 @@ def lr_find_command(ctx: click.Context, experiment_name: str, **options: Any) ->
     show_default=True,
     help="all: the whole study here; plan: the parent run, its range test and study.json; member: one member.",
 )
+@click.option(
+    "--lr-free",
+    default="",
+    help="Learning-rate-free optimizers trained as members too, comma-separated: schedulefree, prodigy (the "
+    "built-in networks').",
+)
 @click.option("--parent-run", default="", help="stage=member: the study's parent run id.")
 @click.option("--member", default="", help="stage=member: the member to train, a label of study.json (lr=1e-05).")
 @click.option(
@@ -112,6 +126,7 @@ def compare_command(
     ctx: click.Context,
     experiment_name: str,
     lrs: str,
+    lr_free: str,
     stage: str,
     parent_run: str,
     member: str,
@@ -121,10 +136,12 @@ def compare_command(
     """The LR study: one parent run, a child run per LR in --lrs and one at the finder's LR (--auto-lr true)."""
     from mlproject import study  # torch and Lightning
 
-    study_lrs = parse_lrs(lrs)
+    study_lrs, study_free = parse_lrs(lrs), parse_lr_free(lr_free)
     if not 1 <= parallel <= 64:
         raise ConfigError("parallel", parallel, "an integer from 1 to 64")
     invocation = _config(options, JobConfig(auto_lr=True))
+    if study_free and invocation.cfg.user_module:
+        raise ConfigError("lr_free", lr_free, "empty for a LightningModule of your own (its optimizer is its own)")
     if parallel > 1 and invocation.cfg.devices * invocation.cfg.num_nodes > 1:
         raise ConfigError("parallel", parallel, "1 when a member trains on several devices (devices x num_nodes > 1)")
     if stage == "member":
@@ -145,11 +162,11 @@ def compare_command(
 
     def compare(session: Session) -> None:
         if stage == "plan":
-            plan = study.plan_study(session, study_lrs)
+            plan = study.plan_study(session, study_lrs, study_free)
             if session.here.zero:
                 click.echo(f"study {plan.parent_run}: {json.dumps(plan.as_json())}")
             return
-        table = study.run_all(session, study_lrs, parallel, study.member_argv(ctx.obj["argv"]))
+        table = study.run_all(session, study_lrs, parallel, study.member_argv(ctx.obj["argv"]), study_free)
         if session.here.zero:
             click.echo(f"study {session.tracker.run_id}:\n{table}", nl=False)
 

@@ -15,8 +15,11 @@ from typing import Any
 
 from mlproject.catalog import BUILTIN_DATASETS
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("auto", "onecycle", "constant", "module")
+# Learning-rate-free optimizers, with the LR each is built at unless lr is given (their packages' own defaults): they
+# set their step size themselves, so the job runs no range test for them (lr_source=lr-free).
+LR_FREE = {"schedulefree": 0.0025, "prodigy": 1.0}
+OPTIMIZERS = ("adam", "adamw", "sgd", *LR_FREE)
+SCHEDULES = ("auto", "onecycle", "constant", "cosine", "module")
 BUILTIN_MODELS = ("lenet", "mlp", "cnn_bn")
 IMAGE_FOLDER = "imagefolder"
 MODULE_DATA = "module"  # a user module's own dataloaders
@@ -238,6 +241,7 @@ class JobConfig:
             accepted = f"one of {', '.join(OPTIMIZERS)}, or an optimizer's class path (torch.optim.AdamW)"
             raise ConfigError("optimizer", self.optimizer, accepted)
         _choice("schedule", self.schedule, SCHEDULES)
+        self._check_lr_free()
         _choice("lr_method", self.lr_method, LR_METHODS)
         _choice("accelerator", self.accelerator, ACCELERATORS)
         _choice("precision", self.precision, PRECISIONS)
@@ -281,6 +285,21 @@ class JobConfig:
         if not _METRIC.fullmatch(self.monitor):
             raise ConfigError("monitor", self.monitor, "a metric name the module logs, e.g. val_loss")
 
+    def _check_lr_free(self) -> None:
+        """schedulefree and prodigy: the built-in classifier's optimizers, which set their own step size."""
+        if self.optimizer not in LR_FREE:
+            return
+        if self.user_module:
+            own = "for a LightningModule of your own (its optimizer is its own)"
+            accepted = f"adam, or an optimizer's class path, {own}"
+            raise ConfigError("optimizer", self.optimizer, accepted)
+        if self.auto_lr:
+            accepted = f"false with optimizer={self.optimizer}: it sets its own step size, there is no LR to find"
+            raise ConfigError("auto_lr", "true", accepted)
+        if self.optimizer == "schedulefree" and self.schedule not in ("auto", "constant"):
+            accepted = "auto or constant with optimizer=schedulefree: it schedules itself"
+            raise ConfigError("schedule", self.schedule, accepted)
+
     def _check_sections(self) -> None:
         """LightningCLI's sections as parameters: the optimizer's and scheduler's, the Trainer's, a checkpoint."""
         if json_object("optimizer_args", self.optimizer_args) and not is_class_path(self.optimizer):
@@ -305,9 +324,12 @@ class JobConfig:
 
     @property
     def resolved_schedule(self) -> str:
-        """auto: the module's own for a user module or an lr_scheduler given, onecycle for the built-in classifier."""
+        """auto: the module's own for a user module or an lr_scheduler given; for the built-in classifier, onecycle,
+        or for an LR-free optimizer its authors' recommendation (Prodigy: cosine to the end; Schedule-Free: none)."""
         if self.schedule != "auto":
             return self.schedule
+        if self.optimizer in LR_FREE:
+            return "cosine" if self.optimizer == "prodigy" else "constant"
         return "module" if self.user_module or self.lr_scheduler else "onecycle"
 
     def as_params(self) -> dict[str, str]:
@@ -344,6 +366,14 @@ def _param_string(value: object) -> str:
 
 def field_names() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(JobConfig))
+
+
+def parse_lr_free(text: str) -> tuple[str, ...]:
+    """The study's `lr_free`: 'schedulefree,prodigy' -> ('schedulefree', 'prodigy'); empty for none."""
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    if any(name not in LR_FREE for name in names) or len(set(names)) < len(names):
+        raise ConfigError("lr_free", text, f"a comma-separated list of {', '.join(LR_FREE)}, or empty")
+    return names
 
 
 def parse_lrs(text: str) -> tuple[float, ...]:

@@ -62,14 +62,16 @@ OPTIONS: list[tuple[str, Any, str]] = [
     (
         "optimizer",
         click.STRING,
-        "The built-in classifier's optimizer: adam, adamw, sgd (momentum 0.9); or an optimizer's class path with "
+        "The built-in classifier's optimizer: adam, adamw, sgd (momentum 0.9), or the learning-rate-free schedulefree "
+        "(Schedule-Free AdamW) and prodigy (no range test for them); or an optimizer's class path with "
         "optimizer_args, which for a user module replaces its configure_optimizers (LightningCLI's optimizer:).",
     ),
     (
         "schedule",
         OneOf(config.SCHEDULES),
-        "LR schedule: onecycle peaking at the chosen LR, constant, the module's own, or auto (onecycle for "
-        "built-in and torchvision models, the module's own for a user module).",
+        "LR schedule: onecycle peaking at the chosen LR, constant, cosine (from the chosen LR to 0), the module's "
+        "own, or auto (onecycle for built-in and torchvision models, cosine for prodigy, none for schedulefree, the "
+        "module's own for a user module).",
     ),
     (
         "model",

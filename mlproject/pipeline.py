@@ -9,10 +9,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from mlproject import progress
-from mlproject.config import JobConfig
+from mlproject.config import LR_FREE, JobConfig
 from mlproject.errors import Preempted, TrainingDiverged
 from mlproject.finder import choose
-from mlproject.finder.result import OWN_LR, LRChoice
+from mlproject.finder.result import LR_FREE_SOURCE, OWN_LR, LRChoice
 from mlproject.record.payload import batch_input, model_payload
 from mlproject.session import Session
 from mlproject.training import optimizers, runtime, trainer
@@ -58,7 +58,8 @@ def describe_runtime(session: Session) -> Runtime:
 
 def choose_lr(session: Session, rt: Runtime, forced: LRChoice | None) -> LRChoice:
     """A resumed run's own choice (recorded when it started); else, with the datasets recorded, the study's (forced),
-    the finder's (auto_lr), lr as given, or the model's own (lr=0: the module keeps the LR it builds at)."""
+    an LR-free optimizer's (no range test), the finder's (auto_lr), lr as given, or the model's own (lr=0: the module
+    keeps the LR it builds at)."""
     cfg, job, tracker, resume = session.cfg, session.job, session.tracker, session.resume
     if resume is not None:
         return LRChoice(resume.lr, resume.source)
@@ -66,6 +67,8 @@ def choose_lr(session: Session, rt: Runtime, forced: LRChoice | None) -> LRChoic
         tracker.log_dataset(item)
     if forced is not None:
         return forced
+    if cfg.optimizer in LR_FREE:  # no range test: lr (its multiplier, for Prodigy) as given, or its authors' default
+        return LRChoice(cfg.lr or LR_FREE[cfg.optimizer], LR_FREE_SOURCE)
     if cfg.auto_lr:
         return choose.choose_lr(cfg, job, rt, tracker)
     if cfg.lr > 0:
@@ -136,6 +139,8 @@ def record_results(session: Session, fitted: trainer.FitResult) -> dict[str, flo
     session.tracker.log_metrics(fitted.test, step=session.cfg.epochs)
     session.tracker.log_params({k: f"{v:.4f}" for k, v in final.items()})
     session.tracker.set_tags(applied_tags(session.cfg, session.job.data, fitted.batch_size))
+    if fitted.optimizer:
+        session.tracker.set_tags({"optimizer_class": fitted.optimizer})
     return final
 
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from mlproject import markdown, pipeline, plots
-from mlproject.config import ConfigError, JobConfig
+from mlproject.config import LR_FREE, ConfigError, JobConfig
 from mlproject.errors import Preempted
 from mlproject.finder.result import LRChoice
 from mlproject.processes import ranks, threads
@@ -26,6 +26,7 @@ from mlproject.record import runconfig, stores
 from mlproject.record.reader import RunReader, RunView
 from mlproject.record.tracker import Tracker
 from mlproject.session import Session
+from mlproject.training import task
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +75,17 @@ class Member:
     seconds: float
 
 
-def labels(lrs: Sequence[float], auto_lr: bool) -> tuple[str, ...]:
-    return tuple(f"lr={lr:g}" for lr in lrs) + ((FINDER,) if auto_lr else ())
+def labels(lrs: Sequence[float], auto_lr: bool, lr_free: Sequence[str] = ()) -> tuple[str, ...]:
+    return tuple(f"lr={lr:g}" for lr in lrs) + ((FINDER,) if auto_lr else ()) + tuple(lr_free)
 
 
 def member_config(cfg: JobConfig, plan: Plan, label: str) -> JobConfig:
-    """A member's configuration: the study's, at its fixed LR, or at the parent's range test's answer."""
+    """A member's configuration: the study's, at its fixed LR, at the parent's range test's answer, or with an
+    LR-free optimizer at its own LR and schedule (its label names it)."""
     if label not in plan.members:
         raise ConfigError("member", label, f"one of the study's members ({', '.join(plan.members)})")
+    if label in LR_FREE:
+        return cfg.replace(auto_lr=False, optimizer=label, lr=0.0, schedule="auto")
     if label != FINDER:
         return cfg.replace(auto_lr=False, lr=float(label.removeprefix("lr=")))
     if plan.finder is None:
@@ -118,23 +122,27 @@ def member_argv(argv: Sequence[str]) -> list[str]:
 # --- the parent ------------------------------------------------------------------------------------------------
 
 
-def plan_study(session: Session, lrs: Sequence[float]) -> Plan:
-    """The range test (when auto_lr) in the parent, then the plan, logged as study.json; every rank gets rank 0's."""
+def plan_study(session: Session, lrs: Sequence[float], lr_free: Sequence[str] = ()) -> Plan:
+    """The range test (when auto_lr) in the parent, then the plan, logged as study.json; every rank gets rank 0's.
+    `lr_free`: LR-free optimizers (config.LR_FREE) to train as members of their own, for the built-in networks."""
     cfg, parent = session.cfg, session.tracker
     finder = None
     if cfg.auto_lr:
         choice = pipeline.lr_find(session)
         finder = FinderAnswer(choice.lr, choice.lr_low, choice.source, choice.suggested)
-    plan = ranks.share(Plan(parent.run_id, labels(lrs, cfg.auto_lr), finder), session.here)
-    parent.log_params({"lrs": ",".join(f"{lr:g}" for lr in lrs), "members": str(len(plan.members))})
+    plan = ranks.share(Plan(parent.run_id, labels(lrs, cfg.auto_lr, lr_free), finder), session.here)
+    study_params = {"lrs": ",".join(f"{lr:g}" for lr in lrs), "lr_free": ",".join(lr_free)}
+    parent.log_params({**study_params, "members": str(len(plan.members))})
     parent.log_json(PLAN_FILE, plan.as_json())
     return plan
 
 
-def run_all(session: Session, lrs: Sequence[float], parallel: int, argv: Sequence[str]) -> str:
+def run_all(
+    session: Session, lrs: Sequence[float], parallel: int, argv: Sequence[str], lr_free: Sequence[str] = ()
+) -> str:
     """Plan, train every member (in this process, or `parallel` at a time in processes of their own), compare; the
     comparison's table ("" on ranks other than 0)."""
-    plan = plan_study(session, lrs)
+    plan = plan_study(session, lrs, lr_free)
     if parallel > 1:
         run_in_processes(plan, parallel, argv)
     else:
@@ -142,7 +150,9 @@ def run_all(session: Session, lrs: Sequence[float], parallel: int, argv: Sequenc
             child = session.tracker.child(label)
             folder = session.workdir / f"member-{index}"
             folder.mkdir()
-            member = Session(member_config(session.cfg, plan, label), session.job, child, folder, None, session.here)
+            cfg = member_config(session.cfg, plan, label)
+            job = task.build(cfg) if cfg.optimizer != session.cfg.optimizer else session.job  # an LR-free member's
+            member = Session(cfg, job, child, folder, None, session.here)
             run_member(member, plan, label, owned=True)
     if not session.here.zero:
         return ""

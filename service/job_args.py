@@ -13,7 +13,7 @@ from service.spec import CODE_TARGET, DATA_TARGET, SpecError
 RESUME_COMMAND = ("python", "-m", "mlproject", "train", "--resume")  # the image's PYTHONPATH holds mlproject
 CHECK_COMMAND = ("-m", "mlproject", "check")  # the image's python's arguments: the job's check, no run, no training
 # The compare entry point's own parameters (the study's, not the job's): `check` takes the job's only.
-STUDY_PARAMS = ("lrs", "stage", "parent_run", "member", "parallel")
+STUDY_PARAMS = ("lrs", "lr_free", "stage", "parent_run", "member", "parallel")
 _RUN_ID = re.compile(r"in run with ID '([0-9a-f]{32})'")  # `mlflow run` logs this line before it starts the job
 _RUN_ID_SHAPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 

@@ -33,7 +33,7 @@ BAD = [
     (["--devices", "0"], "devices"),
     (["--optimizer", "adagrad"], "optimizer"),
     (["--optimizer", ""], "optimizer"),
-    (["--schedule", "cosine"], "schedule"),
+    (["--schedule", "linear"], "schedule"),
     (["--model", "resnet"], "model"),
     (["--dataset", "cifar10"], "dataset"),
     (["--lr-method", "magic"], "lr_method"),

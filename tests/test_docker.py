@@ -501,7 +501,9 @@ def test_a_signal_stops_and_removes_the_container_and_the_run_ends_killed(
 
 
 def test_resume_continues_a_stopped_run_in_the_container_to_its_end(image, tracking, tmp_path):
-    four_epochs = [a for p in as_mlflow_params(small_job(train_subset=8000, epochs=4)) for a in ("-P", p)]
+    # Schedule-Free AdamW: its averaged weights are what each checkpoint holds, and what the resumed fit goes on from
+    job = small_job(train_subset=8000, epochs=4, auto_lr=False, optimizer="schedulefree")
+    four_epochs = [a for p in as_mlflow_params(job) for a in ("-P", p)]
     log, experiment = tmp_path / "run.log", "resumed"
     process = start(log, *run_args(experiment, *four_epochs), env=credentials(tracking))
     try:
@@ -527,6 +529,9 @@ def test_resume_continues_a_stopped_run_in_the_container_to_its_end(image, track
     (run,) = runs(tracking, experiment)
     assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
     assert steps(tracking, run_id, "val_acc") == [0, 1, 2, 3], "every epoch once"
+    assert run.data.params["lr_source"] == "lr-free" and float(run.data.params["lr_used"]) == 0.0025
+    assert run.data.tags["optimizer_class"] == "schedulefree.adamw_schedulefree.AdamWScheduleFree"
+    assert run.data.metrics["test_acc"] > 0.7
     assert f"lr-finder: run {run_id} FINISHED" in result.stderr
 
 

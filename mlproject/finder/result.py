@@ -25,6 +25,7 @@ class RangeTest:
 
 
 OWN_LR = "module"  # lr_source of a module that trains at the LR it builds its optimizer at: the job sets none
+LR_FREE_SOURCE = "lr-free"  # lr_source of an LR-free optimizer (config.LR_FREE): no range test; it sets its step size
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class LRChoice:
     """The LR the fit trains at, and where it came from."""
 
     lr: float  # the one-cycle peak when the schedule is onecycle; nan: the module's own, read back at the fit
-    source: str  # finder, verified, fixed, fallback or module (OWN_LR)
+    source: str  # finder, verified, fixed, fallback, module (OWN_LR) or lr-free (LR_FREE_SOURCE)
     lr_low: float = 0.0  # the one-cycle start; 0: the schedule's default
     range_test: RangeTest | None = None
     verification: Verification | None = None

@@ -3,6 +3,7 @@ report and checkpoint, and the guard that keeps a fit honest, resumable and stop
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from mlproject.errors import TrainingDiverged, UserCodeError
 from mlproject.processes import ranks, stopping
@@ -38,7 +40,8 @@ class ReporterHooks:
 
     A value the module logs per step only (on_step=True, on_epoch=False) is reported as its epoch mean under its own
     name, summed on the device as it comes; `learning_rate` is the optimizers' LR as the epoch starts, the largest
-    of their param groups, as lr_used reads it.
+    of their param groups, as lr_used reads it; `effective_lr`, for an optimizer that estimates its own step size
+    (a param group with a `d`: Prodigy's), the epoch's mean of d x lr.
     """
 
     def __init__(self, sink: EpochSink, checkpoint: Path, keep: Callable[[Path], None]) -> None:
@@ -51,13 +54,18 @@ class ReporterHooks:
         self.lr = math.nan
         self.per_step: dict[str, tuple[torch.Tensor, int]] = {}
         self.last: dict[str, torch.Tensor] = {}  # each per-step value's latest tensor: one logged value counts once
+        self.adapting: list[dict[str, Any]] = []  # param groups with a step-size estimate d (Prodigy's)
+        self.adapted: list[float] = []  # d x lr after each of the epoch's steps
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self.started = time.perf_counter()
         self.lr = max(float(group["lr"]) for opt in trainer.optimizers for group in opt.param_groups)
-        self.validation, self.per_step = {}, {}
+        self.validation, self.per_step, self.adapted = {}, {}, []
+        self.adapting = [g for opt in trainer.optimizers for g in opt.param_groups if "d" in g]
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.adapting:
+            self.adapted.append(max(float(g["d"]) * float(g["lr"]) for g in self.adapting))
         results = trainer._results
         if results is None:
             return
@@ -79,6 +87,8 @@ class ReporterHooks:
         metrics = {**steps, **train, **self.validation, "learning_rate": self.lr}
         metrics["epoch_seconds"] = time.perf_counter() - self.started  # training and validation
         metrics["threads"] = float(torch.get_num_threads())  # as the epoch ends: processes.threads may narrow them
+        if self.adapted:  # an optimizer that sets its own step size (Prodigy: its estimate d times the scheduled lr)
+            metrics["effective_lr"] = sum(self.adapted) / len(self.adapted)
         self.history.append(metrics)
         with stopping.held():
             if all(math.isfinite(v) for v in train.values()):
@@ -91,20 +101,83 @@ class ReporterHooks:
 class AppliedHooks:
     """What the fit applies, read back from what applies it: at the fit's start, once configure_optimizers has built
     the optimizers and before any step (and before a resumed fit restores their state), the LR they were built at,
-    handed to `built`, which may stop the fit; as training starts, the batch size its loader serves (None where the
-    loader does not say)."""
+    handed to `built`, which may stop the fit, and the class of the optimizer; as training starts, the batch size its
+    loader serves (None where the loader does not say)."""
 
     def __init__(self, built: Callable[[float], None]) -> None:
         self.built = built
         self.lr = math.nan
         self.batch_size: int | None = None
+        self.optimizer = ""  # the class of the optimizer the fit steps with (the first one's)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         self.lr = optimizers.built_lr(trainer.optimizers)
+        first = type(trainer.optimizers[0]) if trainer.optimizers else None
+        self.optimizer = f"{first.__module__}.{first.__qualname__}" if first is not None else ""
         self.built(self.lr)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self.batch_size = batches.served_batch_size(trainer.train_dataloader)
+
+
+class AveragedWeightsHooks:
+    """For optimizers that keep two sets of weights, the ones each step moves and their average, which is what the
+    model is (Schedule-Free's, which have train() and eval()): training steps in train(); validation, testing, every
+    checkpoint and the end of the fit (the model logged) in eval(). Entering eval(), BatchNorm's running statistics
+    are measured again at the averaged weights from the last training inputs, as the optimizer's authors advise:
+    those kept while training belong to the other weights."""
+
+    BATCHNORM_BATCHES = 8  # the last training batches' inputs kept for it (a (inputs, targets) batch's inputs)
+
+    def __init__(self) -> None:
+        self.inputs: collections.deque[torch.Tensor] = collections.deque(maxlen=self.BATCHNORM_BATCHES)
+
+    @staticmethod
+    def averaging(trainer: Any) -> list[Any]:
+        return [o for o in trainer.optimizers if callable(getattr(o, "eval", None)) and hasattr(o, "train")]
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        for optimizer in self.averaging(trainer):
+            optimizer.train()
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.averaging(trainer) and isinstance(batch, (tuple, list)) and isinstance(batch[0], torch.Tensor):
+            self.inputs.append(batch[0].detach())
+
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._averaged(trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._averaged(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._averaged(trainer, pl_module)  # before the reporter's checkpoint: Lightning runs checkpoints last
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._averaged(trainer, pl_module)
+
+    def _averaged(self, trainer: Any, pl_module: Any) -> None:
+        found = self.averaging(trainer)
+        if not found or not any(group.get("train_mode", True) for o in found for group in o.param_groups):
+            return  # none, or in eval() already: its statistics were measured then
+        for optimizer in found:
+            optimizer.eval()
+        norms = [m for m in pl_module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        norms = [m for m in norms if m.track_running_stats]
+        if not norms or not self.inputs:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batches below
+        was_training = pl_module.training
+        pl_module.train()
+        with torch.no_grad():
+            for inputs in self.inputs:
+                pl_module(inputs)
+        pl_module.train(was_training)
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
 
 
 class SharingHooks:

@@ -19,7 +19,16 @@ else:
 
 
 def make_optimizer(params: Iterable[nn.Parameter], optimizer: str, lr: float) -> torch.optim.Optimizer:
-    """fused=True: one kernel per parameter instead of a Python loop of small ops (on a CPU too)."""
+    """fused=True: one kernel per parameter instead of a Python loop of small ops (on a CPU too). The LR-free ones
+    (config.LR_FREE) with their authors' defaults otherwise."""
+    if optimizer == "schedulefree":
+        import schedulefree  # only for this choice
+
+        return schedulefree.AdamWScheduleFree(params, lr=lr)
+    if optimizer == "prodigy":
+        import prodigyopt
+
+        return prodigyopt.Prodigy(params, lr=lr)
     if optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, fused=True)
     if optimizer == "adamw":

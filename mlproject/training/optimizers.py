@@ -138,7 +138,8 @@ def unreached(owner: str, target: LRTarget | None, wanted: float, built: float) 
 
 def apply_schedule(module: Any, schedule: str, peak: float, low: float) -> None:
     """module: its own configure_optimizers as it is. constant: its optimizers, their schedulers dropped.
-    onecycle: its one optimizer under a one-cycle schedule from `low` (0: peak / 25) to `peak` over the fit."""
+    onecycle: its one optimizer under a one-cycle schedule from `low` (0: peak / 25) to `peak` over the fit; cosine:
+    from `peak` down to 0 at the fit's last step."""
     if schedule == "module":
         return
     original = module.configure_optimizers
@@ -152,9 +153,13 @@ def apply_schedule(module: Any, schedule: str, peak: float, low: float) -> None:
             raise ConfigError(
                 "schedule", schedule, f"module or constant for {owner}, which has {len(optimizers)} optimizers"
             )
-        div = peak / low if low > 0 else 25.0
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = torch.optim.lr_scheduler.OneCycleLR(optimizers[0], max_lr=peak, total_steps=total, div_factor=div)
+        sched: torch.optim.lr_scheduler.LRScheduler
+        if schedule == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizers[0], T_max=total)
+        else:
+            div = peak / low if low > 0 else 25.0
+            sched = torch.optim.lr_scheduler.OneCycleLR(optimizers[0], max_lr=peak, total_steps=total, div_factor=div)
         return {"optimizer": optimizers[0], "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     object.__setattr__(module, "configure_optimizers", types.MethodType(configure_optimizers, module))

@@ -15,6 +15,7 @@ from mlproject.config import (
     BUILTIN_LR,
     BUILTIN_MODELS,
     IMAGE_FOLDER,
+    LR_FREE,
     MODULE_DATA,
     OPTIMIZERS,
     ConfigError,
@@ -147,11 +148,14 @@ def _classifier_task(cfg: JobConfig, lightning: Lightning, shape: sources.ImageS
     setup = recipe.setup(cfg, lightning)
     named = cfg.optimizer if cfg.optimizer in OPTIMIZERS else OPTIMIZERS[0]  # a class path: setup wires it in
 
+    default = LR_FREE.get(cfg.optimizer, BUILTIN_LR)  # an LR-free optimizer's: its authors' default
+    built_at = cfg.lr or default
+
     def make_module(channels_last: bool) -> Any:
-        return setup(classifier(lightning, builder(), named, cfg.lr or BUILTIN_LR, channels_last, cfg.augment))
+        return setup(classifier(lightning, builder(), named, built_at, channels_last, cfg.augment))
 
     target: LRTarget | None = LRTarget(lightning, "lr")
-    own_lr: float | None = BUILTIN_LR
+    own_lr: float | None = default
     if is_class_path(cfg.optimizer):
         target, own_lr = _lr_target(cfg, lightning, make_module(False))
     callbacks, trainer_args = recipe.trainer_parts(cfg, lightning)

@@ -71,6 +71,7 @@ def build_trainer(
 class FitResult:
     lr: float  # the LR the optimizers were built at (the one-cycle peak), read back from them
     batch_size: int | None  # the batch the training loader served (per device), None where it does not say
+    optimizer: str  # the class of the optimizer that stepped, read back from the Trainer
     history: list[dict[str, float]]  # every epoch's reported values
     validation: dict[str, float]  # the last validation's values
     test: dict[str, float]  # empty when there is nothing to test on
@@ -104,7 +105,8 @@ def fit_setup(
     reporter = lightning.make(callbacks.ReporterHooks, "callbacks.Checkpoint", sink, checkpoint, keep)
     guard = lightning.make(callbacks.GuardHooks, "Callback", loaders.iterables(), check_stop)
     applied = lightning.make(callbacks.AppliedHooks, "Callback", built)
-    hooks = [reporter, guard, applied, *(extra or [])]
+    averaged = lightning.make(callbacks.AveragedWeightsHooks, "Callback")
+    hooks = [reporter, guard, applied, averaged, *(extra or [])]
     # enable_checkpointing: the reporter is the checkpoint callback
     fitter = build_trainer(
         lightning, rt, epochs, hooks, trainer_args, enable_checkpointing=True, enable_progress_bar=bar
@@ -140,4 +142,4 @@ def fit_and_test(
         results = setup.trainer.test(module, **(test_inputs or {}), verbose=False) if tested else [{}]
     test = {k: float(v) for k, v in (results[0] if results else {}).items()}
     reporter, applied = setup.reporter, setup.applied
-    return FitResult(applied.lr, applied.batch_size, reporter.history, reporter.validation, test)
+    return FitResult(applied.lr, applied.batch_size, applied.optimizer, reporter.history, reporter.validation, test)
