@@ -29,7 +29,16 @@ from mlproject.config import (
     parse_lr_free,
     parse_lrs,
 )
-from mlproject.errors import DataError, HardwareError, Preempted, TrackingError, TrainingDiverged, UserCodeError
+from mlproject.errors import (
+    DataError,
+    HardwareError,
+    Preempted,
+    RankStopped,
+    TrackingError,
+    TrainingDiverged,
+    UserCodeError,
+    code_exited,
+)
 from mlproject.options import Number, OneOf, convert, job_options
 from mlproject.processes import launch, ranks, stopping
 from mlproject.record.environment import configure_client, pin_local_store
@@ -300,8 +309,10 @@ def _exit_code(args: list[str], zero: bool) -> int:
         return 128 + signal.Signals[exc.signal_name].value
     except KeyboardInterrupt:
         return _fail("interrupted", 130, zero)
-    except SystemExit as exc:  # a rank other than 0, stopped with rank 0's mistake (rank 0 said what it was)
-        return int(exc.code or 0)
+    except RankStopped:  # rank 0 said what the mistake was
+        return EXIT_USAGE
+    except SystemExit as exc:  # code that exited outside a session (a check, a study's plan): a failure all the same
+        return _fail(code_exited(exc), EXIT_FAILED, zero)
 
 
 def _prog_name() -> str:

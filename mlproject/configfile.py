@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 COMPONENTS = {"model": ("model", "model_args"), "data": ("dataset", "dataset_args")}
 SECTIONS = {"optimizer": ("optimizer", "optimizer_args"), "lr_scheduler": ("lr_scheduler", "lr_scheduler_args")}
+# A config LightningCLI prints is a few kilobytes: these bound what the job reads (the file, and its values with
+# every YAML alias expanded, so that a billion-laughs document cannot fill the memory when the job records it).
+MAX_BYTES = 1_000_000
+MAX_VALUES = 100_000
 IGNORED = ("weights_only", "verbose", "print_config")  # how LightningCLI itself loads and prints: nothing to train
 ACCELERATORS = {"auto": "auto", "cpu": "cpu", "gpu": "gpu", "cuda": "gpu"}
 PRECISIONS = {
@@ -56,17 +60,44 @@ def load(path: str, fields: Iterable[str]) -> dict[str, Any]:
 
 
 def _read(path: str) -> dict[str, Any]:
+    """The file's mapping, read within bounds: MAX_BYTES of UTF-8 text, whose values, aliases expanded, hold at most
+    MAX_VALUES values (a config of anchors that expand a billion-fold, or refer to themselves, is refused)."""
     try:
-        text = Path(path).expanduser().read_text()
+        with Path(path).expanduser().open("rb") as f:
+            raw = f.read(MAX_BYTES + 1)
     except OSError as exc:
         raise ConfigError("config", path, f"a readable YAML file ({exc.strerror or exc})") from exc
+    if len(raw) > MAX_BYTES:
+        raise ConfigError("config", path, f"a YAML file of at most {MAX_BYTES // 1_000_000} MB")
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.safe_load(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config", path, f"a YAML file of UTF-8 text (byte {exc.start} is not)") from exc
     except yaml.YAMLError as exc:
         raise ConfigError("config", path, f"valid YAML ({str(exc).splitlines()[0]})") from exc
     if not isinstance(doc, dict):
         raise ConfigError("config", path, "a mapping in LightningCLI's format (model:, data:, trainer:, ...)")
+    if _expanded_size(doc) > MAX_VALUES:
+        accepted = (
+            f"a config of at most {MAX_VALUES:,} values with its aliases expanded (and none that contains itself)"
+        )
+        raise ConfigError("config", path, accepted)
     return doc
+
+
+def _expanded_size(doc: Any) -> int:
+    """How many values the document holds with every alias expanded, counted up to MAX_VALUES + 1 (a value that
+    contains itself counts without end)."""
+    count, todo = 0, [doc]
+    while todo and count <= MAX_VALUES:
+        value = todo.pop()
+        count += 1
+        if isinstance(value, dict):
+            todo.extend(value.keys())
+            todo.extend(value.values())
+        elif isinstance(value, list):
+            todo.extend(value)
+    return count
 
 
 def _component(path: str, key: str, value: Any, names: tuple[str, str]) -> dict[str, Any]:

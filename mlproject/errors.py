@@ -1,5 +1,7 @@
 """The job's narrow exceptions, importable without torch so the CLI can report them cheaply."""
 
+import traceback
+
 
 class DataError(RuntimeError):
     """The dataset is missing, unreadable or corrupt; the message says which file and what to do."""
@@ -34,3 +36,18 @@ class UserCodeError(RuntimeError):
 
 class TrackingError(RuntimeError):
     """The tracking server cannot be reached or refuses the job's writes."""
+
+
+class RankStopped(Exception):
+    """A rank other than 0, stopped because rank 0 met a mistake before training (rank 0 says what it was)."""
+
+
+def code_exited(exc: SystemExit) -> str:
+    """The one line for code that called sys.exit (or raised SystemExit) inside the job: whatever its code, the job
+    did not finish, so it failed. Names where it was called."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" in {frames[-1].name} ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return (
+        f"the job's code called sys.exit({exc.code!r}){where} before the job ended: the job failed; raise an "
+        "exception to fail it, or set trainer.should_stop to end a fit early"
+    )

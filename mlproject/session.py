@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlproject.config import CHECKPOINT_ARTIFACT, ConfigError, JobConfig
-from mlproject.errors import Preempted
+from mlproject.errors import Preempted, RankStopped, UserCodeError, code_exited
 from mlproject.processes import launch, ranks, stopping, threads
 from mlproject.record import ownership, runconfig, stores
 from mlproject.record.environment import configure_client, redact
@@ -90,6 +90,10 @@ def run(start: Start, body: Body, show: str = "lines") -> None:
         except Preempted as exc:
             _end(session, "KILLED", stop_note(exc, session.tracker.run_id))
             raise
+        except SystemExit as exc:  # the user's code exited: the job did not end, it failed
+            error = UserCodeError(code_exited(exc))
+            _end(session, "FAILED", str(error))
+            raise error from exc
         except BaseException as exc:
             _end(session, "FAILED", f"{type(exc).__name__}: {exc}")
             raise
@@ -123,6 +127,10 @@ def _open_zero(start: Start, workdir: Path, here: ranks.Place) -> Session:
     is handed to them too, so that they stop instead of waiting for rank 0."""
     try:
         session = _attach(start, workdir, here)
+    except SystemExit as exc:  # the user's code exited as it was imported or built
+        error = UserCodeError(code_exited(exc))
+        ranks.share({"error": str(error)}, here)
+        raise error from exc
     except BaseException as exc:
         ranks.share({"error": str(exc)}, here)
         raise
@@ -205,7 +213,7 @@ def _open_other(workdir: Path, here: ranks.Place) -> Session:
     logging.getLogger("mlproject").setLevel(logging.WARNING)  # rank 0 speaks for the job
     shared = ranks.share(None, here)
     if "error" in shared:
-        raise SystemExit(2)
+        raise RankStopped()
     cfg = JobConfig.from_params(shared["config"])
     resume = None
     if "resume" in shared:

@@ -263,6 +263,12 @@ def broken(tmp_path: Path) -> Path:
     (tmp_path / "broken" / "broken.py").write_text(textwrap.dedent(BROKEN))
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     (tmp_path / "keys.yaml").write_text("model: {class_path: broken.NoLR}\nnot_a_job_parameter: 1\n")
+    # A billion laughs: nine levels of nine aliases each, a few hundred bytes that expand to 9^9 values
+    laughs = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    laughs += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    (tmp_path / "laughs.yaml").write_text("\n".join(laughs) + "\n")
+    (tmp_path / "itself.yaml").write_text("model: &m\n  class_path: broken.NoLR\n  init_args: {inner: *m}\n")
+    (tmp_path / "binary.yaml").write_bytes(b"model: \xff\xfe\n")
     return tmp_path
 
 
@@ -280,6 +286,10 @@ MISTAKES = [
     (["--model", "lenet", "--model-args", '{"hidden": 5}'], "model_args", "{} for the built-in network lenet"),
     (["--config", "{tmp}/missing.yaml"], "config", "a readable YAML file"),
     (["--config", "{tmp}/list.yaml"], "config", "a mapping in LightningCLI's format"),
+    (["--config", "{tmp}/laughs.yaml"], "config", "at most 100,000 values with its aliases expanded"),
+    (["--config", "{tmp}/itself.yaml"], "config", "at most 100,000 values with its aliases expanded"),
+    (["--config", "/dev/zero"], "config", "a YAML file of at most 1 MB"),
+    (["--config", "{tmp}/binary.yaml"], "config", "a YAML file of UTF-8 text (byte 7 is not)"),
     (["--config", "{tmp}/keys.yaml", "--code", "{tmp}/broken"], "config", "not_a_job_parameter (neither"),
     (["--code", "{tmp}/nowhere"], "code", "an existing folder"),
     (
