@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from mlproject import pipeline
 from mlproject.config import JobConfig
 from mlproject.errors import Preempted, TrainingDiverged
-from mlproject.finder import choose
+from mlproject.finder import choose, rules
 from mlproject.finder.rules import suggest
 from mlproject.processes import stopping
 from mlproject.processes.ranks import Place
@@ -216,3 +216,18 @@ def test_lenet_pooling_before_relu_gives_the_textbook_values_and_gradients_bit_f
     assert isinstance(net[1], torch.nn.MaxPool2d) and isinstance(net[2], torch.nn.ReLU)
     assert torch.equal(outputs[0], outputs[1])
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+@requires_fashion_mnist
+@pytest.mark.parametrize("seed", [42, 43])
+def test_a_short_sgd_job_asking_for_a_sparse_sweep_trains_off_the_cliff(tmp_path, seed):
+    # SGD with momentum on 2,000 images for 2 epochs, a sweep of 20 steps asked: read at 3.3 steps a decade, its curve
+    # put the LR at 0.13-0.25, where these fits end at 10-20% test accuracy.
+    short = {"optimizer": "sgd", "lr_steps": 20, "epochs": 2, "train_subset": 2000, "batch_size": 64}
+    result, params = run_job(tmp_path, FASHION_DIR, auto_lr=True, val_size=5000, seed=seed, **short)
+    found = result.choice.range_test
+    assert found.curve.steps_requested == 48 and found.lr_steps == 20, "eight steps a decade at least"
+    assert found.curve.momentum == 0.9
+    edge = rules.cliff(found.usable, found.curve.momentum)
+    assert edge is not None and float(params["lr_used"]) <= edge / rules.CLIFF_MARGIN
+    assert result.final["test_acc"] >= 0.5

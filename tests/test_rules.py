@@ -1,12 +1,16 @@
-"""The suggestion rules of finder/rules.py on hand-made curves (nan and inf included), without a trainer."""
+"""The suggestion rules of finder/rules.py on hand-made curves (nan and inf included), without a trainer; the
+sweep's length and auto's repeats (finder/choose.py), decided from the numbers alone."""
 
 import math
 
 import numpy as np
 import pytest
 
-from mlproject.finder import rules
+from mlproject.config import JobConfig
+from mlproject.finder import choose, rules
+from mlproject.finder.result import RangeTest
 from mlproject.finder.rules import suggest
+from mlproject.finder.sweep import LRCurve
 
 LRS = np.logspace(-6, 0, 100)
 X = np.log10(LRS)
@@ -299,3 +303,88 @@ def test_a_batchnorm_curve_is_read_up_to_its_spike_with_full_confidence():
     found = suggest(LRS, losses)
     assert found.confidence == 1.0
     assert found.lr <= floor / rules.SAFETY * (1 + 1e-9)
+
+
+# --- the cliff: how far from divergence the job trains ---------------------------------------------------------
+
+
+def cliff_curve(fall_at: float = -1.2, cliff_at: float = -1.0) -> np.ndarray:
+    """A late, steep fall whose floor runs right up to a divergence at 10**cliff_at: where a one-cycle peak read off
+    the floor alone sits within a hair of the cliff (the shape of SGD with momentum)."""
+    fall = 2.3 - 1.0 / (1 + np.exp(-(X - fall_at) / 0.08))
+    return fall + np.where(cliff_at < X, np.expm1(12 * (X - cliff_at)), 0.0)
+
+
+def test_nothing_the_job_trains_at_sits_within_the_margin_of_the_cliff():
+    losses = cliff_curve()
+    curve = rules.usable_curve(LRS, losses)
+    edge = rules.cliff(curve)
+    assert edge is not None and curve.reason.startswith("loss above")
+    found = suggest(LRS, losses, train_steps=50)  # a short fit leans all the way to the floor
+    assert found.lr <= edge / rules.CLIFF_MARGIN and found.lr_high <= edge / rules.CLIFF_MARGIN * (1 + 1e-9)
+    unguarded = rules.lr_range(curve, found.lr)[1]
+    assert unguarded > edge / rules.CLIFF_MARGIN, "the margin moved the peak: the floor alone put it nearer"
+    assert f"{rules.CLIFF_MARGIN:g}x below lr {edge:.3g}, where the sweep was cut" in found.reason
+
+
+def test_a_curve_never_cut_has_no_cliff_to_keep_from():
+    curve = rules.usable_curve(LRS, sigmoid_curve(blowup_at=1.0))
+    assert rules.cliff(curve) is None
+    assert "below lr" not in suggest(LRS, sigmoid_curve(blowup_at=1.0)).reason
+
+
+@pytest.mark.parametrize(("momentum", "per_decade", "factor"), [(0.0, 16.5, 1.0), (0.9, 10.0, 0.1), (0.5, 2.0, 0.1)])
+def test_momentum_moves_a_divergence_down_by_the_buffers_time_constant(momentum, per_decade, factor):
+    # 1/(1 - momentum) steps of lag, at per_decade steps a decade
+    assert rules.momentum_lag(momentum, per_decade) == pytest.approx(factor)
+
+
+def test_a_heavy_ball_sweep_reads_its_divergence_where_the_lr_set_it_off_not_where_it_showed():
+    losses = cliff_curve()
+    curve = rules.usable_curve(LRS, losses)
+    lag = rules.momentum_lag(0.9, curve.per_decade)
+    assert rules.cliff(curve, momentum=0.9) == pytest.approx(rules.cliff(curve) * lag)
+    plain, heavy = suggest(LRS, losses, train_steps=50), suggest(LRS, losses, train_steps=50, momentum=0.9)
+    assert heavy.lr_high == pytest.approx(rules.cliff(curve) * lag / rules.CLIFF_MARGIN)
+    assert heavy.lr_high < plain.lr_high and heavy.lr <= heavy.lr_high
+
+
+def test_a_climb_back_above_the_start_is_not_moved_by_momentum():
+    losses = momentum_curve()
+    curve = rules.usable_curve(LRS, losses)
+    assert curve.reason == rules.RISE_REASON
+    assert rules.cliff(curve, momentum=0.9) == rules.cliff(curve) == pytest.approx(curve.lrs[-1])
+
+
+# --- how long the sweep runs, and when auto repeats it ------------------------------------------------------------
+
+
+def test_a_sweep_asked_too_sparse_runs_eight_steps_a_decade_and_says_why():
+    steps, why = choose.sweep_steps(20, fit=62, decades=6.0)
+    assert steps == choose.MIN_PER_DECADE * 6 == 48
+    assert why.startswith("48 steps, not lr_steps=20: 3.3 steps a decade of LR cannot be read")
+
+
+@pytest.mark.parametrize(("asked", "fit", "steps"), [(100, 3440, 100), (100, 120, 60), (100, 62, 48), (50, 0, 50)])
+def test_a_sweep_takes_at_most_half_the_fit_beyond_its_least(asked, fit, steps):
+    assert choose.sweep_steps(asked, fit, 6.0)[0] == steps
+
+
+def range_test_of(suggestion: rules.Suggestion, fit_steps: int, sweep: int = 100) -> RangeTest:
+    curve = LRCurve(list(LRS[:sweep]), [2.3] * sweep, [], "", 1e-6, 1.0, sweep, 0.1, 100, 1)
+    usable = rules.usable_curve(curve.lrs, curve.losses)
+    return RangeTest(curve, usable, usable, suggestion, (suggestion.lr,), 0.0, fit_steps)
+
+
+def test_auto_repeats_a_doubtful_range_test_where_three_fit_in_its_share_of_the_fit():
+    doubtful = rules.Suggestion(1e-2, "combined", 0.4, "a shallow descent (8% below the start)")
+    more, why = choose.auto_repeats(JobConfig(), range_test_of(doubtful, fit_steps=3440))
+    assert more == choose.AUTO_REPEATS - 1 and why.startswith("the suggestion's confidence is 0.40")
+    assert choose.auto_repeats(JobConfig(), range_test_of(doubtful, fit_steps=500))[0] == 0, "3 x 100 > 250 steps"
+    assert choose.auto_repeats(JobConfig(lr_verify="off"), range_test_of(doubtful, 3440))[0] == 0
+    assert choose.auto_repeats(JobConfig(lr_repeats=2), range_test_of(doubtful, 3440))[0] == 0, "as the user asked"
+
+
+def test_auto_does_not_repeat_a_confident_range_test():
+    confident = rules.Suggestion(1e-2, "combined", 1.0, "")
+    assert choose.auto_repeats(JobConfig(), range_test_of(confident, fit_steps=3440)) == (0, "")

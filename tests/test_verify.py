@@ -27,6 +27,7 @@ from mlproject.training.classpaths import add_code_path
 from tests.helpers import REPO, finish, job_env, runs_of, small_job, start_job, write_dataset
 
 CONFIDENT = Suggestion(1e-2, "combined", 1.0, "")
+DOUBTFUL = Suggestion(1e-2, "combined", 0.3, "a shallow descent")
 
 
 # --- pure choices ------------------------------------------------------------------------------------------------
@@ -62,17 +63,31 @@ def test_auto_verifies_when_repeated_range_tests_disagree():
 
 
 def test_the_budget_is_a_share_of_the_fit_for_all_candidates_together():
-    steps, why = verify.trial_steps(3440, 0.1, 3)
-    assert (steps, why) == (114, "")
+    count, steps, why = verify.trial_steps(3440, 0.1, 3)
+    assert (count, steps, why) == (3, 114, "")
     assert 3 * steps <= 0.1 * 3440
 
 
-def test_a_budget_too_small_for_its_candidates_says_so():
-    steps, why = verify.trial_steps(300, 0.25, 3)
-    assert steps == 0
-    assert f"leaves 25 steps for each of 3 candidates, fewer than {verify.MIN_TRIAL_STEPS}" in why
-    plan = verify.plan("3", CONFIDENT, 300, 0.25)
-    assert plan.skip == why and plan.candidates  # the candidates are still shown
+@pytest.mark.parametrize(
+    ("fit", "count", "steps"),
+    [(300, 2, 37), (200, 3, 16), (100, 2, 12)],  # 75 steps: 2 of 37; 50: 3 of 16; 25: 2 of 12
+)
+def test_a_short_fit_drops_the_candidate_above_then_shortens_the_trials(fit, count, steps):
+    kept, each, why = verify.trial_steps(fit, 0.25, 3)
+    assert (kept, each) == (count, steps)
+    assert why == f"; shortened to {count} candidates of {steps} steps: the fit is {fit} steps"
+    plan = verify.plan("3", CONFIDENT, fit, 0.25)
+    assert plan.candidates == verify.candidates(CONFIDENT.lr, count) and plan.steps == steps and not plan.skip
+    assert plan.candidates[1] < plan.candidates[0], "the one kept besides the suggestion is the one below"
+
+
+def test_a_fit_too_short_for_any_trial_takes_the_candidate_below_untried():
+    kept, steps, why = verify.trial_steps(64, 0.25, 3)
+    assert (kept, steps) == (0, 0)
+    assert f"leaves 8 steps for each of 2 candidates, fewer than {verify.MIN_SHORT_TRIAL_STEPS}" in why
+    plan = verify.plan("auto", DOUBTFUL, 64, 0.25)
+    assert plan.lower and plan.skip == why
+    assert plan.candidates == (DOUBTFUL.lr, DOUBTFUL.lr / 10**verify.SPACING_DECADES)
 
 
 @pytest.mark.parametrize(("mode", "best"), [("min", 1e-3), ("max", 1e-1)])
@@ -195,13 +210,18 @@ def test_the_trials_keep_to_their_share_of_the_fits_steps(tmp_path, images):
     assert params["lr_source"] == "verified"
 
 
-def test_a_verification_that_cannot_fit_its_budget_is_skipped_with_the_reason(tmp_path, images):
+def test_a_fit_too_short_to_verify_takes_the_lower_candidate_and_says_so(tmp_path, images):
     result, params, folder = run_job(tmp_path, data_dir=str(images), epochs=2, lr_verify="3", verify_fraction=0.2)
     summary = json.loads((folder / "summary.json").read_text())
     assert params["lr_verified"] == "skipped" and params["lr_source"] == "finder"
-    assert summary["verify"]["ran"] is False
-    assert f"fewer than {verify.MIN_TRIAL_STEPS}" in summary["verify"]["reason"]
+    assert summary["verify"]["ran"] is False and summary["verify"]["lowered"] is True
+    assert f"fewer than {verify.MIN_SHORT_TRIAL_STEPS}" in summary["verify"]["reason"]
     assert not (folder / "verify.csv").exists()
+    suggested, lower = summary["verify"]["candidates"]
+    assert lower == pytest.approx(suggested / 10**verify.SPACING_DECADES)
+    assert result.choice.range_test.suggestion.lr == pytest.approx(suggested)
+    assert result.choice.verification.suggestion.lr == pytest.approx(lower)
+    assert "taken untried" in result.choice.verification.suggestion.reason
     assert result.choice.lr == pytest.approx(float(params["lr_used"]), rel=1e-5)
 
 

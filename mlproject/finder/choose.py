@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from mlproject import progress
 from mlproject.config import JobConfig
-from mlproject.finder import records, rules, sweep, trials
+from mlproject.finder import records, rules, sweep, trials, verify
 from mlproject.finder.result import LRChoice, RangeTest
 from mlproject.record.tracker import Tracker
 from mlproject.training.runtime import Runtime
@@ -24,6 +24,9 @@ SPREAD_WARNING = 0.3  # decades between repeated range tests beyond which the su
 # smoothing (rules.SMOOTH_DECADES, 0.2 decades) spans under two points and a noisy step reads as divergence.
 SWEEP_SHARE = 0.5
 MIN_PER_DECADE = 8
+# A doubtful suggestion under lr_verify=auto is read from the median of this many range tests (other seeds): 3 cut
+# the default job's spread between seeds from 0.21 to 0.12 decades (benchmarks/RESULTS.md).
+AUTO_REPEATS = 3
 
 
 def choose_lr(cfg: JobConfig, job: Task, rt: Runtime, tracker: Tracker) -> LRChoice:
@@ -46,6 +49,8 @@ def choose_lr(cfg: JobConfig, job: Task, rt: Runtime, tracker: Tracker) -> LRCho
     checked = trials.verify(cfg, job, rt, found)
     if checked.ran and checked.suggestion is not None:
         s, source = checked.suggestion, "verified"
+    elif checked.lowered and checked.suggestion is not None:
+        s = checked.suggestion  # the finder's, one step lower: the reason says so
     onecycle = cfg.resolved_schedule == "onecycle"
     lr = s.lr_high if onecycle else s.lr
     low = s.lr_low if onecycle and source != "fallback" else 0.0
@@ -53,15 +58,23 @@ def choose_lr(cfg: JobConfig, job: Task, rt: Runtime, tracker: Tracker) -> LRCho
     # With a probe, what the training-loss curve alone would have said, for comparison.
     fallback = job.fallback_lr(cfg)
     train_curve = (
-        rules.suggest_curve(found.usable, cfg.lr_method, fallback, found.fit_steps).lr if cfg.lr_probe else None
+        rules.suggest_curve(found.usable, cfg.lr_method, fallback, found.fit_steps, found.curve.momentum).lr
+        if cfg.lr_probe
+        else None
     )
     records.record(tracker, cfg, choice, train_curve)
     return choice
 
 
 def repeated(cfg: JobConfig, job: Task, rt: Runtime) -> RangeTest:
-    """lr_repeats range tests under successive seeds: the median suggestion's, with every repeat's and their spread."""
+    """lr_repeats range tests under successive seeds: the median suggestion's, with every repeat's and their spread.
+    Under lr_verify=auto, a single range test whose suggestion is doubtful (verify.doubts) is repeated AUTO_REPEATS
+    times in all, where the repeats fit in the range test's share of the fit (SWEEP_SHARE)."""
     tests = [range_test(cfg.replace(seed=cfg.seed + r), job, rt) for r in range(cfg.lr_repeats)]
+    more, why = auto_repeats(cfg, tests[0])
+    if more:
+        log.info("range test: %d more with other seeds: %s", more, why)
+        tests += [range_test(cfg.replace(seed=cfg.seed + r), job, rt) for r in range(1, 1 + more)]
     answered = [t for t in tests if t.suggestion.method != "fallback"] or tests
     median = sorted(answered, key=lambda t: t.suggestion.lr)[(len(answered) - 1) // 2]  # its curve is the one plotted
     spread = spread_decades([t.suggestion.lr for t in answered])
@@ -69,6 +82,18 @@ def repeated(cfg: JobConfig, job: Task, rt: Runtime) -> RangeTest:
         log.warning("the %d range tests disagree by %.2f decades: the suggestion is uncertain", len(tests), spread)
     repeats = tuple(t.suggestion.lr for t in tests)
     return replace(median, repeat_suggestions=repeats, spread_decades=spread)
+
+
+def auto_repeats(cfg: JobConfig, first: RangeTest) -> tuple[int, str]:
+    """How many more range tests auto runs after `first` (0: none), and why: lr_verify=auto, lr_repeats left at 1,
+    a doubtful suggestion, and room for AUTO_REPEATS sweeps in SWEEP_SHARE of the fit."""
+    if cfg.lr_verify != "auto" or cfg.lr_repeats != 1:
+        return 0, ""
+    doubt = verify.doubts(first.suggestion)
+    steps = first.curve.steps_requested
+    if not doubt or AUTO_REPEATS * steps > SWEEP_SHARE * first.fit_steps:
+        return 0, ""
+    return AUTO_REPEATS - 1, f"{doubt}; the median of {AUTO_REPEATS} is used"
 
 
 def range_test(cfg: JobConfig, job: Task, rt: Runtime, stop_early: bool = True) -> RangeTest:
@@ -96,7 +121,7 @@ def range_test(cfg: JobConfig, job: Task, rt: Runtime, stop_early: bool = True) 
     steps = fit_steps(cfg, job, rt, curve.batches_per_epoch)
     usable = rules.usable_curve(curve.lrs, curve.losses)
     signal = rules.usable_curve(curve.lrs, curve.probe_losses) if cfg.lr_probe else usable
-    suggestion = rules.suggest_curve(signal, cfg.lr_method, job.fallback_lr(cfg), steps)
+    suggestion = rules.suggest_curve(signal, cfg.lr_method, job.fallback_lr(cfg), steps, curve.momentum)
     suggestion = rules.guard_edge(suggestion, signal, curve.steps_run == curve.steps_requested)
     if suggestion.confidence == 0.0 and suggestion.method != "fallback":
         log.warning("range test: %s", suggestion.reason)
@@ -104,9 +129,16 @@ def range_test(cfg: JobConfig, job: Task, rt: Runtime, stop_early: bool = True) 
 
 
 def sweep_steps(asked: int, fit: int, decades: float) -> tuple[int, str]:
-    """The range test's steps within its share of the fit (`fit` optimizer steps, 0 when unknown) over `decades` of
-    LR, and why fewer than asked ("" when as asked)."""
+    """The range test's steps over `decades` of LR: as asked, but MIN_PER_DECADE a decade at least (a sparser curve
+    cannot be read) and at most SWEEP_SHARE of the fit's `fit` optimizer steps (0: unknown) beyond that; and why
+    not as asked ("" when as asked)."""
     least = max(2 * rules.MIN_POINTS, math.ceil(MIN_PER_DECADE * decades))  # a curve's cut leaves MIN_POINTS
+    if asked < least:
+        return least, (
+            f"{least} steps, not lr_steps={asked}: {asked / decades:.1f} steps a decade of LR cannot be read (the "
+            f"smoothing spans {rules.SMOOTH_DECADES} decades, a momentum buffer about ten steps); {MIN_PER_DECADE} a "
+            "decade at least"
+        )
     cap = max(least, int(SWEEP_SHARE * fit)) if fit else asked
     if asked <= cap:
         return asked, ""

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 from mlproject import plots
 from mlproject.config import JobConfig
+from mlproject.finder import rules
 from mlproject.finder.result import LRChoice, RangeTest
 from mlproject.finder.verify import Verification
 from mlproject.record.tracker import Tracker
@@ -66,6 +67,8 @@ def summary(found: RangeTest, extra: Mapping[str, object]) -> dict[str, object]:
         "steps_run": curve.steps_run,
         "stopped_on_divergence": curve.stopped_early or bool(usable.reason),
         "divergence": usable.reason or None,
+        "momentum": curve.momentum,  # the optimizer's heavy-ball momentum as it swept (rules.momentum_lag)
+        "cliff": rules.cliff(found.signal, curve.momentum),  # nothing trains within rules.CLIFF_MARGIN of it
         "stop_reason": curve.stop_reason or None,
         "seconds": round(curve.seconds, 3),
         "fit_steps": found.fit_steps,
@@ -137,6 +140,7 @@ def verify_summary(checked: Verification) -> dict[str, object]:
     return {
         "setting": checked.setting,
         "ran": checked.ran,
+        "lowered": checked.lowered,
         "reason": checked.reason,
         "why": checked.plan.reason,
         "candidates": list(checked.plan.candidates),

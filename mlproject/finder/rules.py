@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -21,6 +21,12 @@ SAFETY = 2.0  # never suggest within this factor of the floor of the curve: dive
 # floor/2 on the default job (docs/suggestion.md).
 PEAK_SAFETY = 1.5
 PEAK_CAP = 3.0  # ... and it stays within 3x the suggestion
+# Nothing the job trains at, the suggestion or the one-cycle peak, sits within this factor of the LR where the
+# sweep's loss diverged (corrected for momentum's lag, momentum_lag) or climbed back above its start: the sweep
+# spent one step at each LR, a fit spends thousands, and a loss that grows a little each step there grows without
+# end over a fit. A factor of 2 is the distance at which no seed of the quality benchmark's SGD cases diverged
+# (docs/suggestion.md).
+CLIFF_MARGIN = 2.0
 BOTTOM_TOLERANCE = 0.2  # the floor: within 20% of the drop from the smoothed minimum
 # A curve that falls less than 20% below its start before it climbs back (SGD with momentum cut short by
 # instability) says little: the combined rule's confidence scales down below it (docs/suggestion.md).
@@ -322,6 +328,39 @@ def answers(curve: Curve) -> dict[str, float | None]:
     return {name: found.lr if (found := rule(curve)) else None for name, rule in RULES.items()}
 
 
+def cliff(curve: Curve, momentum: float = 0.0) -> float | None:
+    """The LR the sweep's loss diverged at (non-finite, or 4x its minimum) or climbed back above its start, read
+    where the curve was cut; None for a curve never cut. A divergence is moved down by momentum_lag: with a
+    heavy-ball optimizer it shows steps after the LR that caused it. The climb back is not: on the shallow curves of
+    SGD with momentum it comes before divergence, not after (docs/suggestion.md)."""
+    if not curve.reason or not len(curve.lrs):
+        return None
+    edge = float(curve.lrs[-1])
+    return edge if curve.reason == RISE_REASON else edge * momentum_lag(momentum, curve.per_decade)
+
+
+def momentum_lag(momentum: float, per_decade: float) -> float:
+    """The factor by which a heavy-ball optimizer's sweep reads a divergence too high. Its step is the LR times a
+    buffer that carries each gradient on for about 1/(1-momentum) steps (the buffer's time constant), so an
+    instability grows through the buffer and shows that many steps after the LR that set it off, by which time the
+    sweep has raised the LR 10^(lag/per_decade)-fold. 1 without momentum; at the default sweep's 16.5 steps a decade
+    and momentum 0.9, a lag of 10 steps: 0.25."""
+    if momentum <= 0 or per_decade <= 0:
+        return 1.0
+    return float(10 ** (-1 / (1 - momentum) / per_decade))
+
+
+def off_the_cliff(found: Suggestion, curve: Curve, momentum: float) -> Suggestion:
+    """The suggestion and its one-cycle range kept CLIFF_MARGIN below the cliff, with the reason when they moved."""
+    edge = cliff(curve, momentum)
+    if edge is None or found.lr_high <= edge / CLIFF_MARGIN and found.lr <= edge / CLIFF_MARGIN:
+        return found
+    top = edge / CLIFF_MARGIN
+    lr, high = min(found.lr, top), min(found.lr_high, top)
+    why = f"; kept at {top:.3g}, {CLIFF_MARGIN:g}x below lr {edge:.3g}, where the sweep was cut ({curve.reason})"
+    return replace(found, lr=lr, lr_low=min(found.lr_low, high / 10), lr_high=high, reason=found.reason + why)
+
+
 def lr_range(curve: Curve, lr: float) -> tuple[float, float]:
     """(lr_low, lr_high) for cyclical schedules (Smith 2018): the peak near the largest LR that still trains
     well, PEAK_SAFETY below the floor, but between 1x and PEAK_CAP x the suggestion; the low end a tenth of it."""
@@ -336,18 +375,24 @@ def suggest(
     method: str = "combined",
     fallback_lr: float = 1e-3,
     train_steps: int | None = None,
+    momentum: float = 0.0,
 ) -> Suggestion:
     """The suggestion for a sweep's LRs and raw losses: suggest_curve() on its usable part."""
-    return suggest_curve(usable_curve(lrs, losses), method, fallback_lr, train_steps)
+    return suggest_curve(usable_curve(lrs, losses), method, fallback_lr, train_steps, momentum)
 
 
 def suggest_curve(
-    curve: Curve, method: str = "combined", fallback_lr: float = 1e-3, train_steps: int | None = None
+    curve: Curve,
+    method: str = "combined",
+    fallback_lr: float = 1e-3,
+    train_steps: int | None = None,
+    momentum: float = 0.0,
 ) -> Suggestion:
     """The suggestion for a usable curve; never None: with no descent to read, `fallback_lr` and the reason why.
 
     `train_steps`, the length of the training the LR is for, moves the combined rule toward the floor of
-    the curve for short trainings (see toward_floor); unknown, it assumes a long one.
+    the curve for short trainings (see toward_floor); unknown, it assumes a long one. The answer, and its
+    one-cycle peak, stay CLIFF_MARGIN below where the curve diverged (`momentum`: the sweep's, see momentum_lag).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -358,7 +403,8 @@ def suggest_curve(
         why = found.reason if found else _why_none(curve)
         return Suggestion(fallback_lr, "fallback", 0.0, why, low, high, candidates)
     low, high = lr_range(curve, found.lr)
-    return Suggestion(found.lr, found.method, found.confidence, found.reason, low, high, candidates)
+    made = Suggestion(found.lr, found.method, found.confidence, found.reason, low, high, candidates)
+    return off_the_cliff(made, curve, momentum)
 
 
 def guard_edge(found: Suggestion, curve: Curve, ran_to_end: bool) -> Suggestion:

@@ -35,6 +35,7 @@ class LRCurve:
     batches_per_epoch: int  # of the training data, on each rank
     world_size: int
     batch_size: int | None = None  # what the training loader served on each rank (None where it does not say)
+    momentum: float = 0.0  # the optimizer's heavy-ball momentum as it swept (rules.momentum_lag); 0 for none, or Adam
 
     @property
     def steps_run(self) -> int:
@@ -78,6 +79,15 @@ def _loss_of(output: Any, owner: str) -> torch.Tensor:
     return loss
 
 
+def heavy_ball(group: dict[str, Any]) -> float:
+    """A param group's momentum where the step is the LR times a buffer of raw gradients (SGD's, RMSprop's): that
+    buffer, not the LR, sets how fast the step grows. Adam's first moment is divided by its second, so its step
+    follows the LR at once: 0."""
+    if "betas" in group:
+        return 0.0
+    return float(group.get("momentum") or 0.0)
+
+
 class _Recorder:
     """Sits in the private copy's hooks, since lr_find replaces the Trainer's callbacks with its own: records the
     raw loss of every optimizer step, averaged over the ranks; with `stop_early`, ends the sweep once
@@ -95,6 +105,7 @@ class _Recorder:
         self.batches_per_epoch = 0
         self.world_size = 1
         self.batch_size: int | None = None
+        self.momentum = 0.0
         self._pending: dict[str, Any] | None = None
         self._batches = 0  # training_step calls so far
         self._summed: torch.Tensor | None = None  # this optimizer step's losses so far
@@ -131,6 +142,7 @@ class _Recorder:
             trainer = module.trainer
             self.batches_per_epoch, self.world_size = int(trainer.num_training_batches), trainer.world_size
             self.batch_size = served_batch_size(trainer.train_dataloader)
+            self.momentum = heavy_ball(trainer.optimizers[0].param_groups[0])
             if self.io.snapshot is None and self._pending is not None:
                 self.io.snapshot = copy.deepcopy(self._pending)
 
@@ -220,4 +232,5 @@ def range_test(
         batches_per_epoch=recorder.batches_per_epoch,
         world_size=recorder.world_size,
         batch_size=recorder.batch_size,
+        momentum=recorder.momentum,
     )

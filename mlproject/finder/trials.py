@@ -135,6 +135,12 @@ def verify(cfg: JobConfig, job: Task, rt: Runtime, found: RangeTest) -> Verifica
     loaders = lambda: job.data.loaders(cfg.seed, rt.device.type)  # noqa: E731
     kit = TrialKit(job.lightning, rt, make_module, loaders, cfg.monitor, cfg.monitor_mode, job.trainer_args)
     done = run_trials(kit, chosen, cfg.lr_verify)
+    if chosen.lower:
+        safer = chosen.candidates[1]
+        log.warning("verify: %s; %s: the lower candidate %.4g is taken untried", chosen.reason, done.reason, safer)
+        lowered = moved(suggestion, safer, found.signal)
+        why = f"; too short to verify ({done.reason}): the candidate below, {safer:.3g}, taken untried"
+        return replace(done, suggestion=replace(lowered, reason=lowered.reason + why))
     if done.lr is None:
         log.info("verify: skipped: %s", done.reason)
         return replace(done, suggestion=suggestion)

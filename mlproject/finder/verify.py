@@ -16,6 +16,9 @@ SPACING_DECADES = 0.5  # the quality benchmark's grid: a closer spacing is withi
 # A trial shorter than this measures the optimizer's warm-up (momentum 0.9 and Adam's first moment average over
 # about ten steps), not what the LR is worth over a fit.
 MIN_TRIAL_STEPS = 30
+# A fit too short for that shortens its trials down to this, the optimizers' ten-step warm-up itself, and drops the
+# candidate above (the suggestion and the one below stay); shorter still, the job takes the one below untried.
+MIN_SHORT_TRIAL_STEPS = 10
 # auto verifies a suggestion whose confidence is below full (rules.combined: the rule's two ends, steepest descent and
 # floor/SAFETY, lie more than a decade apart, so it weighs two answers rather than reads one) ...
 AUTO_CONFIDENCE = 1.0
@@ -35,6 +38,7 @@ class Plan:
     steps: int
     reason: str
     skip: str = ""
+    lower: bool = False  # too short for any trial: the candidate below the suggestion is taken untried
 
 
 @dataclass(frozen=True)
@@ -55,11 +59,16 @@ class Verification:
     trials: tuple[Trial, ...] = ()
     lr: float | None = None
     reason: str = ""
-    suggestion: rules.Suggestion | None = None  # the range test's, moved to `lr` when verification ran
+    suggestion: rules.Suggestion | None = None  # the range test's, moved to `lr` when verification ran (or lowered)
 
     @property
     def ran(self) -> bool:
         return self.lr is not None
+
+    @property
+    def lowered(self) -> bool:
+        """Too short to verify: the suggestion moved to the candidate below it, untried."""
+        return self.plan.lower
 
     @property
     def steps(self) -> int:
@@ -109,24 +118,39 @@ def candidates(lr: float, count: int, spacing: float = SPACING_DECADES) -> tuple
     return tuple(lr * 10 ** (spacing * k) for k in offsets[:count])
 
 
-def trial_steps(fit_steps: int, fraction: float, count: int) -> tuple[int, str]:
-    """Optimizer steps per candidate within `fraction` of the fit's steps for all of them together, or 0 and why."""
-    steps = int(fraction * fit_steps) // count
-    if steps < MIN_TRIAL_STEPS:
-        return 0, (
-            f"a budget of {fraction:g} x {fit_steps} fit steps leaves {steps} steps for each of {count} candidates, "
-            f"fewer than {MIN_TRIAL_STEPS}"
-        )
-    return steps, ""
+def trial_steps(fit_steps: int, fraction: float, count: int) -> tuple[int, int, str]:
+    """(candidates, optimizer steps each, how they were shortened) within `fraction` of the fit's steps for all of
+    them together: `count` candidates of MIN_TRIAL_STEPS or more; else fewer candidates (two at least), then
+    shorter trials down to MIN_SHORT_TRIAL_STEPS; else (0, 0, why)."""
+    budget = int(fraction * fit_steps)
+    for least in (MIN_TRIAL_STEPS, MIN_SHORT_TRIAL_STEPS):
+        for n in range(count, 1, -1):
+            if budget // n >= least:
+                short = n < count or least < MIN_TRIAL_STEPS
+                how = (
+                    f"; shortened to {n} candidates of {budget // n} steps: the fit is {fit_steps} steps"
+                    if short
+                    else ""
+                )
+                return n, budget // n, how
+    return (
+        0,
+        0,
+        (
+            f"a budget of {fraction:g} x {fit_steps} fit steps leaves {budget // 2} steps for each of 2 candidates, "
+            f"fewer than {MIN_SHORT_TRIAL_STEPS}"
+        ),
+    )
 
 
 def plan(setting: str, suggestion: rules.Suggestion, fit_steps: int, fraction: float, spread: float = 0.0) -> Plan:
     count, why = candidate_count(setting, suggestion, spread)
     if count == 0:
         return Plan((), 0, why, skip=why)
-    steps, short = trial_steps(fit_steps, fraction, count)
-    found = candidates(suggestion.lr, count)
-    return Plan(found, steps, why, skip=short)
+    kept, steps, how = trial_steps(fit_steps, fraction, count)
+    if kept == 0:  # the curve's answer is doubtful: its safer side; a fallback is lr as given, no reading to doubt
+        return Plan(candidates(suggestion.lr, 2), 0, why, skip=how, lower=suggestion.method != "fallback")
+    return Plan(candidates(suggestion.lr, kept), steps, why + how)
 
 
 def better(a: float, b: float, mode: str) -> bool:
