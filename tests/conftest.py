@@ -15,9 +15,11 @@ from tests.helpers import AUTH_ENV, running_server, write_dataset
 # The files that take longest, first: with `-n 2 --dist loadfile` (.ci/run) each worker takes whole files in this
 # order, and a long file started last would leave the other worker idle at the end (docs/testing.md has the times).
 LONGEST_FIRST = (
-    "test_docker.py", "test_faults.py", "test_user_code.py", "test_ddp.py", "test_server_load.py", "test_study.py",
-    "test_e2e.py", "test_one_line.py", "test_report_faults.py", "test_pipeline.py", "test_verify.py",
-    "test_visible.py", "test_ui_browser.py", "test_server_faults.py",
+    "test_docker.py", "test_faults.py", "test_server_load.py", "test_user_code.py", "test_ddp.py",
+    "test_their_code.py", "test_study.py", "test_ui_browser.py", "test_e2e.py", "test_one_line.py", "test_verify.py",
+    "test_visible.py", "test_lr_free.py", "test_report_faults.py", "test_server_faults.py", "test_exits.py",
+    "test_pipeline.py", "test_host_side.py", "test_server_cli.py", "test_cli.py", "test_benchmarks.py",
+    "test_install.py",
 )  # fmt: skip
 
 
