@@ -250,9 +250,9 @@ class JobConfig:
         _choice("progress", self.progress, PROGRESS)
         if len(self.run_name) > 250:
             raise ConfigError("run_name", self.run_name, "at most 250 characters")
-        if self.register_model and not re.fullmatch(r"[\w.\-/ ]{1,200}", self.register_model):
+        if self.register_model and not _model_name(self.register_model):
             raise ConfigError(
-                "register_model", self.register_model, "a model name (letters, digits, . _ - / and spaces)"
+                "register_model", self.register_model, "a model name MLflow takes (letters, digits, . _ - and spaces)"
             )
         self._check_names()
         self._check_sections()
@@ -385,3 +385,10 @@ def parse_lrs(text: str) -> tuple[float, ...]:
     if not values or not all(math.isfinite(v) and v > 0 for v in values):
         raise ConfigError("lrs", text, "a comma-separated list of learning rates > 0, e.g. 1e-5,1e-4,1e-1")
     return values
+
+
+def _model_name(name: str) -> bool:
+    """MLflow's rule for a registered model's name, checked before training rather than refused after it: no `/`
+    or `:`, not blank, not `.` or a name starting `..`."""
+    shaped = re.fullmatch(r"[\w.\- ]{1,200}", name) is not None
+    return shaped and bool(name.strip()) and name != "." and not name.startswith("..")

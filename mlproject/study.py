@@ -23,6 +23,7 @@ from mlproject.errors import Preempted
 from mlproject.finder.result import LRChoice
 from mlproject.processes import ranks, threads
 from mlproject.record import runconfig, stores
+from mlproject.record.names import storable
 from mlproject.record.reader import RunReader, RunView
 from mlproject.record.tracker import Tracker
 from mlproject.session import Session
@@ -292,8 +293,10 @@ def summary(found: Sequence[Member]) -> str:
 
 
 def best(found: Sequence[Member], cfg: JobConfig) -> Member | None:
-    """The finished member with the best final value of the monitored figure (final_<monitor>, or <monitor>)."""
-    value = lambda m: m.final.get(f"final_{cfg.monitor}", m.final.get(cfg.monitor, math.nan))  # noqa: E731
+    """The finished member with the best final value of the monitored figure (final_<monitor>, or <monitor>), by
+    the names MLflow stored."""
+    monitor = storable(cfg.monitor)
+    value = lambda m: m.final.get(f"final_{monitor}", m.final.get(monitor, math.nan))  # noqa: E731
     ranked = [m for m in found if m.status == "FINISHED" and math.isfinite(value(m))]
     if not ranked:
         return None
@@ -315,12 +318,13 @@ def compare(parent: Tracker, reader: RunReader, cfg: JobConfig, plan: Plan, endi
     files: dict[str, bytes | str] = {"comparison.csv": buf.getvalue(), "comparison.md": table}
     curves = {m.label: m.history for m in found if m.history}
     if curves:
-        files["comparison.png"] = plots.comparison(curves, cfg.monitor, highlight=FINDER)
+        files["comparison.png"] = plots.comparison(curves, storable(cfg.monitor), highlight=FINDER)
     parent.log_files(files)
     failed = sum(m.status != "FINISHED" for m in found) + len(plan.members) - len(found)
     parent.set_tags({"members_failed": str(failed), "study_complete": "true"})
     top = best(found, cfg)
     if top is not None:
-        key = f"final_{cfg.monitor}" if f"final_{cfg.monitor}" in top.final else cfg.monitor
+        monitor = storable(cfg.monitor)
+        key = f"final_{monitor}" if f"final_{monitor}" in top.final else monitor
         parent.set_tags({"best_member": top.label, f"best_{key}": f"{top.final[key]:.4f}"})
     return table

@@ -43,6 +43,8 @@ BAD = [
     (["--auto-lr", "ture"], "auto_lr"),
     (["--auto-lr", ""], "auto_lr"),
     (["--accelerator", "cpu", "--precision", "16-mixed"], "precision"),
+    (["--register-model", "team/fashion"], "register_model"),  # MLflow refuses it, after training: refused before
+    (["--register-model", "..fashion"], "register_model"),
 ]
 
 

@@ -108,6 +108,22 @@ def test_an_lr_attr_that_names_no_number_is_one_line_before_any_run(tmp_path):
     assert run is None
 
 
+def test_a_value_logged_under_a_name_mlflow_refuses_is_kept_under_one_it_takes(tmp_path):
+    code, err, run = train(tmp_path, "--model", "theirs.OddNames", *POINTS, "--epochs", "3")
+    assert code == 0, err[-3000:]
+    assert run.info.status == "FINISHED"
+    said = [line for line in err.splitlines() if "'val error (%)' is logged as 'val error ___'" in line]
+    assert len(said) == 1, err[-3000:]  # once, not once an epoch
+    assert len(history(tmp_path, run, "val error ___")) == 3  # every epoch's value kept
+    assert len(history(tmp_path, run, "val_loss")) == len(history(tmp_path, run, "train_loss")) == 3  # the rest too
+    assert "final_val error ___" in run.data.params and "final_val_loss" in run.data.params
+    assert json.loads(run.data.tags["renamed"]) == {
+        "val error (%)": "val error ___",
+        "final_val error (%)": "final_val error ___",
+    }
+    assert "unreachable" not in err and "Traceback" not in err
+
+
 # --- their data, their loaders, their paths --------------------------------------------------------------------
 
 

@@ -19,6 +19,7 @@ from mlproject.errors import TrackingError
 from mlproject.record import outputs
 from mlproject.record.client import OUTAGE, RunClient
 from mlproject.record.metrics import MetricBuffer
+from mlproject.record.names import Renames
 from mlproject.record.reader import RunReader
 from mlproject.record.stores import detail, experiment_of, prepare_store
 
@@ -68,7 +69,8 @@ class RunTracker:
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.run = RunClient(client, run_id)
-        self.metrics = MetricBuffer(self.run)
+        self.renames = Renames()  # every metric and param key, as MLflow stores it
+        self.metrics = MetricBuffer(self.run, self.renames)
         self.reader = RunReader(self.run)
 
     @property
@@ -112,12 +114,13 @@ class RunTracker:
     def log_params(self, params: Mapping[str, str]) -> None:
         """Params are write-once: keys already on the run (e.g. logged by `mlflow run`) keep their spelling."""
         client = self.run.client
+        stored = {self.renames(k): v for k, v in params.items()}
 
         def write() -> None:
             existing = client.get_run(self.run_id).data.params
-            new = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in params.items() if k not in existing]
+            new = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in stored.items() if k not in existing]
             if new:
-                client.log_batch(self.run_id, params=new)
+                client.log_batch(self.run_id, params=new, tags=[RunTag(k, v) for k, v in self.renames.tag().items()])
 
         self.run.patiently(write, "logging params")
 
