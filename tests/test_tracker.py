@@ -1,8 +1,15 @@
 """The tracker in this process against a real sqlite store, at the moments a job cannot choose: another job makes the
-experiment between this one's look-up and its create, the store is busy when the run's end is written. No dataset,
-no training: the moments are made certain by wrapping MLflow's own client."""
+experiment between this one's look-up and its create, the store is busy when the run's end is written, two resumes
+claim one run at once. No dataset, no training: the moments are made certain by wrapping MLflow's own client or
+by a barrier."""
 
 from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -10,6 +17,8 @@ from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._tracking_service.client import TrackingServiceClient
 
+from mlproject.config import ConfigError
+from mlproject.record import ownership
 from mlproject.record.tracker import RunTracker
 
 
@@ -52,3 +61,53 @@ def test_a_run_whose_first_try_to_record_its_end_fails_still_ends_with_its_statu
     assert tries[:2] == ["KILLED", "KILLED"]
     assert MlflowClient(uri).get_run(tracker.run_id).info.status == "KILLED"
     assert mlflow.active_run() is None  # and the process holds no run open
+
+
+def stopped_run(uri: str, tmp_path) -> str:
+    """A run that stopped after an epoch: KILLED, with its checkpoint."""
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("resumes")).info.run_id
+    (tmp_path / "last.ckpt").write_bytes(b"weights")
+    client.log_artifact(run_id, str(tmp_path / "last.ckpt"), "checkpoints")
+    client.set_terminated(run_id, "KILLED")
+    return run_id
+
+
+def test_of_two_resumes_claiming_one_stop_at_the_same_moment_exactly_one_takes_it(tmp_path):
+    """Released by one barrier, so that both read the run before either writes: the store's write-once param is
+    the claim, and the one it refuses stops in one line naming the other."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = stopped_run(uri, tmp_path)
+    start, outcomes = threading.Barrier(2), []
+
+    def resume() -> None:
+        start.wait()
+        try:
+            ownership.claim(uri, run_id)
+            outcomes.append("took it")
+        except ConfigError as exc:
+            outcomes.append(str(exc))
+
+    threads = [threading.Thread(target=resume) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes)[1] == "took it"
+    assert "a run no other resume has taken" in sorted(outcomes)[0] and ownership.owner() in sorted(outcomes)[0]
+    claims = [k for k in MlflowClient(uri).get_run(run_id).data.params if k.startswith("resumed_by.")]
+    assert len(claims) == 1
+
+
+def test_a_claim_whose_resume_died_before_training_does_not_block_the_next(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = stopped_run(uri, tmp_path)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid no process holds now
+    client = MlflowClient(uri)
+    end = client.get_run(run_id).info.end_time
+    client.log_param(run_id, f"resumed_by.{end}.1", f"{socket.gethostname()}:{gone.pid} {time.time():.0f} dead")
+    ownership.claim(uri, run_id)
+    run = client.get_run(run_id)
+    assert run.data.params[f"resumed_by.{end}.2"].startswith(ownership.owner() + " ")
+    assert run.data.tags[ownership.OWNER_TAG] == ownership.owner()

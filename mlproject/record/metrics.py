@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException
 from mlproject.errors import TrackingError
 from mlproject.record.client import OUTAGE, RunClient
 from mlproject.record.names import Renames
-from mlproject.record.stores import detail, disk_full, is_outage
+from mlproject.record.stores import detail, refusal
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +108,6 @@ class MetricBuffer:
             self.run.patiently(self._send_pending, "sending held-back metrics")
         except OUTAGE as exc:
             raise TrackingError(f"{len(self.pending)} metric values not logged: {exc}") from exc
-
-
-def refusal(exc: BaseException) -> bool:
-    """The store's answer that it will not take a write (a bad name or value, no permission): no outage, and not a
-    full store; sending it again cannot help."""
-    return isinstance(exc, MlflowException) and not is_outage(exc) and not disk_full(exc)
 
 
 def _tags(tags: Mapping[str, str]) -> list[RunTag]:

@@ -3,11 +3,13 @@ process, and closing a run whose process is gone."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from mlflow.entities import Run, RunTag
@@ -15,14 +17,16 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlproject.config import CHECKPOINT_ARTIFACT, ConfigError
-from mlproject.record.stores import fail_run
+from mlproject.record.stores import fail_run, refusal
 
 log = logging.getLogger(__name__)
 
 OWNER_TAG, HEARTBEAT_TAG = "lr_finder.owner", "lr_finder.heartbeat"
 HEARTBEAT_S = float(os.environ.get("LR_FINDER_HEARTBEAT_S", "15"))  # how often rank 0 says it is alive
 STALE_S = 3 * HEARTBEAT_S  # a heartbeat this old means the process is gone (on another host)
-CLAIM_SETTLE_S = 1.0  # two resumes that claim a run at once: the last claim stands, the other sees it and stops
+# A resume's claim on a run: the param resumed_by.<the stop's end time>.<n> holding the claimant. The store keeps a
+# param's first value and refuses another, so of two resumes of one stop exactly one writes it and the other stops.
+CLAIM_PARAM = "resumed_by"
 
 
 def fetch(uri: str, run_id: str) -> Run:
@@ -50,13 +54,34 @@ def claim(uri: str, run_id: str) -> None:
         raise ConfigError(
             "resume", run_id, "a run with a checkpoint (it stopped before its first epoch ended: rerun it)"
         )
-    me = owner()
-    client.set_tag(run_id, OWNER_TAG, me)
-    client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
-    time.sleep(CLAIM_SETTLE_S)
-    taken = client.get_run(run_id).data.tags.get(OWNER_TAG)
-    if taken != me:
-        raise ConfigError("resume", run_id, f"a run no other resume has taken ({taken} took it first)")
+    for attempt in itertools.count(1):
+        # the stop being resumed (its end time) names the claim: two resumes of one stop write the same param
+        key = f"{CLAIM_PARAM}.{run.info.end_time or 0}.{attempt}"
+        try:  # a param is written once: the store keeps the first value and refuses any other
+            client.log_param(run_id, key, f"{owner()} {time.time():.0f} {uuid.uuid4().hex[:8]}")
+        except MlflowException as exc:
+            if not refusal(exc):
+                raise
+            now = client.get_run(run_id)
+            holder = now.data.params.get(key, "")
+            if claimant_alive(holder, now.data.tags, time.time()):
+                who = holder.split()[0]
+                raise ConfigError("resume", run_id, f"a run no other resume has taken ({who} took it first)") from None
+            continue  # that resume is gone, before it trained: the next claim of this stop
+        client.log_batch(run_id, tags=[RunTag(OWNER_TAG, owner()), RunTag(HEARTBEAT_TAG, f"{time.time():.0f}")])
+        return
+
+
+def claimant_alive(holder: str, tags: dict[str, str], now: float) -> bool:
+    """Whether the resume that holds a claim ("host:pid unix-seconds token") still runs: its process looked up on
+    this host; elsewhere its heartbeat once it owns the run, and until then the claim's own age."""
+    who, claimed = (holder.split() + ["", ""])[:2]
+    host, _, pid = who.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        return _pid_alive(int(pid))
+    if tags.get(OWNER_TAG) == who:
+        return alive(tags, now)
+    return claimed.replace(".", "", 1).isdigit() and now - float(claimed) < STALE_S
 
 
 def owner() -> str:

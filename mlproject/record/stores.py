@@ -150,6 +150,12 @@ def is_outage(exc: BaseException) -> bool:
     return False
 
 
+def refusal(exc: BaseException) -> bool:
+    """The store's answer that it will not take a write (a bad name or value, a param written before, no
+    permission): no outage, and not a full store; sending it again cannot help."""
+    return isinstance(exc, MlflowException) and not is_outage(exc) and not disk_full(exc)
+
+
 def fail_run(tracking_uri: str, run_id: str, error: str) -> None:
     """Mark an existing run FAILED with error.txt, from outside the process that ran it: an error found before the
     job could attach, or a run whose processes died before they could record how it ended."""
