@@ -102,8 +102,8 @@ class Load:
     job_errors: list[str]
 
 
-def apply_load(backend_uri: str, label: str, folder: Path) -> tuple[Load, str]:
-    """Start the server, run JOBS jobs at once into a fresh experiment, count what arrived."""
+def apply_load(backend_uri: str, label: str, folder: Path, with_burst: bool = True) -> tuple[Load, str]:
+    """Start the server, run JOBS jobs at once into a fresh experiment, count what arrived; then the burst."""
     with running_server(folder, backend_uri) as server:
         began = time.monotonic()
         jobs = [[*JOB, "--seed", str(seed)] for seed in range(JOBS)]
@@ -115,7 +115,7 @@ def apply_load(backend_uri: str, label: str, folder: Path) -> tuple[Load, str]:
             r.info.run_id: sum(len(client.get_metric_history(r.info.run_id, k)) for k in EPOCH_METRICS) for r in runs
         }
         whole = EPOCHS * len(EPOCH_METRICS)
-        burst_rows, burst_s, burst_errors = burst(server.url)
+        burst_rows, burst_s, burst_errors = burst(server.url) if with_burst else (0, 0.0, [])
         log = server.log_text()
         load = Load(
             backend=label,
@@ -127,8 +127,8 @@ def apply_load(backend_uri: str, label: str, folder: Path) -> tuple[Load, str]:
             seconds=round(seconds, 1),
             slowest_job_s=round(max(r.seconds for r in results), 1),
             server_start_s=round(server.startup_s, 1),
-            burst_requests=WRITERS * BATCHES,
-            burst_rows_expected=WRITERS * BATCHES * KEYS,
+            burst_requests=WRITERS * BATCHES if with_burst else 0,
+            burst_rows_expected=WRITERS * BATCHES * KEYS if with_burst else 0,
             burst_rows_found=burst_rows,
             burst_seconds=round(burst_s, 1),
             burst_errors=burst_errors[:5],
@@ -193,8 +193,9 @@ def test_postgresql_server_takes_eight_concurrent_jobs_without_losing_a_row(tmp_
 
 
 def test_sqlite_server_under_the_same_load_never_reports_a_finished_run_with_missing_rows(tmp_path):
-    """sqlite serialises writers on one file lock: record what that costs; a run it calls FINISHED must be whole."""
-    load, _ = apply_load(f"sqlite:///{tmp_path}/mlflow.db", "sqlite", tmp_path)
+    """sqlite serialises writers on one file lock: record what that costs; a run it calls FINISHED must be whole.
+    No burst: on sqlite its writers wait out 30 s connection timeouts, and lose rows (benchmarks/RESULTS.md)."""
+    load, _ = apply_load(f"sqlite:///{tmp_path}/mlflow.db", "sqlite", tmp_path, with_burst=False)
     assert not load.finished_but_incomplete
     assert load.runs_finished == load.jobs_ok, "a job's exit code and its run's status agree"
 
