@@ -228,8 +228,8 @@ def test_ctrl_c_under_mlflow_run_records_the_stop_and_exits_130(tmp_path):
 def test_a_stop_before_the_first_epoch_says_there_is_nothing_to_resume_and_resume_is_refused(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
-    # A first epoch of seconds: the stop lands in it, after the range test.
-    proc = job(tmp_path, *as_options(small_job(train_subset=30000, val_size=1000, epochs=2)), env=job_env(uri))
+    # A first epoch of several seconds on a loaded core: the stop lands in it, after the range test.
+    proc = job(tmp_path, *as_options(small_job(train_subset=50000, val_size=1000, epochs=2)), env=job_env(uri))
     run_id = wait_for_metric(
         client, "faults", "lr_suggested", process=proc
     )  # the range test is over; the first epoch is not
