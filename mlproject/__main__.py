@@ -237,9 +237,16 @@ def _config(options: dict[str, Any], defaults: JobConfig) -> Invocation:
 
 def _enter_code_folder(cfg: JobConfig) -> None:
     """Run from the user's code folder, so that a relative path in their code resolves as in their own checkout
-    (`mlflow run` runs from this project's); the local store stays where it was named."""
+    (`mlflow run` runs from this project's); the local store stays where it was named, and so do its artifacts:
+    MLflow puts a new experiment's artifacts in ./mlruns of the folder its sqlite store was first opened from in
+    the process, so it is opened here, before the move."""
     if cfg.code:
         pin_local_store(os.environ, os.getcwd())
+        uri = os.environ["MLFLOW_TRACKING_URI"]
+        if uri.startswith("sqlite:"):
+            from mlproject.record import stores  # mlflow: the session has imported it already
+
+            stores.probe(uri)
         os.chdir(cfg.code)
 
 

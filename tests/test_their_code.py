@@ -166,6 +166,7 @@ def test_a_module_with_its_own_dataloaders_trains_on_them_from_its_own_folder(tm
     assert code == 0, err[-3000:]
     assert run.data.params["dataset"] == "module"
     assert len(history(elsewhere, run, "val_loss")) == 4
+    assert run.info.artifact_uri.startswith(str(elsewhere / "mlruns")), "its artifacts where its store is, not in CODE"
     code, said, _ = train(elsewhere, "--model", "theirs.RelativePath", "--code", str(CODE), command="check")
     assert code == 0 and "on its own dataloaders" in said and "first batch (16, 8) and (16,)" in said
 
