@@ -42,6 +42,15 @@ def test_a_tracking_uri_of_a_scheme_mlflow_has_no_store_for(tmp_path):
     assert "ftp://" in line and "secret" not in line
 
 
+def test_a_sqlite_uri_naming_a_file_that_is_no_database_leaves_it_as_it_was(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a database\n")
+    code, _, err = run(tmp_path, *SMALL, uri=f"sqlite:///{notes}")
+    line = one_line(code, err)
+    assert f"tracking store {notes} is not an MLflow sqlite database (file is not a database)" in line
+    assert notes.read_text() == "not a database\n"
+
+
 def test_a_server_that_is_not_mlflow(tmp_path):
     with http_answering(200, b"<html>hello</html>") as url:
         code, _, err = run(tmp_path, *SMALL, uri=url)

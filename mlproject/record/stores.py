@@ -19,6 +19,7 @@ import mlflow
 import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from sqlalchemy.exc import DatabaseError
 
 from mlproject.errors import TrackingError
 from mlproject.record.environment import redact
@@ -121,6 +122,11 @@ def prepare_store(uri: str) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # not SQLite's own locks (fcntl ranges): a lock between jobs only
         MlflowClient(uri).search_experiments(max_results=1)  # makes or migrates the tables
+    except DatabaseError as exc:  # a file that is not a database: sqlite's word for it, not 110 lines of traceback
+        raise TrackingError(
+            f"tracking store {path} is not an MLflow sqlite database ({exc.orig or exc}); name a new file or an "
+            "MLflow store in MLFLOW_TRACKING_URI"
+        ) from exc
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
