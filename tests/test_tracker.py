@@ -12,6 +12,7 @@ import threading
 import time
 
 import mlflow
+import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
@@ -111,3 +112,36 @@ def test_a_claim_whose_resume_died_before_training_does_not_block_the_next(tmp_p
     run = client.get_run(run_id)
     assert run.data.params[f"resumed_by.{end}.2"].startswith(ownership.owner() + " ")
     assert run.data.tags[ownership.OWNER_TAG] == ownership.owner()
+
+
+def running_run(uri: str, owner: str, heartbeat: float) -> str:
+    """A RUNNING run as a job leaves it: its owner and its last heartbeat."""
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("owners")).info.run_id
+    client.set_tag(run_id, ownership.OWNER_TAG, owner)
+    client.set_tag(run_id, ownership.HEARTBEAT_TAG, f"{heartbeat:.0f}")
+    return run_id
+
+
+def test_a_dead_jobs_pid_held_by_another_process_does_not_keep_its_run_open(tmp_path):
+    """The job that owned the run is gone, and its PID now belongs to an unrelated process (started later): the
+    run is closed, not refused as still running."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        boot = ownership.incarnation(other.pid).split(".")[0]
+        gone_owner = f"{socket.gethostname()}:{other.pid}:{boot}.1"  # that PID, started at the boot: not `sleep`
+        run_id = running_run(uri, gone_owner, heartbeat=time.time() - 600)
+        assert ownership.close_run(uri, run_id, time.time()) == "FAILED"
+    finally:
+        other.kill()
+        other.wait()
+    assert MlflowClient(uri).get_run(run_id).info.status == "FAILED"
+
+
+def test_a_run_whose_process_still_runs_here_is_not_closed_whatever_its_heartbeat_says(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = running_run(uri, ownership.owner(), heartbeat=time.time() - 600)
+    with pytest.raises(ConfigError, match="still runs it"):
+        ownership.close_run(uri, run_id, time.time())
+    assert MlflowClient(uri).get_run(run_id).info.status == "RUNNING"

@@ -73,26 +73,55 @@ def claim(uri: str, run_id: str) -> None:
 
 
 def claimant_alive(holder: str, tags: dict[str, str], now: float) -> bool:
-    """Whether the resume that holds a claim ("host:pid unix-seconds token") still runs: its process looked up on
-    this host; elsewhere its heartbeat once it owns the run, and until then the claim's own age."""
+    """Whether the resume that holds a claim ("owner unix-seconds token") still runs: its process looked up where
+    it can be; elsewhere its heartbeat once it owns the run, and until then the claim's own age."""
     who, claimed = (holder.split() + ["", ""])[:2]
-    host, _, pid = who.rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
-        return _pid_alive(int(pid))
+    here = running_here(who)
+    if here is not None:
+        return here
     if tags.get(OWNER_TAG) == who:
         return alive(tags, now)
     return claimed.replace(".", "", 1).isdigit() and now - float(claimed) < STALE_S
 
 
 def owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This process as no other can be, even one given its PID later: host:pid:boot.start, the kernel's boot id
+    and the process's start time in clock ticks since that boot."""
+    return f"{socket.gethostname()}:{os.getpid()}:{incarnation(os.getpid())}"
+
+
+def incarnation(pid: int) -> str:
+    """boot.start: the first 8 characters of the kernel's boot id and the process's start time since the boot
+    ("" where /proc cannot tell)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+    return f"{boot}.{start}"
+
+
+def running_here(who: str) -> bool | None:
+    """Whether the process an owner names runs, where this process can look it up: on this host and this boot, a
+    process of that PID started at that moment (a PID given to another process since is not it). None where it
+    cannot be looked up (another host, another boot, a PID another process holds now): the heartbeat tells."""
+    host, pid, born = (who.split(":") + ["", ""])[:3]
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    if not born:  # an owner written before the start time was recorded: the PID alone
+        return _pid_alive(int(pid))
+    if born.split(".")[0] != incarnation(os.getpid()).split(".")[0]:
+        return None  # another boot, or the same host name on another machine
+    if not _pid_alive(int(pid)):
+        return False
+    return True if incarnation(int(pid)) == born else None
 
 
 def alive(tags: dict[str, str], now: float) -> bool:
-    """Whether the run's process still runs: looked up directly on its own host, else by its heartbeat's age."""
-    host, _, pid = tags.get(OWNER_TAG, "").rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
-        return _pid_alive(int(pid))
+    """Whether the run's process still runs: looked up directly where it can be, else by its heartbeat's age."""
+    here = running_here(tags.get(OWNER_TAG, ""))
+    if here is not None:
+        return here
     beat = tags.get(HEARTBEAT_TAG, "")
     return bool(beat) and now - float(beat) < STALE_S
 
@@ -106,7 +135,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Heartbeat:
-    """Rank 0's tags `lr_finder.owner` (host:pid) and `lr_finder.heartbeat` (Unix seconds), every HEARTBEAT_S."""
+    """Rank 0's tags `lr_finder.owner` (owner()) and `lr_finder.heartbeat` (Unix seconds), every HEARTBEAT_S."""
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client, self.run_id = client, run_id
