@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlproject.config import CHECKPOINT_ARTIFACT, ConfigError, JobConfig
+from mlproject.config import ConfigError, JobConfig
 from mlproject.errors import Preempted, RankStopped, UserCodeError, code_exited
 from mlproject.processes import launch, ranks, stopping, threads
 from mlproject.record import ownership, runconfig, stores
@@ -151,14 +151,14 @@ def _attach(start: Start, workdir: Path, here: ranks.Place) -> Session:
     if not (run_id or cfg.resume or parent_run):
         stores.check_experiment(uri, experiment_name)
     new_job = None if cfg.resume else task.build(cfg)  # a model or dataset that cannot be built fails before any run
-    if cfg.resume:
-        ownership.claim(uri, cfg.resume)
-    elif run_id:
+    checkpoint = ownership.claim(uri, cfg.resume, workdir / "resume") if cfg.resume else None
+    if run_id and not cfg.resume:
         _check_attachable(uri, run_id)
     tracker = RunTracker.open(uri, cfg.resume or run_id, experiment_name, parent_run, cfg.system_metrics)
     heartbeat = Heartbeat(tracker.run.client, tracker.run_id)
     if new_job is None:
-        cfg, resume = _resumed(tracker.reader, workdir)
+        assert checkpoint is not None  # a resume: claimed with its checkpoint
+        cfg, resume = _resumed(tracker.reader, workdir, checkpoint)
         tracker.set_tags({"resumed": "true"})  # params are write-once: its resume param keeps the first start's value
         job = task.build(cfg)
     else:
@@ -178,11 +178,10 @@ def _attach(start: Start, workdir: Path, here: ranks.Place) -> Session:
     return Session(cfg, job, tracker, workdir, resume, here, reader=tracker.reader, heartbeat=heartbeat)
 
 
-def _resumed(reader: RunReader, workdir: Path) -> tuple[JobConfig, Resume]:
-    """A resumed run's configuration, its checkpoint downloaded and its LR choice."""
+def _resumed(reader: RunReader, workdir: Path, checkpoint: Path) -> tuple[JobConfig, Resume]:
+    """A resumed run's configuration, its checkpoint (downloaded and checked by the claim) and its LR choice."""
     cfg = runconfig.resumed_config(reader, workdir)
     params = reader.get().params
-    checkpoint = reader.download(CHECKPOINT_ARTIFACT, workdir / "resume")
     return cfg, Resume(checkpoint, float(params["lr_used"]), params["lr_source"])
 
 

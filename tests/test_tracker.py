@@ -13,6 +13,7 @@ import time
 
 import mlflow
 import pytest
+import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
@@ -64,12 +65,15 @@ def test_a_run_whose_first_try_to_record_its_end_fails_still_ends_with_its_statu
     assert mlflow.active_run() is None  # and the process holds no run open
 
 
-def stopped_run(uri: str, tmp_path) -> str:
-    """A run that stopped after an epoch: KILLED, with its checkpoint."""
+def stopped_run(uri: str, tmp_path, cut_to: int = 0) -> str:
+    """A run that stopped after an epoch: KILLED, with its checkpoint (its first `cut_to` bytes, where given)."""
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("resumes")).info.run_id
-    (tmp_path / "last.ckpt").write_bytes(b"weights")
-    client.log_artifact(run_id, str(tmp_path / "last.ckpt"), "checkpoints")
+    checkpoint = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1000)}, "epoch": 1}, checkpoint)
+    if cut_to:
+        checkpoint.write_bytes(checkpoint.read_bytes()[:cut_to])
+    client.log_artifact(run_id, str(checkpoint), "checkpoints")
     client.set_terminated(run_id, "KILLED")
     return run_id
 
@@ -82,9 +86,10 @@ def test_of_two_resumes_claiming_one_stop_at_the_same_moment_exactly_one_takes_i
     start, outcomes = threading.Barrier(2), []
 
     def resume() -> None:
+        into = tmp_path / threading.current_thread().name
         start.wait()
         try:
-            ownership.claim(uri, run_id)
+            ownership.claim(uri, run_id, into)
             outcomes.append("took it")
         except ConfigError as exc:
             outcomes.append(str(exc))
@@ -108,7 +113,7 @@ def test_a_claim_whose_resume_died_before_training_does_not_block_the_next(tmp_p
     client = MlflowClient(uri)
     end = client.get_run(run_id).info.end_time
     client.log_param(run_id, f"resumed_by.{end}.1", f"{socket.gethostname()}:{gone.pid} {time.time():.0f} dead")
-    ownership.claim(uri, run_id)
+    ownership.claim(uri, run_id, tmp_path / "resume")
     run = client.get_run(run_id)
     assert run.data.params[f"resumed_by.{end}.2"].startswith(ownership.owner() + " ")
     assert run.data.tags[ownership.OWNER_TAG] == ownership.owner()
@@ -145,3 +150,13 @@ def test_a_run_whose_process_still_runs_here_is_not_closed_whatever_its_heartbea
     with pytest.raises(ConfigError, match="still runs it"):
         ownership.close_run(uri, run_id, time.time())
     assert MlflowClient(uri).get_run(run_id).info.status == "RUNNING"
+
+
+def test_a_checkpoint_cut_short_is_refused_before_the_run_is_claimed(tmp_path):
+    """A store that filled during the upload left part of last.ckpt: resume says so in one line and takes nothing."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = stopped_run(uri, tmp_path, cut_to=600)
+    with pytest.raises(ConfigError, match=r"checkpoints/last.ckpt is cut short or no checkpoint: 600 bytes"):
+        ownership.claim(uri, run_id, tmp_path / "resume")
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "KILLED" and not [k for k in run.data.params if k.startswith("resumed_by.")]

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
 from mlflow.entities import Run, RunTag
@@ -36,9 +37,10 @@ def fetch(uri: str, run_id: str) -> Run:
         raise ConfigError("resume", run_id, f"a run id the tracking server knows ({exc.message})") from exc
 
 
-def claim(uri: str, run_id: str) -> None:
+def claim(uri: str, run_id: str, into: Path) -> Path:
     """Take over a run to resume it: one that stopped (KILLED, FAILED) or lost its process (RUNNING, but silent),
-    with a checkpoint; refused for a finished run, a live one, and a run another resume has just taken."""
+    with a whole checkpoint, which is downloaded `into` the folder and returned; refused for a finished run, a live
+    one, a checkpoint that cannot be read, and a run another resume has just taken."""
     run = fetch(uri, run_id)
     status, tags = run.info.status, run.data.tags
     if status == "FINISHED":
@@ -54,6 +56,10 @@ def claim(uri: str, run_id: str) -> None:
         raise ConfigError(
             "resume", run_id, "a run with a checkpoint (it stopped before its first epoch ended: rerun it)"
         )
+    checkpoint = Path(client.download_artifacts(run_id, CHECKPOINT_ARTIFACT, str(into)))
+    broken = checkpoint_fault(checkpoint)
+    if broken:
+        raise ConfigError("resume", run_id, f"a run whose checkpoint can be read ({CHECKPOINT_ARTIFACT} {broken})")
     for attempt in itertools.count(1):
         # the stop being resumed (its end time) names the claim: two resumes of one stop write the same param
         key = f"{CLAIM_PARAM}.{run.info.end_time or 0}.{attempt}"
@@ -69,7 +75,22 @@ def claim(uri: str, run_id: str) -> None:
                 raise ConfigError("resume", run_id, f"a run no other resume has taken ({who} took it first)") from None
             continue  # that resume is gone, before it trained: the next claim of this stop
         client.log_batch(run_id, tags=[RunTag(OWNER_TAG, owner()), RunTag(HEARTBEAT_TAG, f"{time.time():.0f}")])
-        return
+        return checkpoint
+    raise AssertionError("unreachable")  # itertools.count never ends
+
+
+def checkpoint_fault(path: Path) -> str:
+    """What is wrong with a checkpoint file ("" when nothing): torch saves a zip archive, and one cut short by a full
+    disk or a broken upload has no directory at its end, or a member whose checksum fails."""
+    size = path.stat().st_size
+    if not zipfile.is_zipfile(path):
+        return f"is cut short or no checkpoint: {size} bytes, not a whole torch archive"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as exc:
+        return f"is damaged: {exc}"
+    return f"is damaged: {bad} fails its checksum" if bad else ""
 
 
 def claimant_alive(holder: str, tags: dict[str, str], now: float) -> bool:
