@@ -59,15 +59,12 @@ def test_the_range_test_does_not_change_what_fit_does(tmp_path, tiny_data):
 
 
 NVML_PROBES = """
-import runpy, sys, torch.cuda
+import sys, torch.cuda
 probes = []
 real = torch.cuda._device_count_nvml
 torch.cuda._device_count_nvml = lambda: probes.append(1) or real()
-sys.argv = ["mlproject", *sys.argv[1:]]
-try:
-    runpy.run_module("mlproject", run_name="__main__")
-except SystemExit as done:
-    print("exit", done.code, "probes", len(probes))
+from mlproject.__main__ import main
+print("exit", main(sys.argv[1:]), "probes", len(probes))
 """
 
 
