@@ -193,7 +193,7 @@ def check_command(experiment_name: str, **options: Any) -> None:
     from mlproject.training import preview  # torch and Lightning
 
     cfg = _config(options, JobConfig()).cfg
-    _enter_code_folder(cfg)
+    _enter_code_folder(cfg, tracked=False)
     click.echo(f"ok: {preview.describe(cfg)}")
 
 
@@ -235,15 +235,15 @@ def _config(options: dict[str, Any], defaults: JobConfig) -> Invocation:
     return Invocation(cfg, tuple(k for k, v in from_file.items() if options[k] == v))
 
 
-def _enter_code_folder(cfg: JobConfig) -> None:
+def _enter_code_folder(cfg: JobConfig, tracked: bool = True) -> None:
     """Run from the user's code folder, so that a relative path in their code resolves as in their own checkout
     (`mlflow run` runs from this project's); the local store stays where it was named, and so do its artifacts:
     MLflow puts a new experiment's artifacts in ./mlruns of the folder its sqlite store was first opened from in
-    the process, so it is opened here, before the move."""
+    the process, so it is opened here, before the move (`check`, which tracks nothing, leaves it alone)."""
     if cfg.code:
         pin_local_store(os.environ, os.getcwd())
         uri = os.environ["MLFLOW_TRACKING_URI"]
-        if uri.startswith("sqlite:"):
+        if tracked and uri.startswith("sqlite:"):
             from mlproject.record import stores  # mlflow: the session has imported it already
 
             stores.probe(uri)
